@@ -1,0 +1,289 @@
+"""Find, check and load Stable Diffusion pipelines; keep one warm.
+
+A model is a hub id, a local diffusers folder or a single-file `.safetensors` checkpoint. Pickle
+checkpoints (.ckpt/.pt/.pth/.bin) can run arbitrary code when loaded, so they are refused unless the
+request sets allow_pickle. Remote code and custom pipelines are never enabled.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from blender_sd_addon.protocol import (
+    INVALID_PARAMS,
+    MODEL_LOAD_FAILED,
+    MODEL_NOT_FOUND,
+    UNSAFE_CHECKPOINT,
+    GenerateParams,
+    ProtocolError,
+)
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_SDXL_KEY = "conditioner.embedders.1."  # SDXL single files carry a second text encoder
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hub" | "folder" | "single_file"
+    location: str  # hub id or absolute path
+    use_safetensors: bool
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What makes a loaded pipeline reusable. Slicing and VAE tiling are toggled per request instead."""
+
+    source: ModelSource
+    device: str
+    dtype: str
+    cpu_offload: bool
+
+
+@dataclass
+class LoadedModel:
+    pipe: DiffusionPipeline
+    key: ModelKey
+    scheduler_config: dict  # the model's own config; every request builds a fresh scheduler from it
+
+
+def _not_found(model: str, why: str) -> ProtocolError:
+    return ProtocolError(
+        MODEL_NOT_FOUND,
+        f"model {model!r} not found: {why}. Download it first with `hf download <id>` "
+        "(older: `huggingface-cli download <id>`), or give a local diffusers folder or a .safetensors file",
+        {"param": "model", "value": model},
+    )
+
+
+def _unsafe(model: str, what: str) -> ProtocolError:
+    return ProtocolError(
+        UNSAFE_CHECKPOINT,
+        f"{what} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors "
+        "or set allow_pickle if you trust its source",
+        {"param": "model", "value": model},
+    )
+
+
+def _pickle_only_components(folder: Path) -> list[str]:
+    """Components of a diffusers folder whose weights exist only in a pickle format."""
+    return sorted(
+        part.name
+        for part in folder.iterdir()
+        if part.is_dir()
+        and not any(part.glob("*.safetensors"))
+        and any(f.suffix in PICKLE_SUFFIXES for f in part.iterdir())
+    )
+
+
+def locate(model: str, allow_pickle: bool = False) -> ModelSource:
+    """Classify a model string without loading anything; refuse missing paths and unsafe checkpoints."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ProtocolError(
+                MODEL_LOAD_FAILED,
+                f"{path} is not a diffusers model folder (no model_index.json)",
+                {"param": "model", "value": model},
+            )
+        pickled = _pickle_only_components(path)
+        if pickled and not allow_pickle:
+            raise _unsafe(model, f"{path} ({', '.join(pickled)}: only .bin/.pt weights)")
+        return ModelSource("folder", str(path.resolve()), not pickled)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise _unsafe(model, path.name)
+            return ModelSource("single_file", str(path.resolve()), False)
+        if suffix != ".safetensors":
+            raise ProtocolError(
+                MODEL_LOAD_FAILED,
+                f"{path.name}: a single-file model must be a .safetensors checkpoint",
+                {"param": "model", "value": model},
+            )
+        return ModelSource("single_file", str(path.resolve()), True)
+    if _HUB_ID.match(model) and not model.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+        return ModelSource("hub", model, not allow_pickle)
+    raise _not_found(model, "no such file or folder, and not a hub id like `owner/name`")
+
+
+def is_sdxl_checkpoint(path: str | Path) -> bool:
+    """Tell SDXL from SD 1.x/2.x single files by their tensor names (reads the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(key.startswith(_SDXL_KEY) for key in f.keys())
+
+
+def _pipeline_class(model_index: dict, model: str) -> type[DiffusionPipeline]:
+    name = model_index.get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise ProtocolError(
+            MODEL_LOAD_FAILED,
+            f"{model} is a {name}; supported pipelines are {', '.join(PIPELINE_CLASSES)}",
+            {"param": "model", "value": model},
+        )
+    return PIPELINE_CLASSES[name]
+
+
+def _hub_model_index(repo_id: str) -> dict:
+    # hf_hub_download honours HF_HUB_OFFLINE and answers from the local cache when it can.
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text(encoding="utf-8"))
+    except EntryNotFoundError:
+        raise _not_found(repo_id, "the repository has no model_index.json (not a diffusers model)") from None
+    except (LocalEntryNotFoundError, HFValidationError) as exc:
+        raise _not_found(repo_id, f"not in the local cache and not downloadable ({type(exc).__name__})") from None
+    except Exception as exc:  # RepositoryNotFoundError, GatedRepoError, network errors
+        raise _not_found(repo_id, f"{type(exc).__name__}: {exc}") from None
+
+
+def available_devices() -> list[str]:
+    """Usable devices, best first."""
+    devices = ["cpu"]
+    if torch.backends.mps.is_available():
+        devices.insert(0, "mps")
+    if torch.cuda.is_available():
+        devices.insert(0, "cuda")
+    return devices
+
+
+def pick_device(device: str) -> str:
+    """'auto' -> cuda, then mps, then cpu; an explicit device must exist."""
+    available = available_devices()
+    if device == "auto":
+        return available[0]
+    if device not in available:
+        raise ProtocolError(
+            INVALID_PARAMS,
+            f"device {device!r} is not available here; available: {', '.join(available)}",
+            {"param": "device", "value": device, "accepted": available},
+        )
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "fp32" if device == "cpu" else "fp16"
+    return dtype
+
+
+def load_pipeline(source: ModelSource, device: str, dtype: str, cpu_offload: bool) -> DiffusionPipeline:
+    """Load and place a pipeline. The safety checker is left out on purpose: on textures it mostly
+    blacks out harmless images (the top complaint about SD add-ons), and the artist is the operator."""
+    kwargs: dict = {"dtype": TORCH_DTYPES[dtype]}
+    if source.kind == "single_file":
+        sdxl = source.use_safetensors and is_sdxl_checkpoint(source.location)
+        cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    else:
+        if source.kind == "folder":
+            index = json.loads((Path(source.location) / "model_index.json").read_text(encoding="utf-8"))
+        else:
+            index = _hub_model_index(source.location)
+        cls = _pipeline_class(index, source.location)
+        kwargs["use_safetensors"] = source.use_safetensors or None  # None: safetensors when present, else .bin
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if source.kind == "single_file":
+            pipe = cls.from_single_file(source.location, **kwargs)
+        else:
+            pipe = cls.from_pretrained(source.location, **kwargs)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as exc:
+        raise ProtocolError(
+            MODEL_LOAD_FAILED,
+            f"could not load {source.location}: {type(exc).__name__}: {exc}",
+            {"param": "model", "value": source.location},
+        ) from exc
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if device == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def configure(pipe: DiffusionPipeline, params: GenerateParams) -> None:
+    """Per-request memory options that are cheap to toggle on a loaded pipeline."""
+    if params.attention_slicing:
+        pipe.enable_attention_slicing()
+    else:
+        pipe.disable_attention_slicing()
+    # Tiles would each wrap on their own and break seamless textures, so tiling waits for seamless "none".
+    if params.vae_tiling and params.seamless == "none":
+        pipe.vae.enable_tiling()
+    else:
+        if params.vae_tiling:
+            log.info("vae_tiling is ignored while seamless=%s", params.seamless)
+        pipe.vae.disable_tiling()
+
+
+class ModelManager:
+    """Keeps one pipeline warm; asking for another model, device, dtype or offload mode swaps it."""
+
+    def __init__(self) -> None:
+        self.loaded: LoadedModel | None = None
+
+    def get(self, params: GenerateParams) -> tuple[LoadedModel, float]:
+        """The pipeline for these params and the seconds spent loading it (0 when it was warm)."""
+        source = locate(params.model, params.allow_pickle)
+        device = pick_device(params.device)
+        if params.cpu_offload and device != "cuda":
+            raise ProtocolError(
+                INVALID_PARAMS,
+                f"cpu_offload needs a CUDA device, this request runs on {device}",
+                {"param": "cpu_offload", "value": True},
+            )
+        key = ModelKey(source, device, pick_dtype(params.dtype, device), params.cpu_offload)
+        seconds = 0.0
+        if self.loaded is None or self.loaded.key != key:
+            self.release()
+            start = time.perf_counter()
+            log.info("loading %s on %s (%s)", source.location, key.device, key.dtype)
+            pipe = load_pipeline(source, key.device, key.dtype, key.cpu_offload)
+            self.loaded = LoadedModel(pipe, key, dict(pipe.scheduler.config))
+            seconds = time.perf_counter() - start
+        configure(self.loaded.pipe, params)
+        return self.loaded, seconds
+
+    def release(self) -> None:
+        if self.loaded is None:
+            return
+        cuda = self.loaded.key.device == "cuda"
+        self.loaded = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    @property
+    def loaded_name(self) -> str | None:
+        return self.loaded.key.source.location if self.loaded else None
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return os.fspath(constants.HF_HUB_CACHE)

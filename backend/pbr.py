@@ -1,0 +1,87 @@
+"""PBR maps derived from an albedo by classical image filters: height, normal, roughness, ambient occlusion.
+
+No model is involved, so the maps are a plausible starting point, not a measurement. Every filter wraps
+around the axes on which the texture tiles (and reflects on the others), so the maps of a tileable albedo
+tile as well: deriving the maps of a shifted albedo gives the shifted maps.
+
+Conventions: height is 0..1 (0.5 = flat), saved as 16-bit; normals are tangent-space, unit length before
+8-bit quantisation, encoded as (n * 0.5 + 0.5) * 255, +X right and +Y up (OpenGL, what Blender expects),
+or +Y down for DirectX.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import PIL.Image
+from scipy import ndimage
+
+NORMAL_FORMATS = ("opengl", "directx")
+LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 weights
+HEIGHT_SIGMA = 1.0  # pixels: smooths pixel noise out of the height, keeps the texture's detail
+RELIEF = 1 / 32  # at strength 1 the full height range is this fraction of the smaller side deep
+AO_SIGMA = 1 / 64  # of the smaller side: the neighbourhood a cavity is measured against
+AO_GAIN = 4.0  # at strength 1, a point this far below its neighbourhood (in height units) is fully occluded
+ROUGHNESS_MID, ROUGHNESS_SPREAD = 0.6, 0.15  # mean luminance -> 0.6; each standard deviation brighter -> 0.15 smoother
+
+
+def derive_maps(
+    albedo: PIL.Image.Image,
+    *,
+    wrap_x: bool,
+    wrap_y: bool,
+    normal_format: str = "opengl",
+    strength: float = 1.0,
+) -> dict[str, PIL.Image.Image]:
+    """Keys "height", "normal", "roughness", "ao". Deterministic. Every filter wraps on the axes that
+    tile (mode="wrap"), reflects/nearest on the others, so maps of a tileable albedo tile too.
+
+    `strength` scales the relief the normal and AO maps show (0 gives a flat normal and a white AO); the
+    height map stays normalised to 0..1 (scale it in Blender's Displacement node). Modes: height "I;16",
+    normal "RGB", roughness and AO "L".
+    """
+    # 1. Check inputs
+    if normal_format not in NORMAL_FORMATS:
+        raise ValueError(f"normal_format must be one of {', '.join(NORMAL_FORMATS)}, got {normal_format!r}")
+    if not (isinstance(strength, int | float) and math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
+    modes = ("wrap" if wrap_y else "reflect", "wrap" if wrap_x else "reflect")  # per array axis: rows, columns
+    rgb = np.asarray(albedo.convert("RGB"), dtype=np.float64) / 255.0
+    size = min(rgb.shape[:2])
+
+    # 2. Height: smoothed luminance stretched to 0..1
+    luminance = rgb @ LUMA
+    height = ndimage.gaussian_filter(luminance, HEIGHT_SIGMA, mode=modes)
+    low, high = height.min(), height.max()
+    height = (height - low) / (high - low) if high - low > 1e-6 else np.full_like(height, 0.5)
+
+    # 3. Normal: the surface z = relief * height; Sobel is 8x the per-pixel derivative. Rows run down the
+    # image while +Y points up, so the up-derivative is minus the row derivative: n = (-dz/dx, +dz/drow, 1).
+    relief = strength * RELIEF * size
+    dz_dx = ndimage.sobel(height, axis=1, mode=modes) / 8 * relief
+    dz_drow = ndimage.sobel(height, axis=0, mode=modes) / 8 * relief
+    normal = np.stack([-dz_dx, dz_drow, np.ones_like(height)], axis=-1)
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    if normal_format == "directx":
+        normal[..., 1] *= -1
+
+    # 4. Roughness: inverted luminance around its mean, contrast set by its spread (bright reads as smoother)
+    spread = luminance.std()
+    deviation = (luminance - luminance.mean()) / spread if spread > 1e-6 else np.zeros_like(luminance)
+    roughness = ROUGHNESS_MID - ROUGHNESS_SPREAD * deviation
+
+    # 5. Ambient occlusion: how far each point lies below its wider neighbourhood
+    cavity = ndimage.gaussian_filter(height, AO_SIGMA * size, mode=modes) - height
+    ao = 1 - AO_GAIN * strength * np.clip(cavity, 0, None)
+
+    return {
+        "height": PIL.Image.fromarray(_quantise(height, 65535, np.uint16)),
+        "normal": PIL.Image.fromarray(_quantise(normal * 0.5 + 0.5, 255, np.uint8)),
+        "roughness": PIL.Image.fromarray(_quantise(roughness, 255, np.uint8)),
+        "ao": PIL.Image.fromarray(_quantise(ao, 255, np.uint8)),
+    }
+
+
+def _quantise(values: np.ndarray, top: int, dtype: type) -> np.ndarray:
+    return np.round(np.clip(values, 0, 1) * top).astype(dtype)

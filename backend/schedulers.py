@@ -1,0 +1,60 @@
+"""Sampler names (protocol.SCHEDULERS) -> diffusers schedulers built from the model's own config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from blender_sd_addon.protocol import INVALID_PARAMS, SCHEDULERS, ProtocolError
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    cls: type[SchedulerMixin]
+    display: str  # the sampler name A1111 writes into PNG metadata
+    overrides: dict = field(default_factory=dict)
+
+
+SCHEDULER_SPECS: dict[str, SchedulerSpec] = {
+    "ddpm": SchedulerSpec(DDPMScheduler, "DDPM"),
+    "ddim": SchedulerSpec(DDIMScheduler, "DDIM"),
+    "pndm": SchedulerSpec(PNDMScheduler, "PLMS"),
+    "euler": SchedulerSpec(EulerDiscreteScheduler, "Euler"),
+    "euler_a": SchedulerSpec(EulerAncestralDiscreteScheduler, "Euler a"),
+    "dpmpp_2m": SchedulerSpec(DPMSolverMultistepScheduler, "DPM++ 2M"),
+    "dpmpp_2m_karras": SchedulerSpec(DPMSolverMultistepScheduler, "DPM++ 2M Karras", {"use_karras_sigmas": True}),
+    "unipc": SchedulerSpec(UniPCMultistepScheduler, "UniPC"),
+    "lcm": SchedulerSpec(LCMScheduler, "LCM"),
+}
+assert tuple(SCHEDULER_SPECS) == SCHEDULERS, "scheduler table out of sync with the protocol"
+
+
+def _spec(name: str) -> SchedulerSpec:
+    if name not in SCHEDULER_SPECS:
+        raise ProtocolError(
+            INVALID_PARAMS,
+            f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}",
+            {"param": "scheduler", "value": name},
+        )
+    return SCHEDULER_SPECS[name]
+
+
+def make_scheduler(name: str, config: dict) -> SchedulerMixin:
+    """A fresh scheduler (they keep per-run state) from the pipeline's original scheduler config."""
+    spec = _spec(name)
+    return spec.cls.from_config(config, **spec.overrides)
+
+
+def display_name(name: str) -> str:
+    return _spec(name).display

@@ -1,0 +1,125 @@
+"""Seeded random Stable Diffusion pipelines built offline, for tests and benchmarks.
+
+The weights are random, so the images are noise, but every call runs the real diffusers pipeline:
+tokenizer, text encoder, U-Net, scheduler and VAE. "tiny" is small enough for CPU tests; "sd15" is the
+real SD-1.5 architecture (about 1 B parameters) for speed and memory measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+ARCHITECTURES = ("tiny", "sd15")
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters byte-level BPE uses for raw bytes (as in GPT-2 and CLIP)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer over single characters (514 ids): no merges, so any text tokenizes offline."""
+    chars = _bytes_to_unicode()
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n", encoding="utf-8")
+    # transformers 5 ignores the v4 keywords vocab_file=/merges_file=: pass the paths positionally.
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+
+
+def _scheduler() -> PNDMScheduler:
+    # Stable Diffusion 1.5's own scheduler config.
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _components(architecture: str, seed: int, tokenizer: CLIPTokenizer) -> dict:
+    if architecture == "tiny":
+        unet_kwargs = dict(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            norm_num_groups=32,
+        )
+        vae_kwargs = dict(
+            block_out_channels=[32, 64],
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            norm_num_groups=32,
+            sample_size=64,
+        )
+        text_kwargs = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    else:  # sd15: diffusers' defaults are SD-1.5's U-Net; the VAE and CLIP ViT-L/14 text encoder are spelled out
+        unet_kwargs = dict(cross_attention_dim=768, sample_size=64)
+        vae_kwargs = dict(
+            block_out_channels=[128, 256, 512, 512],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+        text_kwargs = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_kwargs)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **vae_kwargs)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=1000 if architecture == "tiny" else 49408,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **text_kwargs,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_scheduler())
+
+
+def make_test_model(path: str | Path, *, seed: int = 0, architecture: str = "tiny") -> Path:
+    """Write a random-weight StableDiffusionPipeline folder (safetensors) to `path` and return it."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    path = Path(path).resolve()
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = _tokenizer(Path(scratch))
+        pipe = StableDiffusionPipeline(
+            **_components(architecture, seed, tokenizer),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,119 @@
+"""`python -m benchmarks [--quick] [--only NAME ...] [--runs N] [--out FILE]`
+
+Runs the measurements side by side, prints a table and writes JSON with the date, machine, versions
+and exact command: benchmarks/results/<YYYY-MM-DD>.json for a full run; a --quick run (tiny model only,
+2 runs) goes to benchmarks/.cache/ unless --out says otherwise, so it never replaces committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks import cold, footprint, overhead, speed
+from benchmarks.common import CACHE, RESULTS, Scenarios
+
+# name -> (module, architecture); the order is the order of the table.
+MEASUREMENTS = {
+    "warm_tiny": (overhead, "tiny"),
+    "warm_sd15": (overhead, "sd15"),
+    "speed_sd15": (speed, "sd15"),
+    "cold_tiny": (cold, "tiny"),
+    "cold_sd15": (cold, "sd15"),
+    "footprint": (footprint, "tiny"),
+}
+QUICK = ("warm_tiny", "cold_tiny", "footprint")
+COLUMNS = ("bare", "backend", "addon", "ratio")
+
+
+def machine() -> dict:
+    meminfo = Path("/proc/meminfo").read_text().split()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    pytest_processes = subprocess.run(["pgrep", "-c", "-f", "pytest"], capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "ram_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1),
+        "cpu": cpu,
+        "os": platform.platform(),
+        "gpu": "none",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "pytest_processes_at_start": int(pytest_processes or 0),
+    }
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "bpy", "sd-textures"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def print_table(results: dict) -> None:
+    header = f"{'measurement':<11} {'metric':<42}" + "".join(f"{c:>14}" for c in COLUMNS)
+    print(header)
+    print("-" * len(header))
+    for name, result in results.items():
+        for row in result["rows"]:
+            cells = "".join(f"{'' if row.get(c) is None else row[c]!s:>14}" for c in COLUMNS)
+            print(f"{name:<11} {row['metric']:<42}{cells}")
+    print()
+    for name, result in results.items():
+        for target in result["targets"]:
+            print(f"{'MET   ' if target['met'] else 'MISSED'} {name}: {target['target']} (got {target['value']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--quick", action="store_true", help=f"tiny model only ({', '.join(QUICK)}), 2 runs")
+    parser.add_argument("--only", action="append", choices=MEASUREMENTS, metavar="NAME",
+                        help=f"run only this measurement (repeatable): {', '.join(MEASUREMENTS)}")
+    parser.add_argument("--runs", type=int, help="warm runs per side (default 5, quick 2)")
+    parser.add_argument("--out", type=Path, help="JSON file to write")
+    args = parser.parse_args(argv)
+    names = args.only or list(QUICK if args.quick else MEASUREMENTS)
+    runs = args.runs or (2 if args.quick else 5)
+    if runs < 1:
+        parser.error("--runs must be at least 1")
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    out = args.out or (CACHE / f"quick-{date}.json" if args.quick else RESULTS / f"{date}.json")
+
+    report = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks", *(argv or sys.argv[1:])]),
+        "quick": args.quick,
+        "runs": runs,
+        "machine": machine(),
+        "versions": versions(),
+        "results": {},
+    }
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="scratch-") as scratch:
+        scenarios = Scenarios(Path(scratch), runs)
+        for name in MEASUREMENTS:
+            if name in names:
+                module, architecture = MEASUREMENTS[name]
+                report["results"][name] = module.measure(scenarios, architecture)
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    print_table(report["results"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

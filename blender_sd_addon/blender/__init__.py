@@ -1,0 +1,76 @@
+"""The Blender side: classes, registration, early backend start, shutdown on quit.
+
+The package keeps a `blender_sd_addon` import name while enabled, also when Blender 4.2+ loads it as
+the extension `bl_ext.<repository>.blender_sd_addon`: scripts can always write
+`from blender_sd_addon.api import generate_texture`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+
+import bpy
+
+from .. import api
+from . import install_ops, operators, panels, preferences, preview, properties
+
+PUBLIC_NAME = "blender_sd_addon"
+EARLY_START_DELAY = 1.0  # seconds after registration: Blender finishes starting first
+
+classes = (
+    *properties.classes,
+    *preferences.classes,
+    *operators.classes,
+    *install_ops.classes,
+    *panels.classes,
+)
+
+
+def _aliases() -> dict:
+    """sys.modules names that let scripts import the extension by its public name."""
+    root = api.ADDON_ID
+    if root == PUBLIC_NAME:
+        return {}
+    return {PUBLIC_NAME: sys.modules[root], f"{PUBLIC_NAME}.api": api}
+
+
+def _start_early() -> None:
+    try:
+        operators.start_backend_async()
+    except Exception as exc:  # a failed warm-up must not break Blender's start; the panel shows it
+        operators.STATE.backend_message = f"error: {exc}"
+    return None
+
+
+@bpy.app.handlers.persistent
+def _on_load_pre(*_args) -> None:
+    operators.stop_polling()  # the job's objects belong to the file being closed
+
+
+def register() -> None:
+    for cls in classes:
+        bpy.utils.register_class(cls)
+    properties.register()
+    bpy.app.handlers.load_pre.append(_on_load_pre)
+    atexit.register(api.shutdown_backend)
+    for name, module in _aliases().items():
+        sys.modules.setdefault(name, module)
+    if api.preferences().start_early and not bpy.app.background:
+        bpy.app.timers.register(_start_early, first_interval=EARLY_START_DELAY)
+
+
+def unregister() -> None:
+    if bpy.app.timers.is_registered(_start_early):
+        bpy.app.timers.unregister(_start_early)
+    for name, module in _aliases().items():
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+    atexit.unregister(api.shutdown_backend)
+    operators.stop_polling()
+    api.shutdown_backend()
+    bpy.app.handlers.load_pre.remove(_on_load_pre)
+    preview.unregister()
+    properties.unregister()
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)

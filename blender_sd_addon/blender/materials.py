@@ -1,0 +1,332 @@
+"""Generated images -> Blender materials: node trees, material slots, UVs, a tiled preview.
+
+Blender's own API only (no operators), so it runs the same in the UI and in `blender -b` scripts.
+Works on Blender 3.4 to 5.x: only sockets that exist on every version are used (Base Color, Roughness,
+Normal), and version differences are guarded where they are met.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from dataclasses import dataclass
+
+import bpy
+
+MAP_LABELS = {"albedo": "Albedo", "roughness": "Roughness", "normal": "Normal", "height": "Height", "ao": "AO"}
+MAP_KINDS = tuple(MAP_LABELS)
+SLOT_MODES = ("NEW", "REPLACE")
+PROJECTIONS = ("UV", "BOX")
+DISPLACEMENTS = ("BUMP", "DISPLACEMENT")
+TEXTURE_SCALE_MIN, TEXTURE_SCALE_MAX = 0.001, 1000.0
+
+HEIGHT_SCALE = 0.1  # world units between black and white in the height map (bump distance, displacement scale)
+BOX_BLEND = 0.2  # softens the seams where box projection switches between faces
+
+# Node columns, left to right (x), and the vertical spacing of the image textures.
+X_COORDS, X_MAPPING, X_TEXTURES, X_HELPERS, X_BSDF, X_OUTPUT = -1300, -1100, -800, -450, -150, 250
+ROW = -300
+
+
+@dataclass
+class ApplyOptions:
+    """How `apply_images` builds and assigns materials."""
+
+    shared_material: bool = True  # one material for all objects, else one per object
+    slot: str = "NEW"  # "NEW" (append a slot) | "REPLACE" (replace the active slot)
+    projection: str = "UV"  # "UV" (object UVs; made when missing) | "BOX" (triplanar)
+    texture_scale: float = 1.0  # UV repeats, or world units per tile with BOX
+    displacement: str = "BUMP"  # "BUMP" | "DISPLACEMENT"
+    ao_multiply: bool = False
+    pack: bool = False  # pack images into the .blend
+
+    def __post_init__(self) -> None:
+        for option, value, accepted in (
+            ("slot", self.slot, SLOT_MODES),
+            ("projection", self.projection, PROJECTIONS),
+            ("displacement", self.displacement, DISPLACEMENTS),
+        ):
+            if value not in accepted:
+                raise ValueError(f"{option} must be one of {', '.join(accepted)}; got {value!r}")
+        scale = self.texture_scale
+        is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not (is_number and TEXTURE_SCALE_MIN <= scale <= TEXTURE_SCALE_MAX):  # also turns away NaN
+            raise ValueError(f"texture_scale must be in [{TEXTURE_SCALE_MIN}, {TEXTURE_SCALE_MAX}]; got {scale!r}")
+
+
+def apply_images(objects, maps: dict[str, str], options: ApplyOptions, name: str) -> list[bpy.types.Material]:
+    """Build materials from image files and assign them to the mesh objects among `objects`.
+
+    `maps` holds "albedo" (required) and optionally "height", "normal", "roughness", "ao" -> file path;
+    normal maps are expected in OpenGL convention (green up), as Blender reads them. Objects that are
+    not meshes are skipped (callers report them); a ValueError is raised when none is a mesh.
+    Returns the materials made: one named `name`, or one per object named `name.ObjectName`.
+    """
+    # 1. Check inputs
+    meshes = [obj for obj in objects if obj.type == "MESH"]
+    if not meshes:
+        raise ValueError("no mesh among the objects: select at least one mesh object")
+    editing = [obj.name for obj in meshes if obj.data.is_editmode]
+    if editing:  # Edit Mode holds its own copy of the mesh and would discard the UVs and face assignments
+        raise ValueError(f"leave Edit Mode first ({', '.join(editing)})")
+    unknown = sorted(set(maps) - set(MAP_KINDS))
+    if unknown:
+        raise ValueError(f"unknown map kind(s) {', '.join(unknown)}; accepted: {', '.join(MAP_KINDS)}")
+    if not maps.get("albedo"):
+        raise ValueError("maps must contain an 'albedo' image path")
+    for kind, path in maps.items():
+        if not os.path.isfile(path):
+            raise ValueError(f"{kind} map not found: {path}")
+
+    # 2. Load images as their own datablocks: a user's images are reused or left alone, never overwritten
+    images = {kind: _load_image(path, kind, options.pack) for kind, path in maps.items()}
+
+    # 3. Every mesh gets a UV map when it has none: UV projection reads it, and the Normal Map node's
+    #    tangent space needs one even with box projection.
+    for obj in meshes:
+        ensure_uv_map(obj.data)
+
+    # 4. Build the materials and put them in the objects' slots
+    if options.shared_material:
+        material = _build_material(name, images, options, _common_uv_name(meshes))
+        for obj in meshes:
+            _assign(obj, material, options.slot)
+        return [material]
+    materials = []
+    for obj in meshes:
+        material = _build_material(f"{name}.{obj.name}", images, options, _common_uv_name([obj]))
+        _assign(obj, material, options.slot)
+        materials.append(material)
+    return materials
+
+
+def show_tile_preview(image_path: str, repeat: int = 2) -> bpy.types.Image:
+    """Make (or refresh) an image "<stem> NxN" repeating the tile, and show it in every Image Editor."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= 8:
+        raise ValueError(f"repeat must be an integer in [1, 8]; got {repeat!r}")
+    if not os.path.isfile(image_path):
+        raise ValueError(f"image not found: {image_path}")
+
+    # 1. Read the tile's pixels (RGBA floats, rows bottom to top as Blender stores them)
+    tile = bpy.data.images.load(image_path, check_existing=True)
+    width, height = tile.size
+    pixels = _floats(width * height * 4)
+    tile.pixels.foreach_get(pixels)
+
+    # 2. Repeat each row across, then the whole block up, into the preview (reused when it exists)
+    row = width * 4
+    block = array("f")
+    for y in range(height):
+        block.extend(pixels[y * row : (y + 1) * row] * repeat)
+    preview_name = f"{os.path.splitext(os.path.basename(image_path))[0]} {repeat}x{repeat}"
+    preview = bpy.data.images.get(preview_name)
+    if preview is None:
+        preview = bpy.data.images.new(preview_name, width * repeat, height * repeat, alpha=True)
+    elif tuple(preview.size) != (width * repeat, height * repeat):
+        preview.scale(width * repeat, height * repeat)
+    preview.colorspace_settings.name = tile.colorspace_settings.name
+    preview.pixels.foreach_set(block * repeat)
+    preview.update()
+
+    # 3. Show it wherever an Image Editor is open
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = preview
+    return preview
+
+
+def ensure_uv_map(mesh: bpy.types.Mesh) -> bpy.types.MeshUVLoopLayer:
+    """Return the mesh's active UV map, making a box-projected one first when it has none.
+
+    Each face is projected along the axis its normal is closest to (the layout Blender's box
+    projection uses too), scaled so the largest side of the mesh spans one UV unit; the texture
+    scale then counts repeats across the object. Pure data access: no edit mode, no operators.
+    """
+    if mesh.uv_layers:
+        return mesh.uv_layers.active or mesh.uv_layers[0]
+    uv_layer = mesh.uv_layers.new(name="UVMap")
+    if not mesh.loops:
+        return uv_layer
+
+    co = _floats(len(mesh.vertices) * 3)
+    mesh.vertices.foreach_get("co", co)
+    low = [min(co[axis::3]) for axis in range(3)]
+    extent = max(max(co[axis::3]) - low[axis] for axis in range(3)) or 1.0
+    normals = _floats(len(mesh.polygons) * 3)
+    mesh.polygons.foreach_get("normal", normals)
+    loop_starts = array("i", [0]) * len(mesh.polygons)
+    mesh.polygons.foreach_get("loop_start", loop_starts)
+    loop_totals = array("i", [0]) * len(mesh.polygons)
+    mesh.polygons.foreach_get("loop_total", loop_totals)
+    loop_verts = array("i", [0]) * len(mesh.loops)
+    mesh.loops.foreach_get("vertex_index", loop_verts)
+
+    uvs = _floats(len(mesh.loops) * 2)
+    for face, (start, total) in enumerate(zip(loop_starts, loop_totals, strict=True)):
+        normal = normals[3 * face : 3 * face + 3]
+        axis = max(range(3), key=lambda i: abs(normal[i]))
+        sign = 1.0 if normal[axis] >= 0.0 else -1.0
+        for loop in range(start, start + total):
+            vert = loop_verts[loop]
+            x, y, z = ((co[3 * vert + i] - low[i]) / extent for i in range(3))
+            # u is flipped on faces looking down an axis, so the image is never mirrored.
+            if axis == 0:
+                uvs[2 * loop], uvs[2 * loop + 1] = sign * y, z
+            elif axis == 1:
+                uvs[2 * loop], uvs[2 * loop + 1] = -sign * x, z
+            else:
+                uvs[2 * loop], uvs[2 * loop + 1] = x, sign * y
+    uv_layer.data.foreach_set("uv", uvs)
+    return uv_layer
+
+
+def _floats(count: int) -> array:
+    """A float32 buffer for foreach_get/foreach_set (stdlib: Debian's Blender has no numpy)."""
+    return array("f", [0.0]) * count
+
+
+def _load_image(path: str, kind: str, pack: bool) -> bpy.types.Image:
+    image = bpy.data.images.load(path, check_existing=True)
+    # Only colour is sRGB; the other maps are data and must reach the shader unchanged.
+    image.colorspace_settings.name = "sRGB" if kind == "albedo" else "Non-Color"
+    if pack and not image.packed_file:
+        image.pack()
+    return image
+
+
+def _common_uv_name(meshes) -> str:
+    """The active UV map's name when all meshes agree on it, else "" (Blender's render-active map)."""
+    names = {obj.data.uv_layers.active.name for obj in meshes if obj.data.uv_layers.active}
+    return names.pop() if len(names) == 1 else ""
+
+
+def _assign(obj, material: bpy.types.Material, slot: str) -> None:
+    """Put `material` on `obj` without losing the artist's materials.
+
+    NEW appends a slot, makes it active and assigns every face to it: the old materials stay in
+    their slots, one click away from being reassigned. REPLACE swaps the material of the active
+    slot (a slot is added when there is none); the material taken out gets a fake user so it
+    survives saving even when nothing else uses it.
+    """
+    mesh = obj.data
+    if slot == "NEW" and material.name in mesh.materials:  # a linked duplicate sharing this mesh took it
+        obj.active_material_index = mesh.materials.find(material.name)
+        return
+    if slot == "NEW" or not obj.material_slots:
+        mesh.materials.append(material)
+        obj.active_material_index = len(obj.material_slots) - 1
+        if slot == "NEW":
+            mesh.polygons.foreach_set("material_index", array("i", [obj.active_material_index]) * len(mesh.polygons))
+            mesh.update()
+        return
+    active = obj.material_slots[obj.active_material_index]
+    old = active.material
+    if old is not None and old != material:
+        old.use_fake_user = True
+    active.material = material
+
+
+def _build_material(name: str, images: dict, options: ApplyOptions, uv_name: str) -> bpy.types.Material:
+    material = bpy.data.materials.new(name)
+    if bpy.app.version < (5, 0, 0):
+        material.use_nodes = True  # always on (and deprecated) from 5.0
+    tree = material.node_tree
+    nodes, links = tree.nodes, tree.links
+    nodes.clear()
+    textures_frame = _node(nodes, "NodeFrame", "Textures", (X_COORDS, 0))
+    surface_frame = _node(nodes, "NodeFrame", "Surface", (X_HELPERS, 0))
+
+    # 1. Coordinates: the UV map repeated texture_scale times, or object space with one tile
+    #    per texture_scale world units for box projection.
+    if options.projection == "UV":
+        coords = _node(nodes, "ShaderNodeUVMap", "UV Map", (X_COORDS, 0), textures_frame)
+        coords.uv_map = uv_name
+        coords_out = coords.outputs["UV"]
+        scale = options.texture_scale
+    else:
+        coords = _node(nodes, "ShaderNodeTexCoord", "Texture Coordinate", (X_COORDS, 0), textures_frame)
+        coords_out = coords.outputs["Object"]
+        scale = 1.0 / options.texture_scale
+    mapping = _node(nodes, "ShaderNodeMapping", "Mapping", (X_MAPPING, 0), textures_frame)
+    mapping.inputs["Scale"].default_value = (scale, scale, scale)
+    links.new(coords_out, mapping.inputs["Vector"])
+
+    # 2. One Image Texture per map, stacked in the Textures frame
+    textures = {}
+    present = [kind for kind in MAP_KINDS if kind in images]
+    for row, kind in enumerate(present):
+        texture = _node(nodes, "ShaderNodeTexImage", MAP_LABELS[kind], (X_TEXTURES, row * ROW), textures_frame)
+        texture.image = images[kind]
+        if options.projection == "BOX":
+            texture.projection = "BOX"
+            texture.projection_blend = BOX_BLEND
+        links.new(mapping.outputs["Vector"], texture.inputs["Vector"])
+        textures[kind] = texture
+
+    # 3. Surface: Principled BSDF fed by the maps, through the helper nodes a map needs
+    bsdf = _node(nodes, "ShaderNodeBsdfPrincipled", "Principled BSDF", (X_BSDF, 0), surface_frame)
+    output = _node(nodes, "ShaderNodeOutputMaterial", "Material Output", (X_OUTPUT, 0), surface_frame)
+    links.new(bsdf.outputs["BSDF"], output.inputs["Surface"])
+
+    base_color = textures["albedo"].outputs["Color"]
+    if options.ao_multiply and "ao" in textures:
+        multiply = _node(nodes, "ShaderNodeMix", "AO Multiply", (X_HELPERS, 0), surface_frame)
+        multiply.data_type = "RGBA"
+        multiply.blend_type = "MULTIPLY"
+        _socket(multiply.inputs, "Factor_Float").default_value = 1.0
+        links.new(base_color, _socket(multiply.inputs, "A_Color"))
+        links.new(textures["ao"].outputs["Color"], _socket(multiply.inputs, "B_Color"))
+        base_color = _socket(multiply.outputs, "Result_Color")
+    links.new(base_color, bsdf.inputs["Base Color"])
+
+    if "roughness" in textures:
+        links.new(textures["roughness"].outputs["Color"], bsdf.inputs["Roughness"])
+
+    normal = None
+    if "normal" in textures:
+        normal_map = _node(nodes, "ShaderNodeNormalMap", "Normal Map", (X_HELPERS, 2 * ROW), surface_frame)
+        normal_map.uv_map = uv_name
+        links.new(textures["normal"].outputs["Color"], normal_map.inputs["Color"])
+        normal = normal_map.outputs["Normal"]
+
+    if "height" in textures and options.displacement == "BUMP":
+        # Bump takes the normal map's output as its base normal, so both details add up.
+        bump = _node(nodes, "ShaderNodeBump", "Bump", (X_HELPERS, 3 * ROW), surface_frame)
+        bump.inputs["Distance"].default_value = HEIGHT_SCALE
+        links.new(textures["height"].outputs["Color"], bump.inputs["Height"])
+        if normal is not None:
+            links.new(normal, bump.inputs["Normal"])
+        normal = bump.outputs["Normal"]
+    elif "height" in textures:
+        displace = _node(nodes, "ShaderNodeDisplacement", "Displacement", (X_BSDF, 3 * ROW), surface_frame)
+        displace.inputs["Midlevel"].default_value = 0.5
+        displace.inputs["Scale"].default_value = HEIGHT_SCALE
+        links.new(textures["height"].outputs["Color"], displace.inputs["Height"])
+        links.new(displace.outputs["Displacement"], output.inputs["Displacement"])
+        _use_true_displacement(material)
+    if normal is not None:
+        links.new(normal, bsdf.inputs["Normal"])
+    return material
+
+
+def _use_true_displacement(material: bpy.types.Material) -> None:
+    """Displace the geometry and keep bump for the detail finer than the mesh (Cycles)."""
+    if hasattr(material, "displacement_method"):  # Blender 4.1+
+        material.displacement_method = "BOTH"
+    elif hasattr(material, "cycles") and hasattr(material.cycles, "displacement_method"):
+        material.cycles.displacement_method = "BOTH"
+
+
+def _node(nodes, node_type: str, label: str, location: tuple[float, float], parent=None):
+    node = nodes.new(node_type)
+    node.name = node.label = label  # the name lets scripts write nodes["Albedo"]
+    node.location = location
+    if parent is not None:
+        node.parent = parent  # keeps the absolute location given above on every version
+    return node
+
+
+def _socket(sockets, identifier: str):
+    """A socket by identifier: the Mix node has several sockets named "A", one per data type."""
+    return next(socket for socket in sockets if socket.identifier == identifier)

@@ -1,0 +1,127 @@
+"""The "SD Textures" sidebar panels, one body shown in the 3D Viewport, Image Editor and Shader Editor."""
+
+from __future__ import annotations
+
+import bpy
+
+from ..history import HistoryRecord
+from . import operators, preview
+
+SPACES = ("VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR")
+
+
+def draw_progress(layout, factor: float, text: str) -> None:
+    if hasattr(layout, "progress"):  # Blender 4.0+
+        layout.progress(factor=factor, type="BAR", text=text)
+    else:
+        layout.label(text=f"{factor:.0%} · {text}")
+
+
+class SidebarPanel:
+    bl_region_type = "UI"
+    bl_category = "SD Textures"
+
+    @classmethod
+    def poll(cls, context):
+        space = context.space_data
+        return space.type != "NODE_EDITOR" or space.tree_type == "ShaderNodeTree"
+
+
+class MainPanel(SidebarPanel):
+    bl_label = "SD Textures"
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdtex
+        layout.prop(settings, "prompt", text="")
+        layout.prop(settings, "negative_prompt", text="", icon="REMOVE")
+
+        col = layout.column(align=True)
+        row = col.row(align=True)
+        sub = row.row(align=True)
+        sub.enabled = not settings.random_seed
+        sub.prop(settings, "seed")
+        row.prop(settings, "random_seed", text="", icon="FILE_REFRESH")
+        col.prop(settings, "steps")
+        col.prop(settings, "guidance_scale")
+        row = col.row(align=True)
+        row.prop(settings, "width")
+        row.prop(settings, "height")
+        layout.prop(settings, "scheduler")
+        layout.prop(settings, "batch_size")
+        layout.row().prop(settings, "seamless", expand=True)
+        layout.prop(settings, "pbr")
+        row = layout.row(align=True)
+        row.prop(settings, "model")
+        row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
+
+        state = operators.STATE
+        if state.running:
+            row = layout.row(align=True)
+            draw_progress(row, state.job.fraction, state.job.status_text)
+            row.operator("sdtex.cancel", text="", icon="CANCEL")
+        else:
+            layout.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
+        if state.message:
+            layout.label(text=state.message, icon="ERROR" if state.is_error else "INFO")
+
+
+class ApplyPanel(SidebarPanel):
+    bl_label = "Apply"
+
+    def draw_header(self, context):
+        self.layout.prop(context.scene.sdtex, "apply", text="")
+
+    def draw(self, context):
+        settings = context.scene.sdtex
+        col = self.layout.column()
+        col.enabled = settings.apply
+        col.prop(settings, "shared_material")
+        col.prop(settings, "slot")
+        col.prop(settings, "projection")
+        col.prop(settings, "texture_scale")
+
+
+class SDTEX_UL_history(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
+        record = HistoryRecord.from_fields(item)
+        images = record.images()
+        icon_id = preview.thumbnail_icon(images[0].path) if images else 0
+        row = layout.row()
+        icon_kwargs = {"icon_value": icon_id} if icon_id else {"icon": "IMAGE_DATA"}
+        row.label(text=record.prompt or "(no prompt)", **icon_kwargs)
+        row.label(text=str(record.seed))
+
+
+class HistoryPanel(SidebarPanel):
+    bl_label = "History"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdtex
+        layout.template_list("SDTEX_UL_history", "", settings, "history", settings, "history_index", rows=4)
+        row = layout.row(align=True)
+        row.operator("sdtex.apply_history", icon="MATERIAL")
+        row.operator("sdtex.use_history_settings", icon="PASTEDOWN")
+        layout.operator("sdtex.tile_preview", icon="IMGDISPLAY")
+
+
+def _for_each_space(base: type, parent: str = "") -> tuple[type, ...]:
+    """One Panel subclass of `base` per sidebar (Blender needs a class per space type)."""
+    made = []
+    for space in SPACES:
+        suffix = space.lower()
+        attrs = {"bl_space_type": space, "bl_idname": f"SDTEX_PT_{base.__name__.lower()}_{suffix}"}
+        if parent:
+            attrs["bl_parent_id"] = f"SDTEX_PT_{parent}_{suffix}"
+        made.append(type(f"SDTEX_PT_{base.__name__.lower()}_{suffix}", (base, bpy.types.Panel), attrs))
+    return tuple(made)
+
+
+classes = (
+    SDTEX_UL_history,
+    *_for_each_space(MainPanel),
+    *_for_each_space(ApplyPanel, parent="mainpanel"),
+    *_for_each_space(HistoryPanel, parent="mainpanel"),
+)

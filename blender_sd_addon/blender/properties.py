@@ -1,0 +1,152 @@
+"""Scene settings of the panel (Scene.sdtex) and the generation history saved in the .blend.
+
+Limits, defaults and choices come from protocol.py and materials.py: nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+from .. import protocol
+from . import materials
+
+INT32_MAX = 2**31 - 1  # Blender's IntProperty is 32-bit signed
+LABELS = {
+    "none": "Off",
+    "x": "X",
+    "y": "Y",
+    "xy": "Both",
+    "euler_a": "Euler Ancestral",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "unipc": "UniPC",
+    "lcm": "LCM",
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "pndm": "PNDM",
+    "auto": "Auto",
+    "cuda": "CUDA",
+    "mps": "Apple (MPS)",
+    "cpu": "CPU",
+    "fp16": "FP16",
+    "bf16": "BF16",
+    "fp32": "FP32",
+    "NEW": "New Slot",
+    "REPLACE": "Replace Active",
+    "UV": "UV",
+    "BOX": "Box",
+}
+
+
+def enum_items(choices: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    return [(c, LABELS.get(c, c.replace("_", " ").title()), "") for c in choices]
+
+
+def param_property(param_name: str, **extra):
+    """A Blender property for one generate parameter, with its default, limits and help from protocol.py."""
+    spec = protocol.param(param_name)
+    kwargs = {"name": param_name.replace("_", " ").title(), "description": spec.help, **extra}
+    if spec.choices:
+        return EnumProperty(items=enum_items(spec.choices), default=spec.default, **kwargs)
+    if spec.kind is bool:
+        return BoolProperty(default=spec.default, **kwargs)
+    if spec.kind is str:
+        return StringProperty(default=spec.default, **kwargs)
+    low, high = spec.range.low, spec.range.high
+    if spec.kind is int:
+        high = min(int(high), INT32_MAX)
+        step = {"step": spec.range.multiple} if spec.range.multiple else {}
+        return IntProperty(default=spec.default or 0, min=int(low), max=high, **step, **kwargs)
+    return FloatProperty(default=spec.default, min=low, max=high, **kwargs)
+
+
+class SDTEX_PG_history_entry(bpy.types.PropertyGroup):
+    """One finished generation (history.HistoryRecord.to_fields)."""
+
+    prompt: StringProperty(name="Prompt")
+    negative_prompt: StringProperty(name="Negative Prompt")
+    seed: StringProperty(name="Seed")  # text: seeds go beyond a 32-bit IntProperty
+    steps: IntProperty(name="Steps")
+    guidance_scale: FloatProperty(name="Guidance Scale")
+    width: IntProperty(name="Width")
+    height: IntProperty(name="Height")
+    scheduler: StringProperty(name="Scheduler")
+    seamless: StringProperty(name="Seamless")
+    pbr: BoolProperty(name="PBR Maps")
+    model: StringProperty(name="Model")
+    files: StringProperty(name="Files")  # JSON list of {path, seed, maps}
+    created: StringProperty(name="Created")
+
+
+class SDTEX_PG_scene(bpy.types.PropertyGroup):
+    prompt: param_property("prompt")
+    negative_prompt: param_property("negative_prompt")
+    seed: param_property("seed")
+    random_seed: BoolProperty(name="Random Seed", description="Pick a new seed for every generation", default=True)
+    steps: param_property("steps")
+    guidance_scale: param_property("guidance_scale")
+    width: param_property("width")
+    height: param_property("height")
+    scheduler: param_property("scheduler")
+    batch_size: param_property("batch_size", name="Batch")
+    seamless: param_property("seamless")
+    pbr: param_property("pbr", name="PBR Maps")
+    model: StringProperty(name="Model", description="Model for this scene; empty uses the add-on preferences")
+
+    apply: BoolProperty(name="Apply to Selection", description="Put the result on the selected meshes", default=True)
+    shared_material: BoolProperty(
+        name="Shared Material", description="One material for all selected objects, else one per object", default=True
+    )
+    slot: EnumProperty(name="Slot", items=enum_items(materials.SLOT_MODES), default="NEW")
+    projection: EnumProperty(
+        name="Projection",
+        items=enum_items(materials.PROJECTIONS),
+        description="UV: the object's UV map (made when missing); Box: triplanar, no UVs needed",
+        default="UV",
+    )
+    texture_scale: FloatProperty(
+        name="Texture Scale",
+        description="UV repeats, or world units per tile with Box projection",
+        default=1.0,
+        min=materials.TEXTURE_SCALE_MIN,
+        max=materials.TEXTURE_SCALE_MAX,
+    )
+
+    history: CollectionProperty(type=SDTEX_PG_history_entry)
+    history_index: IntProperty(name="History Entry", default=0)
+
+    def generate_settings(self, seed: int | None) -> dict:
+        """The panel's generate parameters, as api.generate_params takes them."""
+        names = (
+            "prompt",
+            "negative_prompt",
+            "steps",
+            "guidance_scale",
+            "width",
+            "height",
+            "scheduler",
+            "batch_size",
+            "seamless",
+            "pbr",
+        )
+        return {name: getattr(self, name) for name in names} | {"seed": seed}
+
+
+classes = (SDTEX_PG_history_entry, SDTEX_PG_scene)
+
+
+def register() -> None:
+    bpy.types.Scene.sdtex = PointerProperty(type=SDTEX_PG_scene)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.sdtex

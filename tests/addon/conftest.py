@@ -1,0 +1,60 @@
+"""Add-on fixtures: the add-on enabled in bpy (Blender as a Python module), pointed at the tiny model.
+
+bpy is one Blender per process: tests share it, so each test starts from an empty file
+(`read_homefile(use_empty=True)` keeps the add-on enabled, unlike `read_factory_settings`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+ADDON = "blender_sd_addon"
+
+
+@pytest.fixture(scope="module")
+def addon(tiny_model_dir, tmp_path_factory, monkeypatch_module):
+    """The enabled add-on's preferences: tiny model, 64 px, output in a temporary folder. The backend
+    worker started by the first generation lives until the module's tests are done."""
+    bpy = pytest.importorskip("bpy")
+    import addon_utils
+
+    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
+    module = addon_utils.enable(ADDON, default_set=True)
+    assert module is not None, "the add-on failed to register (see the traceback above)"
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.model = str(tiny_model_dir)
+    prefs.output_folder = str(tmp_path_factory.mktemp("textures"))
+    yield prefs
+    addon_utils.disable(ADDON, default_set=True)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture
+def scene(addon):
+    """An empty scene with small, fast generation settings."""
+    import bpy
+
+    bpy.ops.wm.read_homefile(use_empty=True)
+    settings = bpy.context.scene.sdtex
+    settings.prompt = "mossy stone wall"
+    settings.width = settings.height = 64
+    settings.steps = 2
+    return bpy.context.scene
+
+
+# TEMPORARY (remove when helper D's installer lands): stand-ins with the agreed interface.
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+if importlib.util.find_spec("blender_sd_addon.installer") is None:
+    _installer = types.ModuleType("blender_sd_addon.installer")
+    _installer.STATE = types.SimpleNamespace(running=False, log_lines=[], progress=0.0, message="")
+    _install_ops = types.ModuleType("blender_sd_addon.blender.install_ops")
+    _install_ops.classes = ()
+    sys.modules.update({_installer.__name__: _installer, _install_ops.__name__: _install_ops})

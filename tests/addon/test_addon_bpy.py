@@ -1,0 +1,191 @@
+"""The add-on in real Blender (bpy 5.0 as a module) with the real backend worker and the tiny model.
+
+In background mode `bpy.ops.sdtex.generate()` blocks until the material is applied, and an ERROR report
+raises RuntimeError carrying the message. Undo after applying needs a window: the GUI test covers it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+bpy = pytest.importorskip("bpy")
+import addon_utils  # noqa: E402
+
+from blender_sd_addon import api, jobs  # noqa: E402
+from blender_sd_addon.history import HistoryRecord  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+ADDON = "blender_sd_addon"
+
+
+def add_cube(name: str, x: float = 0.0):
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(x, 0.0, 0.0))
+    obj = bpy.context.active_object
+    obj.name = name
+    return obj
+
+
+def image_texture_paths(obj) -> list[str]:
+    material = obj.active_material
+    assert material is not None, f"{obj.name} has no material"
+    return [bpy.path.abspath(n.image.filepath) for n in material.node_tree.nodes if n.type == "TEX_IMAGE"]
+
+
+def test_enable_and_disable_twice_leaves_nothing_behind():
+    from blender_sd_addon import blender as addon_blender
+
+    for _ in range(2):
+        assert addon_utils.enable(ADDON, default_set=True) is not None
+        assert hasattr(bpy.types.Scene, "sdtex")
+        assert all(cls.is_registered for cls in addon_blender.classes)
+        assert addon_blender._on_load_pre in bpy.app.handlers.load_pre
+        assert bpy.ops.sdtex.generate.poll() in (True, False)  # the operator resolves
+
+        addon_utils.disable(ADDON, default_set=True)
+        assert not hasattr(bpy.types.Scene, "sdtex")
+        assert not any(cls.is_registered for cls in addon_blender.classes)
+        assert addon_blender._on_load_pre not in bpy.app.handlers.load_pre
+        assert not bpy.app.timers.is_registered(addon_blender.operators._tick)
+        assert not bpy.app.timers.is_registered(addon_blender._start_early)
+        assert ADDON not in bpy.context.preferences.addons
+
+
+def test_generate_operator_puts_materials_on_two_selected_objects(scene, addon, tmp_path):
+    first, second = add_cube("First"), add_cube("Second", x=2.0)
+    first.select_set(True)
+    second.select_set(True)
+    scene.sdtex.shared_material = False
+
+    assert bpy.ops.sdtex.generate() == {"FINISHED"}
+
+    for obj in (first, second):
+        paths = image_texture_paths(obj)
+        assert paths and all(os.path.isfile(p) for p in paths), paths
+        assert Path(paths[0]).parent == Path(addon.output_folder)
+    assert first.active_material != second.active_material
+    entry = HistoryRecord.from_fields(scene.sdtex.history[0])
+    assert entry.prompt == "mossy stone wall" and (entry.width, entry.steps) == (64, 2)
+    assert entry.images()[0].path == image_texture_paths(first)[0]
+
+
+def test_no_selection_is_a_clear_report_and_generation_only_still_works(scene):
+    add_cube("Unselected").select_set(False)
+    with pytest.raises(RuntimeError, match="Select one or more mesh objects"):
+        bpy.ops.sdtex.generate()
+    assert bpy.ops.sdtex.generate(apply=False) == {"FINISHED"}
+    assert len(scene.sdtex.history) == 1
+    assert os.path.isfile(HistoryRecord.from_fields(scene.sdtex.history[0]).images()[0].path)
+
+
+def test_missing_backend_interpreter_is_a_clear_report_then_the_next_call_works(scene, addon, tmp_path):
+    cube = add_cube("Cube")
+    cube.select_set(True)
+    addon.backend_python = str(tmp_path / "no-python-here")
+    try:
+        with pytest.raises(RuntimeError, match="backend interpreter .* does not exist: .*no-python-here"):
+            bpy.ops.sdtex.generate()
+    finally:
+        addon.backend_python = ""
+    assert bpy.ops.sdtex.generate() == {"FINISHED"}
+    assert os.path.isfile(image_texture_paths(cube)[0])
+
+
+def test_worker_killed_mid_job_is_a_clear_report_then_the_next_call_works(scene, monkeypatch):
+    cube = add_cube("Cube")
+    cube.select_set(True)
+    scene.sdtex.steps = 150  # long enough that the kill lands mid-job
+    handle = jobs.Job.handle
+
+    def kill_at_first_progress(job, message):
+        handle(job, message)
+        if message.get("event") == "progress":
+            os.kill(api.current_client().pid, signal.SIGKILL)
+
+    monkeypatch.setattr(jobs.Job, "handle", kill_at_first_progress)
+    with pytest.raises(RuntimeError, match=r"backend stopped \(exit code -9\)"):
+        bpy.ops.sdtex.generate()
+    assert cube.active_material is None
+    monkeypatch.undo()
+
+    scene.sdtex.steps = 2
+    assert bpy.ops.sdtex.generate() == {"FINISHED"}
+    assert os.path.isfile(image_texture_paths(cube)[0])
+
+
+def test_history_survives_saving_and_reopening(scene, tmp_path):
+    assert bpy.ops.sdtex.generate(apply=False) == {"FINISHED"}
+    scene.sdtex.prompt = "blue ceramic tiles"
+    assert bpy.ops.sdtex.generate(apply=False) == {"FINISHED"}
+    saved = [HistoryRecord.from_fields(e) for e in scene.sdtex.history]
+    assert [r.prompt for r in saved] == ["blue ceramic tiles", "mossy stone wall"]  # newest first
+
+    blend = tmp_path / "history.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert len(bpy.context.scene.sdtex.history) == 0
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    assert [HistoryRecord.from_fields(e) for e in bpy.context.scene.sdtex.history] == saved
+
+
+def test_use_history_settings_and_apply_again(scene):
+    scene.sdtex.random_seed = False
+    scene.sdtex.seed = 1234
+    assert bpy.ops.sdtex.generate(apply=False) == {"FINISHED"}
+    scene.sdtex.prompt, scene.sdtex.seed, scene.sdtex.steps = "something else", 1, 3
+
+    assert bpy.ops.sdtex.use_history_settings() == {"FINISHED"}
+    assert (scene.sdtex.prompt, scene.sdtex.seed, scene.sdtex.steps) == ("mossy stone wall", 1234, 2)
+
+    cube = add_cube("Cube")
+    cube.select_set(True)
+    assert bpy.ops.sdtex.apply_history() == {"FINISHED"}
+    assert image_texture_paths(cube)[0] == HistoryRecord.from_fields(scene.sdtex.history[0]).images()[0].path
+
+
+def test_api_generate_texture_returns_images_and_materials_with_files_on_disk(scene, tmp_path):
+    cube = add_cube("Cube")
+    result = api.generate_texture(
+        [cube], "oak planks", seed=42, steps=2, width=64, height=64, seamless="xy", output_dir=str(tmp_path)
+    )
+    assert result.seed == 42 and result.result.seamless == "xy"
+    assert [Path(bpy.path.abspath(i.filepath)) for i in result.images] == [Path(f) for f in result.files]
+    assert all(Path(f).is_file() and Path(f).parent == tmp_path for f in result.files)
+    assert cube.active_material == result.materials[0]
+    assert image_texture_paths(cube) == result.files
+
+
+def test_api_bad_parameter_names_it_and_its_range(scene):
+    with pytest.raises(api.SDTexError, match="steps must be an integer from 1 to 150"):
+        api.generate_texture([add_cube("Cube")], "x", steps=0)
+
+
+def test_fresh_blender_process_never_imports_torch(tiny_model_dir, tmp_path):
+    """Runs examples/headless_api.py in a new process (this one has torch from the backend tests)."""
+    scenario = f"""
+import json, runpy, sys
+sys.argv = ["headless_api.py", "--prompt", "cracked clay", "--model", {str(tiny_model_dir)!r},
+            "--output", {str(tmp_path)!r}, "--steps", "2", "--size", "64", "--seed", "5"]
+try:
+    runpy.run_path({str(REPO / "examples" / "headless_api.py")!r}, run_name="__main__")
+except SystemExit as exc:
+    sys.exit(exc.code)
+import bpy
+material = bpy.data.objects["Cube"].active_material
+images = [bpy.path.abspath(n.image.filepath) for n in material.node_tree.nodes if n.type == "TEX_IMAGE"]
+print("RESULT " + json.dumps({{"torch": "torch" in sys.modules, "material": material.name, "images": images}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", scenario], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    facts = json.loads(line[len("RESULT ") :])
+    assert facts["torch"] is False
+    assert facts["material"] == "SD cracked clay"
+    assert facts["images"] and all(Path(p).is_file() and Path(p).parent == tmp_path for p in facts["images"])

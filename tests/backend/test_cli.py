@@ -1,0 +1,99 @@
+"""The command line: flags from GENERATE_PARAMS, same validation as the worker, paths on stdout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from backend.__main__ import build_parser
+from blender_sd_addon.protocol import GENERATE_PARAMS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "backend", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_every_parameter_has_a_flag():
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    flags = {action.dest: action.option_strings for action in generate._actions}
+    for p in GENERATE_PARAMS:
+        assert "--" + p.name.replace("_", "-") in flags[p.name]
+    assert (
+        "--guidance" in flags["guidance_scale"] and "--batch" in flags["batch_size"] and "--out" in flags["output_dir"]
+    )
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--no-pbr", "--seamless", "xy", "--guidance", "3"])
+    assert (args.pbr, args.seamless, args.guidance_scale, args.steps) == (False, "xy", 3.0, 25)
+
+
+def test_generate_writes_a_png(tiny_model_dir, tmp_path):
+    done = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "bark texture",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "4",
+        "--batch",
+        "2",
+        "--seamless",
+        "xy",
+        "--pbr",
+        "--out",
+        "textures",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    paths = [Path(line) for line in done.stdout.splitlines()]
+    assert len(paths) == 2 * 5  # two albedos, four maps each
+    assert all(p.parent == tmp_path / "textures" and p.is_file() for p in paths)  # --out resolved against cwd
+    with Image.open(paths[0]) as image:
+        assert image.size == (64, 64) and "Seed: 4" in image.text["parameters"]
+    assert "step 2/2" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [
+        (["--steps", "0"], "steps"),
+        (["--width", "abc"], "width"),
+        (["--scheduler", "k_lms"], "scheduler"),
+        (["--guidance", "nan"], "guidance_scale"),
+    ],
+)
+def test_bad_flag_value_exits_nonzero_naming_it(flags, name, tmp_path):
+    done = run_cli("generate", "--model", "m", "--prompt", "p", "--out", str(tmp_path), *flags)
+    assert done.returncode == 2
+    assert name.replace("_", "-") in done.stderr or name in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
+def test_info_prints_versions():
+    done = run_cli("info")
+    assert done.returncode == 0, done.stderr
+    import diffusers
+    import torch
+
+    assert f"torch {torch.__version__}" in done.stdout
+    assert f"diffusers {diffusers.__version__}" in done.stdout
+    assert "devices " in done.stdout and "cpu" in done.stdout

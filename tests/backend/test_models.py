@@ -1,0 +1,130 @@
+"""Finding, refusing and caching models."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from backend.models import ModelManager, is_sdxl_checkpoint, locate, pick_device, pick_dtype
+from blender_sd_addon import protocol
+from blender_sd_addon.protocol import GenerateParams, ProtocolError
+
+
+def code_of(call) -> str:
+    with pytest.raises(ProtocolError) as info:
+        call()
+    assert info.value.data.get("param") in ("model", "device", "cpu_offload")
+    return info.value.code
+
+
+def test_locate_sources(tiny_model_dir, tmp_path):
+    folder = locate(str(tiny_model_dir))
+    assert (folder.kind, folder.location, folder.use_safetensors) == ("folder", str(tiny_model_dir), True)
+    single = tmp_path / "brick.safetensors"
+    save_file({"x": torch.zeros(1)}, str(single))
+    assert locate(str(single)).kind == "single_file"
+    assert locate("stabilityai/sd-turbo").kind == "hub"
+    assert code_of(lambda: locate(str(tmp_path / "missing"))) == protocol.MODEL_NOT_FOUND
+    assert code_of(lambda: locate("not a hub id")) == protocol.MODEL_NOT_FOUND
+    assert code_of(lambda: locate(str(tmp_path))) == protocol.MODEL_LOAD_FAILED  # no model_index.json
+    notes = tmp_path / "model.txt"
+    notes.write_text("hello")
+    assert code_of(lambda: locate(str(notes))) == protocol.MODEL_LOAD_FAILED
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])
+def test_pickle_files_need_allow_pickle(tmp_path, suffix):
+    checkpoint = tmp_path / f"model{suffix}"
+    checkpoint.write_bytes(b"not loaded")
+    assert code_of(lambda: locate(str(checkpoint))) == protocol.UNSAFE_CHECKPOINT
+    allowed = locate(str(checkpoint), allow_pickle=True)
+    assert allowed.kind == "single_file" and not allowed.use_safetensors
+
+
+def test_folder_with_pickle_weights_needs_allow_pickle(tiny_model_dir, tmp_path):
+    folder = tmp_path / "bin-weights"
+    shutil.copytree(tiny_model_dir, folder)
+    text_encoder = folder / "text_encoder" / "model.safetensors"
+    text_encoder.rename(text_encoder.with_suffix(".bin"))  # one component in pickle format is enough
+    with pytest.raises(ProtocolError) as info:
+        locate(str(folder))
+    assert info.value.code == protocol.UNSAFE_CHECKPOINT and "text_encoder" in info.value.message
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    assert code_of(lambda: locate(str(folder))) == protocol.UNSAFE_CHECKPOINT
+    assert not locate(str(folder), allow_pickle=True).use_safetensors
+
+
+def test_sdxl_detected_from_header_only(tmp_path):
+    sdxl, sd15 = tmp_path / "xl.safetensors", tmp_path / "v15.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(sdxl))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd15))
+    assert is_sdxl_checkpoint(sdxl) and not is_sdxl_checkpoint(sd15)
+
+
+def test_devices_and_dtypes():
+    assert pick_dtype("auto", "cpu") == "fp32" and pick_dtype("auto", "cuda") == "fp16"
+    assert pick_dtype("bf16", "cpu") == "bf16"
+    assert pick_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert code_of(lambda: pick_device("cuda")) == protocol.INVALID_PARAMS
+
+
+def params_for(model, **changes) -> GenerateParams:
+    return GenerateParams(model=str(model), prompt="x", output_dir="/unused", **changes)
+
+
+def test_manager_keeps_one_model_warm(tiny_model_dir, tmp_path):
+    manager = ModelManager()
+    first, seconds = manager.get(params_for(tiny_model_dir))
+    assert seconds > 0 and first.key.device == "cpu" and first.key.dtype == "fp32"
+    again, seconds = manager.get(params_for(tiny_model_dir, attention_slicing=True))
+    assert again is first and seconds == 0.0  # per-request options do not reload
+    old_pipe = weakref.ref(first.pipe)
+    del first, again
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    other, seconds = manager.get(params_for(copy))
+    gc.collect()
+    assert seconds > 0 and other.key.source.location == str(copy)
+    assert old_pipe() is None  # the previous pipeline was released
+    assert manager.loaded_name == str(copy)
+
+
+def test_per_request_options(tiny_model_dir):
+    manager = ModelManager()
+    model, _ = manager.get(params_for(tiny_model_dir, vae_tiling=True))
+    assert model.pipe.vae.use_tiling
+    manager.get(params_for(tiny_model_dir, vae_tiling=True, seamless="xy"))
+    assert not model.pipe.vae.use_tiling  # tiles would wrap one by one
+    if not torch.cuda.is_available():
+        assert code_of(lambda: manager.get(params_for(tiny_model_dir, cpu_offload=True))) == protocol.INVALID_PARAMS
+
+
+def test_unsupported_pipeline_class(tiny_model_dir, tmp_path):
+    folder = tmp_path / "flux"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ProtocolError) as info:
+        ModelManager().get(params_for(folder))
+    assert info.value.code == protocol.MODEL_LOAD_FAILED
+    assert "FluxPipeline" in info.value.message and "StableDiffusionXLPipeline" in info.value.message
+
+
+def test_pickle_folder_loads_only_when_allowed(tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir).save_pretrained(folder, safe_serialization=False)
+    assert list((folder / "unet").glob("*.bin")) and not list((folder / "unet").glob("*.safetensors"))
+    assert code_of(lambda: ModelManager().get(params_for(folder))) == protocol.UNSAFE_CHECKPOINT
+    model, _ = ModelManager().get(params_for(folder, allow_pickle=True))
+    assert tuple(model.pipe.unet.config.block_out_channels) == (32, 64)

@@ -1,0 +1,93 @@
+"""PNG files: safe unique names inside output_dir, metadata that round-trips, PBR maps beside the albedo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.outputs import sanitise_prefix, save_images
+from blender_sd_addon.protocol import PROTOCOL_VERSION, GenerateParams, ProtocolError
+
+
+def make_params(tmp_path, **changes) -> GenerateParams:
+    values = dict(
+        model="/models/brick-v2.safetensors",
+        prompt="red brick wall, moss",
+        negative_prompt="people",
+        steps=20,
+        guidance_scale=6.5,
+        width=64,
+        height=64,
+        scheduler="euler_a",
+        seed=42,
+        output_dir=str(tmp_path / "textures"),
+    )
+    return GenerateParams(**{**values, **changes})
+
+
+def noise_image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def test_metadata_round_trips(tmp_path):
+    params = make_params(tmp_path, seamless="xy")
+    (record,) = save_images([noise_image(0)], [42], params)
+    with Image.open(record.path) as image:
+        text = image.text
+        assert np.array_equal(np.asarray(image), np.asarray(noise_image(0)))  # lossless
+    assert text["parameters"] == (
+        "red brick wall, moss\n"
+        "Negative prompt: people\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 64x64, Model: brick-v2, Seamless: xy"
+    )
+    settings = json.loads(text["sdtex"])
+    assert settings["params"] == params.to_dict()
+    assert settings["seed"] == 42 and settings["protocol_version"] == PROTOCOL_VERSION
+
+
+def test_names_are_unique_and_never_overwrite(tmp_path):
+    params = make_params(tmp_path, filename_prefix="wall")
+    first = save_images([noise_image(1), noise_image(2)], [7, 8], params)
+    second = save_images([noise_image(3)], [7], params)  # same second, same seed
+    paths = [r.path for r in first + second]
+    assert len(set(paths)) == 3
+    assert all(p.startswith(str((tmp_path / "textures").resolve()) + "/wall_") for p in paths)
+    with Image.open(first[0].path) as image:
+        assert np.array_equal(np.asarray(image), np.asarray(noise_image(1)))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [("../../etc/x", "etc_x"), ("/abs/path", "abs_path"), ("..", "sdtex"), ("a b\\c", "a_b_c"), ("ok-1.v2", "ok-1.v2")],
+)
+def test_prefix_is_sanitised(prefix, expected):
+    assert sanitise_prefix(prefix) == expected
+
+
+def test_prefix_cannot_escape_output_dir(tmp_path):
+    out = tmp_path / "deep" / "out"
+    for prefix in ("../../../escape", "/tmp/escape", "..\\..\\escape"):
+        (record,) = save_images(
+            [noise_image(4)], [1], make_params(tmp_path, output_dir=str(out), filename_prefix=prefix)
+        )
+        assert (tmp_path / "deep" / "out").resolve() == type(out)(record.path).parent
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == sorted(p.name for p in out.glob("*.png"))
+
+
+def test_output_dir_must_be_absolute(tmp_path):
+    with pytest.raises(ProtocolError) as info:
+        save_images([noise_image(5)], [1], make_params(tmp_path, output_dir="relative/out"))
+    assert info.value.data["param"] == "output_dir"
+
+
+def test_pbr_maps_are_written_beside_the_albedo(tmp_path):
+    (record,) = save_images([noise_image(6)], [3], make_params(tmp_path, pbr=True, seamless="x"))
+    assert set(record.maps) == {"height", "normal", "roughness", "ao"}
+    albedo_stem = type(tmp_path)(record.path).stem
+    for name, path in record.maps.items():
+        assert path.endswith(f"{albedo_stem}_{name}.png")
+        with Image.open(path) as image:
+            assert image.size == (64, 64)

@@ -1,0 +1,77 @@
+"""Validation of generate parameters and the wire helpers (protocol.py), as the worker relies on them."""
+
+from __future__ import annotations
+
+import pytest
+
+from blender_sd_addon import protocol
+from blender_sd_addon.protocol import GENERATE_PARAMS, GenerateParams, ProtocolError
+
+VALID = {"model": "/models/tiny", "prompt": "mossy stone wall", "output_dir": "/tmp/out"}
+
+# One or more bad values for every parameter that has any; each must be refused naming the parameter.
+BAD_VALUES = {
+    "task": ["img2img", 3],
+    "model": ["", "   ", 7],
+    "prompt": ["", None],
+    "negative_prompt": [5],
+    "seed": [-1, 2**32, 1.5, "7", True],
+    "steps": [0, 151, 2.0, True],
+    "guidance_scale": [-0.1, 30.5, float("nan"), float("inf"), "7"],
+    "width": [63, 2056, 100, 512.0],
+    "height": [56, 4096, 65],
+    "batch_size": [0, 9],
+    "scheduler": ["k_lms", ""],
+    "seamless": ["both", True],
+    "pbr": ["yes", 1],
+    "normal_format": ["vulkan"],
+    "pbr_strength": [-1.0, 10.5],
+    "output_dir": ["", 3],
+    "filename_prefix": [None, 4],
+    "preview_every": [-1, 151],
+    "device": ["tpu"],
+    "dtype": ["fp8", "float16"],
+    "cpu_offload": ["true", 0],
+    "attention_slicing": [1],
+    "vae_tiling": [None],
+    "allow_pickle": ["no"],
+}
+
+
+def test_every_parameter_has_bad_values():
+    assert set(BAD_VALUES) == {p.name for p in GENERATE_PARAMS}
+
+
+@pytest.mark.parametrize(("name", "value"), [(n, v) for n, values in BAD_VALUES.items() for v in values])
+def test_bad_value_is_refused_naming_the_parameter(name, value):
+    with pytest.raises(ProtocolError) as info:
+        GenerateParams.from_dict({**VALID, name: value})
+    assert info.value.code == protocol.INVALID_PARAMS
+    assert info.value.data["param"] == name
+    assert info.value.message.startswith(name)
+
+
+def test_defaults_and_coercion():
+    params = GenerateParams.from_dict({**VALID, "guidance_scale": 3, "seed": None, "unknown_field": 1})
+    assert params.guidance_scale == 3.0 and isinstance(params.guidance_scale, float)
+    assert params.seed is None
+    assert params.steps == 25 and params.scheduler == "euler_a" and params.width == 512
+
+
+def test_params_must_be_an_object():
+    with pytest.raises(ProtocolError) as info:
+        GenerateParams.from_dict(["prompt"])
+    assert info.value.code == protocol.INVALID_REQUEST
+
+
+def test_wire_round_trip_and_errors():
+    message = protocol.request("r1", protocol.GENERATE, {"prompt": "ü"})
+    assert protocol.decode(protocol.encode(message)) == message
+    assert protocol.encode(message).endswith(b"\n") and protocol.encode(message).count(b"\n") == 1
+    for line in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        with pytest.raises(ProtocolError) as info:
+            protocol.decode(line)
+        assert info.value.code == protocol.PARSE_ERROR
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_protocol_version(protocol.PROTOCOL_VERSION + 1)
+    assert info.value.code == protocol.PROTOCOL_MISMATCH
