@@ -19,7 +19,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
+import diffusers
 import torch
+import transformers
 from diffusers import StableDiffusionXLPipeline
 
 from backend import __version__
@@ -52,10 +54,16 @@ OOM_ADVICE = (
 )
 
 
+def request_id_of(message: dict) -> str | int | None:
+    """The message's id when it is a usable one (a string or an integer), else None."""
+    request_id = message.get("id")
+    return request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None
+
+
 def parse_request(message: dict) -> tuple[Any, str, dict]:
     """(id, method, params) of a request, or ProtocolError naming what is wrong with it."""
-    request_id = message.get("id")
-    if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+    request_id = request_id_of(message)
+    if request_id is None:
         raise ProtocolError(INVALID_REQUEST, "a request needs an id (string or integer)")
     method = message.get("method")
     if not isinstance(method, str):
@@ -70,8 +78,6 @@ def parse_request(message: dict) -> tuple[Any, str, dict]:
 
 def model_params(params: dict) -> GenerateParams:
     """Validate the model-related subset of the generate parameters (for load_model)."""
-    if not isinstance(params, dict):
-        raise ProtocolError(INVALID_REQUEST, f"params must be an object, got {type(params).__name__}")
     values = {p.name: p.check(params[p.name]) for p in GENERATE_PARAMS if p.name in MODEL_PARAMS and p.name in params}
     if not values.get("model", "").strip():
         raise ProtocolError(
@@ -109,10 +115,9 @@ class Worker:
 
     def handle(self, message: dict) -> bool:
         """Answer one request with exactly one terminal reply. False once the worker should exit."""
-        request_id = message.get("id")
-        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
-            request_id = None
-        self.accept(request_id)
+        request_id = request_id_of(message)
+        if request_id is not None:
+            self.accept(request_id)  # the reader thread did so already when serving; direct callers did not
         try:
             request_id, method, params = parse_request(message)
             if self.is_cancelled(request_id):
@@ -157,7 +162,7 @@ class Worker:
                 schedulers=list(protocol.SCHEDULERS),
                 tasks=list(protocol.TASKS),
                 torch_version=torch.__version__,
-                diffusers_version=_diffusers_version(),
+                diffusers_version=diffusers.__version__,
                 loaded_model=self.models.loaded_name,
             )
         )
@@ -220,12 +225,6 @@ class Worker:
         self.emit(protocol.event(request_id, protocol.EVENT_STATUS, {"stage": stage}))
 
 
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
-
-
 # --- serving over stdin/stdout --------------------------------------------------------------------
 
 
@@ -261,17 +260,13 @@ def _read(stdin: BinaryIO, worker: Worker, requests: queue.Queue) -> None:
             if isinstance(params, dict):
                 worker.cancel(params.get("id"))
             continue
-        request_id = message.get("id")
-        if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+        if (request_id := request_id_of(message)) is not None:
             worker.accept(request_id)  # so a cancel for a queued request counts
         requests.put(message)
     requests.put(None)  # EOF: finish what was asked, then exit
 
 
 def quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="[sdtex-backend] %(levelname)s %(message)s")

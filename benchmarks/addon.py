@@ -4,7 +4,7 @@
 2. Enable the add-on; point its preferences at the model and a scratch folder; set the scene's settings
    to the shared request (fixed seed).
 3. A first `bpy.ops.sdtex.generate()` starts the worker and loads the model (warm-up, timed apart).
-4. `runs` timed operator calls, each generating and applying a new material to the default Cube.
+4. One timed operator call per turn, each generating and applying a new material to the default Cube.
    api.run (the request) and api.finish (load the image, apply, record history) are wrapped with
    timers, so the operator's own share can be told apart.
 5. Blender's RSS again, and whether torch ever entered Blender's process.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks.common import PYTHON, REQUEST, SETTINGS, now, proc_status_kib, scenario_args
+from benchmarks.common import PYTHON, REQUEST, SETTINGS, next_turn, now, proc_status_kib, scenario_args, signal
 
 
 def timed(function, log: list):
@@ -70,11 +70,13 @@ def main() -> None:
     warmup = now() - start
 
     # 4. Timed runs, backend warm
+    signal("ready")
     walls = []
-    for _ in range(config["runs"]):
+    while next_turn():
         start = now()
         assert bpy.ops.sdtex.generate() == {"FINISHED"}
         walls.append(now() - start)
+        signal("done")
     material = cube.active_material
     applied = material is not None and any(
         node.type == "TEX_IMAGE" and node.image is not None for node in material.node_tree.nodes

@@ -1,9 +1,10 @@
 """Scenario: bare diffusers in a fresh process, the yardstick for everything else.
 
-Imports torch and diffusers, loads the model, makes a first image (cold start), then `runs` more
-(warm). Each run is `pipe(...)` with the backend's scheduler, seed, steps, size and guidance, then a
-plain `image.save(png)`; both are timed apart. A step callback stamps the time of every step.
-Timestamps are CLOCK_MONOTONIC, so the parent can measure from before it spawned this process.
+Imports torch and diffusers, loads the model, makes a first image (cold start), then one more each
+time the parent gives it a turn (warm). Each run is `pipe(...)` with the backend's scheduler, seed,
+steps, size and guidance, then a plain `image.save(png)`; both are timed apart. A step callback
+stamps the time of every step. Timestamps are CLOCK_MONOTONIC, so the parent can measure from before
+it spawned this process.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import resource
 from pathlib import Path
 
-from benchmarks.common import REQUEST, SETTINGS, now, proc_status_kib, scenario_args
+from benchmarks.common import REQUEST, SETTINGS, next_turn, now, proc_status_kib, scenario_args, signal
 
 
 def main() -> None:
@@ -31,14 +32,14 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     loaded_at = now()
 
-    # 2. Run 0 is the first image; runs 1.. are warm
+    # 2. The first image (cold start), then warm runs when the parent says so
     settings = SETTINGS[config["architecture"]]
     output_dir = Path(config["output_dir"])
-    runs = []
-    for i in range(config["runs"] + 1):
+
+    def run(index: int) -> dict:
         step_times: list[float] = []
 
-        def on_step(pipeline, step, timestep, tensors, step_times=step_times):
+        def on_step(pipeline, step, timestep, tensors):
             step_times.append(now())
             return tensors
 
@@ -54,15 +55,21 @@ def main() -> None:
             callback_on_step_end=on_step,
         ).images[0]
         piped = now()
-        image.save(output_dir / f"bare_{i}.png")
+        image.save(output_dir / f"bare_{index}.png")
         saved = now()
-        runs.append({
+        return {
             "start": start,
             "pipe": piped - start,
             "save": saved - piped,
             "step_times": step_times,
             "pixels_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
-        })
+        }
+
+    runs = [run(0)]
+    signal("ready")
+    while next_turn():
+        runs.append(run(len(runs)))
+        signal("done")
 
     out.write_text(json.dumps({
         "started_at": started_at,

@@ -1,7 +1,7 @@
 """Scenario: the add-on's BackendClient in a plain Python process, driving real backend workers.
 
 1. Cold: spawn a worker, handshake, generate (the worker loads the model, then makes the first image).
-2. Warm: `runs` more generate requests to the same worker, each timed from submit to terminal reply,
+2. Warm: one more generate request to the same worker per turn, each timed from submit to terminal reply,
    with the receive time of every progress event; then the worker's peak RSS (VmHWM).
 3. Early start: a second worker is spawned and sent load_model ahead of time; the generate request is
    then timed from the "click".
@@ -14,7 +14,7 @@ import json
 
 import PIL.Image
 
-from benchmarks.common import PYTHON, REPO, now, proc_status_kib, scenario_args
+from benchmarks.common import PYTHON, REPO, next_turn, now, proc_status_kib, scenario_args, signal
 from blender_sd_addon import protocol
 from blender_sd_addon.client import BackendClient
 
@@ -52,8 +52,12 @@ def main() -> None:
     handshake_at = now()
     cold = timed_generate(client, params)
 
-    # 2. Warm runs on the same worker
-    warm = [timed_generate(client, params) for _ in range(config["runs"])]
+    # 2. Warm runs on the same worker, one per turn
+    signal("ready")
+    warm = []
+    while next_turn():
+        warm.append(timed_generate(client, params))
+        signal("done")
     worker_pid = client.pid
     worker_hwm = proc_status_kib(worker_pid, "VmHWM")
     worker_rss = proc_status_kib(worker_pid, "VmRSS")

@@ -76,36 +76,94 @@ def scenario_args(argv: list[str] | None = None) -> tuple[dict, Path]:
     return json.loads(argv[0]), Path(argv[1])
 
 
-def run_scenario(module: str, config: dict, scratch: Path, timeout: float = 1800) -> dict:
-    """Run `python -m benchmarks.<module>` in a fresh process; its JSON output plus `spawned_at`."""
-    out = scratch / f"{module}-{config.get('architecture', '')}-{time.monotonic_ns()}.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    spawned_at = now()
-    proc = subprocess.run(
-        [PYTHON, "-m", f"benchmarks.{module}", json.dumps(config), str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"benchmarks.{module} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return {**json.loads(out.read_text()), "spawned_at": spawned_at}
+# Lockstep between the parent and the scenario processes: stdout lines starting with MARK (other output,
+# such as Blender's reports, is ignored), and one command per line on stdin.
+MARK = "@bench "
+
+
+def signal(word: str) -> None:
+    """Child: tell the parent "ready" (set up, waiting for turns) or "done" (one run finished)."""
+    print(MARK + word, flush=True)
+
+
+def next_turn() -> bool:
+    """Child: wait for the parent; True means run once more, False means finish up."""
+    return sys.stdin.readline().strip() == "go"
+
+
+class ScenarioProcess:
+    """Parent side of one scenario: `python -m benchmarks.<module>` in a fresh process, run in turns.
+
+    `spawned_at` is taken just before the spawn, so the child's timestamps can be measured from it.
+    """
+
+    def __init__(self, module: str, config: dict, scratch: Path):
+        self.module = module
+        self.out = scratch / f"{module}-{config['architecture']}.json"
+        self.stderr = open(scratch / f"{module}-{config['architecture']}.log", "w+")  # noqa: SIM115 - closed in finish
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+        self.spawned_at = now()
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", f"benchmarks.{module}", json.dumps(config), str(self.out)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+        )
+
+    def expect(self, word: str) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                if line[len(MARK):].strip() == word:
+                    return
+                break
+        self.proc.kill()
+        raise RuntimeError(f"benchmarks.{self.module} stopped before {word!r}:\n{self.log_tail()}")
+
+    def turn(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self.expect("done")
+
+    def finish(self, timeout: float = 1800) -> dict:
+        self.proc.communicate("finish\n", timeout=timeout)  # reads stdout to the end: a chatty child never blocks
+        code = self.proc.returncode
+        if code != 0 or not self.out.is_file():
+            raise RuntimeError(f"benchmarks.{self.module} failed (exit {code}):\n{self.log_tail()}")
+        self.stderr.close()
+        return {**json.loads(self.out.read_text()), "spawned_at": self.spawned_at}
+
+    def log_tail(self) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return self.stderr.read()[-4000:]
 
 
 class Scenarios:
-    """Runs each scenario process once per architecture; measurements share the results."""
+    """Runs the three sides of one architecture once; the measurements share the results.
+
+    The sides start one after the other (each cold start has the CPU to itself), then take their warm
+    runs in turns, rotating who goes first, so a change in background load hits every side alike.
+    """
+
+    SIDES = ("bare", "client", "addon")
 
     def __init__(self, scratch: Path, runs: int):
         self.scratch = scratch
         self.runs = runs
-        self._done: dict[tuple[str, str], dict] = {}
+        self._done: dict[str, dict[str, dict]] = {}
 
     def get(self, module: str, architecture: str) -> dict:
-        key = (module, architecture)
-        if key not in self._done:
-            model = model_dir(architecture)
+        if architecture not in self._done:
+            self._done[architecture] = self._run(architecture)
+        return self._done[architecture][module]
+
+    def _run(self, architecture: str) -> dict[str, dict]:
+        model = model_dir(architecture)
+        sides = {}
+        for module in self.SIDES:
             output_dir = self.scratch / f"{module}-{architecture}"
             output_dir.mkdir(parents=True, exist_ok=True)
             config = {
@@ -113,8 +171,14 @@ class Scenarios:
                 "model": str(model),
                 "output_dir": str(output_dir),
                 "params": generate_params(architecture, model, output_dir),
-                "runs": self.runs,
             }
-            print(f"running {module} ({architecture}, {self.runs} runs) ...", file=sys.stderr, flush=True)
-            self._done[key] = run_scenario(module, config, self.scratch)
-        return self._done[key]
+            print(f"starting {module} ({architecture}) ...", file=sys.stderr, flush=True)
+            sides[module] = ScenarioProcess(module, config, self.scratch)
+            sides[module].expect("ready")
+        order = list(sides.values())
+        for i in range(self.runs):
+            print(f"warm run {i + 1}/{self.runs} ({architecture}) ...", file=sys.stderr, flush=True)
+            first = i % len(order)
+            for side in order[first:] + order[:first]:
+                side.turn()
+        return {module: side.finish() for module, side in sides.items()}

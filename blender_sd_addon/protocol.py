@@ -101,7 +101,10 @@ class Range:
     multiple: int = 0
 
     def describe(self, kind: type) -> str:
-        text = f"{'an integer' if kind is int else 'a number'} from {self.low:g} to {self.high:g}"
+        if kind is int:
+            text = f"an integer from {int(self.low)} to {int(self.high)}"
+        else:
+            text = f"a number from {self.low:g} to {self.high:g}"
         return text + (f" in multiples of {self.multiple}" if self.multiple else "")
 
 

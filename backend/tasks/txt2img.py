@@ -111,6 +111,7 @@ def run_txt2img(
     and "decoding".
     """
     stage = on_stage or (lambda name: None)
+    cancel_requested = should_cancel or (lambda: False)
     # 1. Check inputs
     check_inputs(pipe, params)
 
@@ -131,13 +132,15 @@ def run_txt2img(
     timings["encode"] = time.perf_counter() - start
 
     # 5. Denoise: the pipeline's loop, stopping at latents; cancel sets the pipeline's interrupt flag
+    if cancel_requested():
+        raise Cancelled()
     cancelled = False
 
     def step_end(pipeline: DiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
         nonlocal cancelled
         if on_step is not None:
             on_step(i + 1, pipeline.num_timesteps, tensors["latents"])
-        if should_cancel is not None and should_cancel():
+        if cancel_requested():
             cancelled = pipeline._interrupt = True  # the remaining steps are skipped
         return tensors
 

@@ -56,7 +56,8 @@ def register() -> None:
     atexit.register(api.shutdown_backend)
     for name, module in _aliases().items():
         sys.modules.setdefault(name, module)
-    if api.preferences().start_early and not bpy.app.background:
+    addon = bpy.context.preferences.addons.get(api.ADDON_ID)  # None when register() is called by hand
+    if addon and addon.preferences.start_early and not bpy.app.background:
         bpy.app.timers.register(_start_early, first_interval=EARLY_START_DELAY)
 
 

@@ -105,12 +105,14 @@ def _follow_job() -> float | None:
     job, client = STATE.job, api.current_client()
     if job is None or client is None:
         return None
-    for message in client.messages(job.request_id):
+    messages = client.messages(job.request_id)
+    for message in messages:
         job.handle(message)
     if job.preview and job.preview_serial != STATE.preview_serial:
         STATE.preview_serial = job.preview_serial
         preview.show_preview(job.preview)
-    _redraw()
+    if messages:  # redraw only on news: a redraw per tick can cost more than a step on a slow GPU
+        _redraw()
     if not job.finished:
         return POLL_INTERVAL
     if job.state == DONE:

@@ -46,15 +46,3 @@ def scene(addon):
     settings.steps = 2
     return bpy.context.scene
 
-
-# TEMPORARY (remove when helper D's installer lands): stand-ins with the agreed interface.
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-
-if importlib.util.find_spec("blender_sd_addon.installer") is None:
-    _installer = types.ModuleType("blender_sd_addon.installer")
-    _installer.STATE = types.SimpleNamespace(running=False, log_lines=[], progress=0.0, message="")
-    _install_ops = types.ModuleType("blender_sd_addon.blender.install_ops")
-    _install_ops.classes = ()
-    sys.modules.update({_installer.__name__: _installer, _install_ops.__name__: _install_ops})

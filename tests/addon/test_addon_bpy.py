@@ -6,11 +6,13 @@ raises RuntimeError carrying the message. Undo after applying needs a window: th
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ bpy = pytest.importorskip("bpy")
 import addon_utils  # noqa: E402
 
 from blender_sd_addon import api, jobs  # noqa: E402
-from blender_sd_addon.history import HistoryRecord  # noqa: E402
+from blender_sd_addon.history import HISTORY_LIMIT, HistoryRecord  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ADDON = "blender_sd_addon"
@@ -121,10 +123,8 @@ def test_worker_killed_mid_job_is_a_clear_report_then_the_next_call_works(scene,
 
 def test_history_survives_saving_and_reopening(scene, tmp_path):
     assert bpy.ops.sdtex.generate(apply=False) == {"FINISHED"}
-    scene.sdtex.prompt = "blue ceramic tiles"
-    assert bpy.ops.sdtex.generate(apply=False) == {"FINISHED"}
     saved = [HistoryRecord.from_fields(e) for e in scene.sdtex.history]
-    assert [r.prompt for r in saved] == ["blue ceramic tiles", "mossy stone wall"]  # newest first
+    assert [r.prompt for r in saved] == ["mossy stone wall"] and os.path.isfile(saved[0].images()[0].path)
 
     blend = tmp_path / "history.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
@@ -132,6 +132,17 @@ def test_history_survives_saving_and_reopening(scene, tmp_path):
     assert len(bpy.context.scene.sdtex.history) == 0
     bpy.ops.wm.open_mainfile(filepath=str(blend))
     assert [HistoryRecord.from_fields(e) for e in bpy.context.scene.sdtex.history] == saved
+
+
+def test_history_is_newest_first_and_capped(scene):
+    def record(n: int) -> HistoryRecord:
+        return HistoryRecord(f"prompt {n}", "", n, 2, 7.5, 64, 64, "euler_a", "none", False, "/m", [])
+
+    for n in range(HISTORY_LIMIT + 2):
+        api.add_history(scene, record(n))
+    prompts = [entry.prompt for entry in scene.sdtex.history]
+    assert len(prompts) == HISTORY_LIMIT
+    assert prompts[0] == f"prompt {HISTORY_LIMIT + 1}" and prompts[-1] == "prompt 2"
 
 
 def test_use_history_settings_and_apply_again(scene):
@@ -164,6 +175,59 @@ def test_api_generate_texture_returns_images_and_materials_with_files_on_disk(sc
 def test_api_bad_parameter_names_it_and_its_range(scene):
     with pytest.raises(api.SDTexError, match="steps must be an integer from 1 to 150"):
         api.generate_texture([add_cube("Cube")], "x", steps=0)
+
+
+def follow_ui_job(on_tick=None):
+    """Drive the UI timer by hand (timers do not tick in background mode) until it stops."""
+    from blender_sd_addon.blender import operators
+
+    while (delay := operators._tick()) is not None:
+        if on_tick:
+            on_tick(operators.STATE.job)
+        time.sleep(delay)
+    operators.stop_polling()
+
+
+def test_ui_job_shows_previews_flipped_for_blender_and_applies_the_result(scene):
+    from blender_sd_addon.blender import operators
+
+    cube = add_cube("Cube")
+    params = api.generate_params(scene.sdtex.generate_settings(9) | {"preview_every": 1})
+    operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
+    job = operators.STATE.job
+    follow_ui_job()
+
+    assert job.state == jobs.DONE and not operators.STATE.is_error, operators.STATE.message
+    assert os.path.isfile(image_texture_paths(cube)[0])
+    assert "Saved" in operators.STATE.message and "seed 9" in operators.STATE.message
+    event = job.preview
+    image = bpy.data.images["SD Textures Preview"]
+    assert tuple(image.size) == (event.width, event.height)
+    rgb = base64.b64decode(event.rgb)
+    width, height = event.width, event.height
+    top_left = [v / 255 for v in rgb[0:3]]  # first row sent = top row = Blender's last row
+    bottom_left = [v / 255 for v in rgb[(height - 1) * width * 3 : (height - 1) * width * 3 + 3]]
+    pixels = image.pixels[:]
+    assert pixels[(height - 1) * width * 4 : (height - 1) * width * 4 + 3] == pytest.approx(top_left, abs=0.003)
+    assert pixels[0:3] == pytest.approx(bottom_left, abs=0.003)
+
+
+def test_ui_cancel_stops_the_job_without_applying(scene):
+    from blender_sd_addon.blender import operators
+
+    cube = add_cube("Cube")
+    params = api.generate_params(scene.sdtex.generate_settings(3) | {"steps": 150})
+    operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
+    job = operators.STATE.job
+
+    def cancel_once_running(job):
+        if job.step >= 1 and bpy.ops.sdtex.cancel.poll():
+            assert bpy.ops.sdtex.cancel() == {"FINISHED"}
+
+    follow_ui_job(cancel_once_running)
+    assert job.state == jobs.CANCELLED and job.step < 150
+    assert operators.STATE.message == "Cancelled" and not operators.STATE.is_error
+    assert cube.active_material is None
 
 
 def test_fresh_blender_process_never_imports_torch(tiny_model_dir, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from blender_sd_addon import paths, protocol
 from blender_sd_addon.client import BACKEND_STOPPED, BackendClient, BackendError, SDTexError
 from blender_sd_addon.history import HistoryRecord
-from blender_sd_addon.jobs import CANCELLED, DONE, FAILED, Job
+from blender_sd_addon.jobs import CANCELLED, FAILED, Job
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 
@@ -88,44 +88,25 @@ def test_wait_times_out_with_a_clear_error(tmp_path):
         client.shutdown()
 
 
-# --- client with the real backend --------------------------------------------------------------------
+def test_cancel_reaches_the_worker_while_it_runs_and_gets_a_cancelled_reply(tmp_path):
+    client = fake_client("slow", tmp_path)
+    try:
+        client.start(timeout=30)
+        request_id = client.submit(protocol.GENERATE, {})
+        job = Job(request_id, {})
 
+        def cancel_at_step_3(message: dict) -> None:
+            job.handle(message)
+            if job.step == 3:
+                client.cancel(request_id)
 
-@pytest.fixture(scope="module")
-def real_client(tmp_path_factory):
-    client = BackendClient([sys.executable, "-m", "backend", "serve"], paths.backend_pythonpath())
-    yield client
-    client.shutdown()
-
-
-def generate_params(model: Path, output_dir: Path, **overrides) -> dict:
-    values = (
-        dict(model=str(model), prompt="rusty metal", output_dir=str(output_dir), width=64, height=64, steps=2, seed=7)
-        | overrides
-    )
-    return protocol.GenerateParams.from_dict(values).to_dict()
-
-
-def test_cancel_stops_a_real_generation_and_the_worker_serves_the_next(real_client, tiny_model_dir, tmp_path):
-    params = generate_params(tiny_model_dir, tmp_path, steps=150)
-    request_id = real_client.submit(protocol.GENERATE, params)
-    job = Job(request_id, params)
-
-    def cancel_at_first_step(message: dict) -> None:
-        job.handle(message)
-        if message.get("event") == protocol.EVENT_PROGRESS and job.step == 1:
-            real_client.cancel(request_id)
-
-    job.handle(real_client.wait(request_id, on_event=cancel_at_first_step, timeout=300))
-    assert job.state == CANCELLED
-    assert 1 <= job.step < 150
-
-    job = Job(real_client.submit(protocol.GENERATE, generate_params(tiny_model_dir, tmp_path)), {})
-    job.handle(real_client.wait(job.request_id, on_event=job.handle, timeout=300))
-    assert job.state == DONE, job.error
-    assert (job.step, job.total) == (2, 2)
-    assert Path(job.result.images[0].path).is_file()
-    assert job.result.seed == 7
+        job.handle(client.wait(request_id, on_event=cancel_at_step_3, timeout=30))
+        assert job.state == CANCELLED and job.status_text == "Cancelled"
+        assert 3 <= job.step < 500
+        assert client.alive  # a cancel stops the request, not the worker
+        assert client.request("load_model", {"model": "y"}, timeout=30) == {"echo": {"model": "y"}}
+    finally:
+        client.shutdown()
 
 
 # --- jobs, history, paths --------------------------------------------------------------------------------

@@ -27,16 +27,24 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
+def example_value(p):
+    """A valid non-default value for a parameter, as its flag takes it."""
+    if p.choices:
+        return p.choices[-1]
+    if p.range:
+        return p.kind(p.range.high)
+    return f"value of {p.name}"
+
+
 def test_every_parameter_has_a_flag():
-    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
-    flags = {action.dest: action.option_strings for action in generate._actions}
+    parser = build_parser()
     for p in GENERATE_PARAMS:
-        assert "--" + p.name.replace("_", "-") in flags[p.name]
-    assert (
-        "--guidance" in flags["guidance_scale"] and "--batch" in flags["batch_size"] and "--out" in flags["output_dir"]
-    )
-    args = build_parser().parse_args(["generate", "--prompt", "p", "--no-pbr", "--seamless", "xy", "--guidance", "3"])
-    assert (args.pbr, args.seamless, args.guidance_scale, args.steps) == (False, "xy", 3.0, 25)
+        flag = "--" + p.name.replace("_", "-")
+        argv = [flag] if p.kind is bool else [flag, str(example_value(p))]
+        args = parser.parse_args(["generate", *argv])
+        assert getattr(args, p.name) == (True if p.kind is bool else example_value(p)), p.name
+    args = parser.parse_args(["generate", "--no-pbr", "--guidance", "3", "--batch", "2", "--out", "here"])
+    assert (args.pbr, args.guidance_scale, args.batch_size, args.output_dir, args.steps) == (False, 3.0, 2, "here", 25)
 
 
 def test_generate_writes_a_png(tiny_model_dir, tmp_path):

@@ -1,0 +1,88 @@
+"""Preferences > Install Backend: thin operators over installer.py.
+
+The installation runs in a thread; a `bpy.app.timers` callback redraws the preferences while it runs.
+In background mode (`blender -b`) the operator waits for the end, so a script can install headless.
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import StringProperty
+
+from .. import api, installer, paths
+
+REDRAW_INTERVAL = 0.5  # seconds
+
+
+def _redraw_while_running() -> float | None:
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type == "PREFERENCES":
+                area.tag_redraw()
+    return REDRAW_INTERVAL if installer.STATE.running else None
+
+
+class SDTEX_OT_install_backend(bpy.types.Operator):
+    """Create a Python environment in the user data folder and install torch, diffusers and the other \
+backend packages into it (downloads several GB)"""
+
+    bl_idname = "sdtex.install_backend"
+    bl_label = "Install Backend"
+
+    torch_spec: StringProperty(
+        name="Torch",
+        description="pip requirement for torch, e.g. torch==2.5.1",
+        default=installer.DEFAULT_TORCH_SPEC,
+    )
+    index_url: StringProperty(
+        name="Torch Index URL",
+        description="pip index to get torch from; empty picks one for this machine "
+        "(PyTorch's CUDA index on Windows with an NVIDIA GPU, PyPI elsewhere)",
+    )
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        return not installer.STATE.running
+
+    def invoke(self, context, event):
+        if not self.index_url:
+            self.index_url = installer.default_torch_index()
+        return context.window_manager.invoke_props_dialog(self, width=520)
+
+    def execute(self, context):
+        try:
+            thread = installer.start_install(
+                api.user_data_dir(),
+                paths.ADDON_DIR / "worker",
+                torch_spec=self.torch_spec,
+                index_url=self.index_url or None,
+            )
+        except installer.InstallError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        if bpy.app.background:  # no event loop to follow a thread: wait
+            thread.join()
+            state = installer.STATE
+            self.report({"ERROR"} if state.error or state.cancelled else {"INFO"}, state.message)
+            return {"CANCELLED"} if state.error or state.cancelled else {"FINISHED"}
+        bpy.app.timers.register(_redraw_while_running, first_interval=REDRAW_INTERVAL)
+        self.report({"INFO"}, f"Installing the backend; the log is in {installer.STATE.log_path}")
+        return {"FINISHED"}
+
+
+class SDTEX_OT_install_backend_cancel(bpy.types.Operator):
+    """Stop the backend installation (what is already installed stays; installing again resumes)"""
+
+    bl_idname = "sdtex.install_backend_cancel"
+    bl_label = "Cancel Installation"
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        return installer.STATE.running
+
+    def execute(self, context):
+        installer.cancel_install()
+        return {"FINISHED"}
+
+
+classes = (SDTEX_OT_install_backend, SDTEX_OT_install_backend_cancel)
