@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks import cold, footprint, overhead, speed
-from benchmarks.common import CACHE, RESULTS, Scenarios
+from benchmarks.common import CACHE, REPO, RESULTS, Scenarios
 
 # name -> (module, architecture); the order is the order of the table.
 MEASUREMENTS = {
@@ -33,6 +33,12 @@ MEASUREMENTS = {
 }
 QUICK = ("warm_tiny", "cold_tiny", "footprint")
 COLUMNS = ("bare", "backend", "addon", "ratio")
+
+
+def python_name() -> str:
+    """The interpreter as the user typed it from the repository: .venv/bin/python."""
+    path = Path(sys.executable)
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def machine() -> dict:
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks", *(argv or sys.argv[1:])]),
+        "command": shlex.join([python_name(), "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
         "quick": args.quick,
         "runs": runs,
         "machine": machine(),

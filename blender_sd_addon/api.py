@@ -1,14 +1,17 @@
 """Headless Python API: generate a texture and put it on objects, from any script.
 
-    import bpy, addon_utils
-    addon_utils.enable("blender_sd_addon", default_set=True)
+    import bpy
     from blender_sd_addon.api import generate_texture
     result = generate_texture([bpy.data.objects["Cube"]], "rusty metal plate", seamless="xy", steps=20)
     print(result.files, result.materials)
 
-Run it with `blender -b file.blend -P script.py`, or with Blender as a Python module (`import bpy`).
-Each call blocks until the images are on disk and applied. Problems raise SDTexError with a message
-that names the parameter or the setting to fix.
+Run it with `blender -b file.blend -P script.py` (an installed add-on is enabled from the preferences,
+also in background mode), or with Blender as a Python module (`import bpy`; enable the add-on first with
+`addon_utils.enable("blender_sd_addon", default_set=True)`). See examples/headless_api.py.
+
+Each call blocks until the images are on disk and applied. Problems raise SDTexError with a message that
+names the parameter or the setting to fix; errors the backend reports are BackendError, whose `code` is
+one of protocol.py's error codes (e.g. "model_not_found", "out_of_memory").
 
 As a Blender 4.2+ extension the package is `bl_ext.<repository>.blender_sd_addon`; while the add-on is
 enabled it is also importable as `blender_sd_addon` (see blender/__init__.py), so scripts need not know
@@ -28,11 +31,11 @@ import bpy
 
 from . import paths, protocol
 from .blender import materials
-from .client import BackendClient, SDTexError
+from .client import BackendClient, BackendError, SDTexError
 from .history import HISTORY_LIMIT, HistoryRecord
 from .jobs import DONE, Job
 
-__all__ = ["SDTexError", "TextureResult", "generate_texture", "shutdown_backend"]
+__all__ = ["BackendError", "SDTexError", "TextureResult", "generate_texture", "shutdown_backend"]
 
 ADDON_ID = __package__
 # Preferences passed with every request (names match protocol parameters and the preference properties).
@@ -172,8 +175,7 @@ def generate_params(settings: dict, model: str | None = None, output_dir: str | 
     if output_dir:
         params["output_dir"] = os.path.abspath(bpy.path.abspath(output_dir))
     else:
-        folder, _ = paths.resolve_output_dir(prefs.output_folder, bpy.data.filepath, user_data_dir())
-        params["output_dir"] = str(folder)
+        params["output_dir"] = str(paths.resolve_output_dir(prefs.output_folder, bpy.data.filepath, user_data_dir()))
     try:
         return protocol.GenerateParams.from_dict(params).to_dict()
     except protocol.ProtocolError as exc:
@@ -198,7 +200,7 @@ def run(params: dict, timeout: float | None = None) -> protocol.GenerateResult:
     job = submit(params)
     job.handle(_client.wait(job.request_id, on_event=job.handle, timeout=timeout))
     if job.state != DONE:
-        raise SDTexError(job.status_text)
+        raise BackendError(job.error_code, job.error) if job.error_code else SDTexError(job.error)
     return job.result
 
 

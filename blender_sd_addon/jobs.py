@@ -15,7 +15,7 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 
 @dataclass
 class Job:
-    request_id: str
+    request_id: str  # "" while the backend is still starting (the UI submits from a thread)
     params: dict
     state: str = RUNNING
     stage: str = "starting"
@@ -26,6 +26,7 @@ class Job:
     preview_serial: int = 0  # bumped on each new preview, so the UI knows when to copy pixels
     result: protocol.GenerateResult | None = None
     error: str = ""
+    error_code: str = ""  # a protocol error code, or client.BACKEND_STOPPED
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -50,10 +51,15 @@ class Job:
         elif "error" in message:
             error = message["error"] or {}
             self.error = error.get("message") or "unknown backend error"
+            self.error_code = error.get("code", "")
             self.state = FAILED
         elif message.get("cancelled"):
             self.error = "Cancelled"
             self.state = CANCELLED
+
+    def fail(self, message: str, code: str = "") -> None:
+        """Finish with an error that did not come from the worker (e.g. it failed to start)."""
+        self.error, self.error_code, self.state = message, code, FAILED
 
     @property
     def fraction(self) -> float:

@@ -70,18 +70,10 @@ def find_backend_python(preference: str = "", user_data: Path | None = None, add
     )
 
 
-def resolve_output_dir(setting: str, blend_path: str, user_data: Path) -> tuple[Path, str]:
-    """The absolute output folder and a sentence saying where files go.
-
-    "//" means beside the saved .blend (Blender's convention); an unsaved file falls back to the user
-    data folder.
-    """
+def resolve_output_dir(setting: str, blend_path: str, user_data: Path) -> Path:
+    """The absolute output folder. "//" means beside the saved .blend (Blender's convention); for an
+    unsaved file it means the user data folder."""
     setting = setting.strip() or "//textures/"
     if setting.startswith("//"):
-        if blend_path:
-            folder = Path(blend_path).parent / setting[2:]
-            return folder.resolve(), f"Textures are saved in {folder.resolve()}"
-        folder = user_data / "textures"
-        return folder, f"The .blend is not saved yet, so textures are saved in {folder}"
-    folder = Path(setting).expanduser().resolve()
-    return folder, f"Textures are saved in {folder}"
+        return (Path(blend_path).parent / setting[2:]).resolve() if blend_path else user_data / "textures"
+    return Path(setting).expanduser().resolve()

@@ -163,7 +163,7 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("scheduler", str, "euler_a", "Sampler.", choices=SCHEDULERS),
     Param("seamless", str, "none", "Axes on which the texture tiles.", choices=SEAMLESS_AXES),
     Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
-    Param("normal_format", str, "opengl", "Normal map convention (OpenGL is green up, Blender's).", choices=NORMAL_FORMATS),
+    Param("normal_format", str, "opengl", "Normal map convention (opengl = green up).", choices=NORMAL_FORMATS),
     Param("pbr_strength", float, 1.0, "Strength of the derived normal/height maps.", Range(0.0, 10.0)),
     Param("output_dir", str, "", "Absolute folder the images are written to."),
     Param("filename_prefix", str, "sdtex", "Start of each file name (sanitised)."),

@@ -18,7 +18,7 @@ from bpy.props import BoolProperty, EnumProperty, StringProperty
 from .. import api, protocol
 from ..client import SDTexError
 from ..history import HistoryRecord
-from ..jobs import DONE, Job
+from ..jobs import CANCELLED, DONE, Job
 from . import materials, preview
 from .properties import INT32_MAX
 
@@ -83,12 +83,38 @@ def start_backend_async() -> None:
 
 
 def start_ui_job(params: dict, meshes: list, options: materials.ApplyOptions, apply: bool) -> None:
-    """Submit a generation and follow it from a timer; the timer applies the result when it arrives."""
-    job = api.submit(params)
+    """Submit a generation and follow it from a timer; the timer applies the result when it arrives.
+
+    Submitting may have to start the worker (seconds): that happens on a thread, so a click never
+    freezes Blender; the job shows "Starting backend…" meanwhile.
+    """
+    client = api.get_client()  # reads preferences: main thread only
+    job = Job("", params, stage="starting_backend")
+
+    def submit() -> None:  # off the main thread: the client and plain Python only, never bpy
+        try:
+            job.request_id = client.submit(protocol.GENERATE, params)
+            if job.state == CANCELLED:  # cancelled while the backend was starting
+                client.cancel(job.request_id)
+        except SDTexError as exc:
+            job.fail(str(exc))
+
     STATE.job, STATE.object_names = job, tuple(obj.name for obj in meshes)
     STATE.options, STATE.apply, STATE.preview_serial = options, apply, 0
     STATE.say("")
+    threading.Thread(target=submit, daemon=True, name="sdtex-submit").start()
     bpy.app.timers.register(_tick, first_interval=POLL_INTERVAL)
+
+
+def cancel_ui_job() -> None:
+    """Ask the worker to stop the UI job; a job still waiting for the backend is dropped at once."""
+    job, client = STATE.job, api.current_client()
+    if job is None or job.finished:
+        return
+    if job.request_id and client is not None:
+        client.cancel(job.request_id)
+    else:
+        job.state, job.error = CANCELLED, "Cancelled"
 
 
 def _tick() -> float | None:
@@ -105,7 +131,7 @@ def _follow_job() -> float | None:
     job, client = STATE.job, api.current_client()
     if job is None or client is None:
         return None
-    messages = client.messages(job.request_id)
+    messages = client.messages(job.request_id) if job.request_id else []
     for message in messages:
         job.handle(message)
     if job.preview and job.preview_serial != STATE.preview_serial:
@@ -142,9 +168,7 @@ def _redraw() -> None:
 
 def stop_polling() -> None:
     """Forget the UI job (unregister, new file): cancel it and stop the timer."""
-    client = api.current_client()
-    if STATE.running and client is not None:
-        client.cancel(STATE.job.request_id)
+    cancel_ui_job()
     STATE.job = None
     if bpy.app.timers.is_registered(_tick):
         bpy.app.timers.unregister(_tick)
@@ -199,7 +223,7 @@ class SDTEX_OT_cancel(bpy.types.Operator):
         return STATE.running
 
     def execute(self, context):
-        api.current_client().cancel(STATE.job.request_id)
+        cancel_ui_job()
         return {"FINISHED"}
 
 
@@ -252,8 +276,8 @@ class SDTEX_OT_use_history_settings(bpy.types.Operator):
             if name == "seed":
                 settings.random_seed = value > INT32_MAX
                 settings.seed = value if value <= INT32_MAX else settings.seed
-            elif name == "model":
-                settings.model = value
+            elif name == "model":  # keep following the preferences when the entry used their model
+                settings.model = "" if value == api.load_model_params()["model"] else value
             else:
                 setattr(settings, name, value)
         if record.seed > INT32_MAX:

@@ -45,4 +45,3 @@ def scene(addon):
     settings.width = settings.height = 64
     settings.steps = 2
     return bpy.context.scene
-

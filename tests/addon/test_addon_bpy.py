@@ -48,7 +48,7 @@ def test_enable_and_disable_twice_leaves_nothing_behind():
         assert hasattr(bpy.types.Scene, "sdtex")
         assert all(cls.is_registered for cls in addon_blender.classes)
         assert addon_blender._on_load_pre in bpy.app.handlers.load_pre
-        assert bpy.ops.sdtex.generate.poll() in (True, False)  # the operator resolves
+        assert bpy.types.SDTEX_OT_generate.bl_options == {"REGISTER", "UNDO"}
 
         addon_utils.disable(ADDON, default_set=True)
         assert not hasattr(bpy.types.Scene, "sdtex")
@@ -157,7 +157,13 @@ def test_use_history_settings_and_apply_again(scene):
     cube = add_cube("Cube")
     cube.select_set(True)
     assert bpy.ops.sdtex.apply_history() == {"FINISHED"}
-    assert image_texture_paths(cube)[0] == HistoryRecord.from_fields(scene.sdtex.history[0]).images()[0].path
+    albedo = HistoryRecord.from_fields(scene.sdtex.history[0]).images()[0].path
+    assert image_texture_paths(cube)[0] == albedo
+    assert scene.sdtex.model == ""  # the entry used the preferences' model: the panel keeps following them
+
+    assert bpy.ops.sdtex.tile_preview() == {"FINISHED"}
+    tiled = bpy.data.images[f"{Path(albedo).stem} 2x2"]
+    assert tuple(tiled.size) == (128, 128)
 
 
 def test_api_generate_texture_returns_images_and_materials_with_files_on_disk(scene, tmp_path):

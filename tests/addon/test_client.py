@@ -121,7 +121,7 @@ def test_job_reports_steps_time_left_and_errors():
     assert job.status_text == "Step 2/10 · ~12s left"
     assert job.fraction == pytest.approx(0.2)
     job.handle({"id": "r1", "error": {"code": "model_not_found", "message": "model not found: /x"}})
-    assert job.state == FAILED and job.finished
+    assert job.state == FAILED and job.finished and job.error_code == "model_not_found"
     assert job.status_text == "Failed: model not found: /x"
 
 
@@ -189,7 +189,7 @@ def test_backend_pythonpath_prefers_the_bundled_worker(tmp_path):
 
 
 def test_output_folder_beside_the_blend_or_in_user_data(tmp_path):
-    folder, note = paths.resolve_output_dir("//textures/", str(tmp_path / "scene.blend"), tmp_path / "data")
-    assert folder == tmp_path / "textures" and str(folder) in note
-    folder, note = paths.resolve_output_dir("//textures/", "", tmp_path / "data")
-    assert folder == tmp_path / "data" / "textures" and "not saved" in note
+    blend = str(tmp_path / "scene.blend")
+    assert paths.resolve_output_dir("//textures/", blend, tmp_path / "data") == tmp_path / "textures"
+    assert paths.resolve_output_dir("//textures/", "", tmp_path / "data") == tmp_path / "data" / "textures"
+    assert paths.resolve_output_dir(str(tmp_path / "out"), blend, tmp_path / "data") == tmp_path / "out"

@@ -1,0 +1,202 @@
+"""Drives the real Blender GUI (3.4+, under Xvfb) for tests/gui/test_gui.py; writes report.json and quits.
+
+    blender --factory-startup --enable-event-simulate scene.blend --python gui_driver.py -- '{"zip": ..., ...}'
+
+Arguments (JSON): zip (the built add-on), model (a diffusers folder), out (report and screenshots),
+steps, size, timeout (seconds). The backend interpreter comes from $SDTEX_BACKEND_PYTHON.
+
+It does what a user does: install the zip (legacy add-on path), open the sidebar on the SD Textures tab,
+press Generate, watch the progress, look at the result in Material Preview, undo. Everything after
+Generate runs from `bpy.app.timers` callbacks, so the report also shows that Blender kept running its
+event loop while the backend worked. Any exception ends the run with the traceback in the report.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import addon_utils
+import bpy
+
+ARGS = json.loads(sys.argv[sys.argv.index("--") + 1])
+ADDON = "blender_sd_addon"
+TAB = "SD Textures"
+TICK = 0.1  # seconds between driver steps
+REPORT = {"errors": [], "ticks_during_job": 0, "progress_seen": [], "screenshots": {}, "timeline": {}}
+START = time.monotonic()
+
+
+def mark(event: str) -> None:
+    REPORT["timeline"][event] = round(time.monotonic() - START, 2)
+
+
+class TabProbe(bpy.types.Panel):
+    """An empty panel in the add-on's sidebar tab: Blender draws it only while that tab is open."""
+
+    bl_idname = "SDTEX_PT_gui_test_probe"
+    bl_label = ""
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = TAB
+    bl_options = {"HIDE_HEADER"}
+    bl_order = 1000
+    draws = 0
+
+    def draw(self, context):
+        TabProbe.draws += 1
+
+
+def view3d():
+    window = bpy.context.window_manager.windows[0]
+    area = next(a for a in window.screen.areas if a.type == "VIEW_3D")
+    region = next(r for r in area.regions if r.type == "UI")
+    return window, area, region
+
+
+def override():
+    window, area, _ = view3d()
+    return bpy.context.temp_override(window=window, area=area, screen=window.screen)
+
+
+def screenshot(name: str) -> None:
+    path = os.path.join(ARGS["out"], name)
+    with override():
+        bpy.ops.screen.screenshot(filepath=path)
+    REPORT["screenshots"][name] = path
+
+
+def cube_state() -> dict:
+    cube = bpy.data.objects["Cube"]
+    material = cube.active_material
+    images = []
+    if material and material.node_tree:
+        images = [n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE" and n.image]
+    return {
+        "material": material.name if material else None,
+        "images": [bpy.path.abspath(image.filepath) for image in images],
+        "slots": [slot.material.name if slot.material else None for slot in cube.material_slots],
+    }
+
+
+def setup() -> None:
+    # 1. Install the zip as a legacy add-on (the Blender 3.4-4.1 path) and enable it
+    bpy.context.preferences.filepaths.temporary_directory = ARGS["out"]  # quit.blend lands here
+    REPORT["install"] = sorted(bpy.ops.preferences.addon_install(filepath=ARGS["zip"]))
+    module = addon_utils.enable(ADDON, default_set=True)
+    REPORT["addon_file"] = module.__file__ if module else None
+    bpy.context.preferences.addons[ADDON].preferences.model = ARGS["model"]
+
+    # 2. Settings a user would type, sized so the job lasts a few seconds on a tiny model
+    settings = bpy.context.scene.sdtex
+    settings.prompt = "mossy stone wall"
+    settings.steps = ARGS["steps"]
+    settings.width = settings.height = ARGS["size"]
+    settings.random_seed = False
+    settings.seed = 7
+    cube = bpy.data.objects["Cube"]
+    bpy.context.view_layer.objects.active = cube
+    cube.select_set(True)
+    REPORT["before"] = cube_state()
+
+    # 3. Open the sidebar
+    _, area, _ = view3d()
+    area.spaces.active.show_region_ui = True
+    bpy.utils.register_class(TabProbe)
+
+
+def scenario():
+    """The steps after start-up; each `yield` gives Blender back its event loop for that many seconds."""
+    window, area, region = view3d()
+    operators = sys.modules[ADDON + ".blender.operators"]
+
+    # 1. Switch the sidebar to the add-on's tab (Ctrl+Wheel over the sidebar cycles tabs; 3.4 has no API)
+    for _ in range(12):
+        yield 0.3
+        if TabProbe.draws:
+            break
+        x, y = region.x + region.width // 2, region.y + region.height // 2
+        window.event_simulate(type="MOUSEMOVE", value="NOTHING", x=x, y=y)
+        window.event_simulate(type="WHEELDOWNMOUSE", value="PRESS", x=x, y=y, ctrl=True)
+    REPORT["tab_open"] = TabProbe.draws > 0
+    mark("tab_open")
+
+    # 2. Press Generate (as a button press does: invoke, with an undo step); it must return at once
+    mark("generate_pressed")
+    with override():
+        REPORT["generate"] = sorted(bpy.ops.sdtex.generate("INVOKE_DEFAULT", True))
+    REPORT["returned_while_running"] = operators.STATE.running
+    mark("generate_returned")
+
+    # 3. Follow the job from timer ticks; screenshot the panel mid-progress
+    shot_at = None
+    while operators.STATE.running:
+        REPORT["ticks_during_job"] += 1
+        fraction = operators.STATE.job.fraction
+        if fraction and (not REPORT["progress_seen"] or REPORT["progress_seen"][-1] != fraction):
+            REPORT["progress_seen"].append(fraction)
+        if shot_at is None and 0.3 <= fraction < 0.9:
+            shot_at = fraction
+        elif shot_at is not None and "progress.png" not in REPORT["screenshots"]:
+            screenshot("progress.png")  # one tick later: the panel has redrawn with the progress
+            REPORT["progress_screenshot_at"] = shot_at
+        yield TICK
+    mark("job_finished")
+    REPORT["message"] = operators.STATE.message
+    REPORT["is_error"] = operators.STATE.is_error
+    REPORT["backend_status"] = operators.backend_status()
+    REPORT["after"] = cube_state()
+
+    # 4. Look at the result in Material Preview, the cube filling the view (EEVEE compiles its shaders first)
+    area.spaces.active.shading.type = "MATERIAL"
+    with bpy.context.temp_override(
+        window=window, area=area, region=next(r for r in area.regions if r.type == "WINDOW")
+    ):
+        bpy.ops.view3d.view_selected()
+    area.spaces.active.region_3d.view_distance *= 2.2  # view_selected fills the view edge to edge
+    yield ARGS.get("preview_wait", 8.0)
+    screenshot("material_preview.png")
+
+    # 5. Undo puts the cube's old material back; redo brings the texture again
+    with override():
+        REPORT["undo"] = sorted(bpy.ops.ed.undo())
+    yield 1.0
+    REPORT["after_undo"] = cube_state()
+    with override():
+        REPORT["redo"] = sorted(bpy.ops.ed.redo())
+    yield 1.0
+    REPORT["after_redo"] = cube_state()
+    mark("end")
+
+
+STEPS = scenario()
+DEADLINE = time.monotonic() + ARGS["timeout"]
+
+
+def finish() -> None:
+    with open(os.path.join(ARGS["out"], "report.json"), "w", encoding="utf-8") as report:
+        json.dump(REPORT, report, indent=2)
+    bpy.ops.wm.quit_blender()
+
+
+def drive():
+    try:
+        if time.monotonic() > DEADLINE:
+            raise TimeoutError(f"the GUI scenario took more than {ARGS['timeout']} s")
+        return next(STEPS)
+    except StopIteration:
+        pass
+    except Exception:
+        REPORT["errors"].append(traceback.format_exc())
+    finish()
+    return None
+
+
+try:
+    setup()
+    mark("setup")
+    bpy.app.timers.register(drive, first_interval=1.0)
+except Exception:
+    REPORT["errors"].append(traceback.format_exc())
+    finish()

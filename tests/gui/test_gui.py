@@ -1,0 +1,155 @@
+"""The add-on in the real Blender GUI (Debian's Blender 3.4 under Xvfb), driven by gui_driver.py.
+
+Skips when `blender` or `Xvfb` is missing, except under CI=true, where that is a failure.
+Screenshots go to artifacts/gui/ (CI keeps them); the textured one also to docs/images/ for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageStat
+
+pytestmark = pytest.mark.gui
+
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).with_name("gui_driver.py")
+ARTIFACTS = REPO / "artifacts" / "gui"
+README_IMAGE = REPO / "docs" / "images" / "gui_material_preview.png"
+STEPS, SIZE = 12, 64  # a tiny model on a shared CPU: a job of several seconds
+BLENDER_TIMEOUT = 240  # seconds for the whole Blender run; the driver gives up earlier and reports
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is not installed (apt-get install blender xvfb): the GUI test needs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def display():
+    """A fresh Xvfb server on a free display number (Xvfb picks it and tells us through -displayfd)."""
+    xvfb = require("Xvfb")
+    read, write = os.pipe()
+    server = subprocess.Popen(
+        [xvfb, "-displayfd", str(write), "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+        pass_fds=(write,),
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write)
+    with os.fdopen(read) as answer:
+        number = answer.readline().strip()
+    assert number, "Xvfb did not start"
+    yield f":{number}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def build_zip(out: Path) -> Path:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "build_addon.py"), "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip())
+
+
+def is_blank(path: Path) -> bool:
+    return max(ImageStat.Stat(Image.open(path).convert("RGB")).stddev) < 5
+
+
+@pytest.fixture(scope="module")
+def gui_run(display, tiny_model_dir, tmp_path_factory) -> dict:
+    blender = require("blender")
+    work = tmp_path_factory.mktemp("gui")
+    out, home = work / "out", work / "home"
+    out.mkdir()
+    home.mkdir()
+    env = {
+        **os.environ,
+        "DISPLAY": display,
+        "HOME": str(home),  # Blender's user config (where the add-on installs) stays in the temp folder
+        "SDTEX_BACKEND_PYTHON": sys.executable,
+        "HF_HUB_OFFLINE": "1",
+    }
+    # A saved file: Blender skips the splash screen when it opens one, and "//textures/" resolves beside it.
+    scene = work / "scene.blend"
+    save = f"import bpy; bpy.ops.wm.save_as_mainfile(filepath={str(scene)!r})"
+    subprocess.run(
+        [blender, "-b", "--factory-startup", "--python-expr", save], env=env, capture_output=True, check=True
+    )
+
+    args = {
+        "zip": str(build_zip(work)),
+        "model": str(tiny_model_dir),
+        "out": str(out),
+        "steps": STEPS,
+        "size": SIZE,
+        "timeout": BLENDER_TIMEOUT - 30,
+    }
+    command = [blender, "--factory-startup", "--enable-event-simulate", str(scene), "--python", str(DRIVER)]
+    done = subprocess.run(
+        [*command, "--", json.dumps(args)], env=env, capture_output=True, text=True, timeout=BLENDER_TIMEOUT
+    )
+    report_path = out / "report.json"
+    assert report_path.is_file(), f"the driver wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(report_path.read_text())
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for name, path in report["screenshots"].items():
+        shutil.copy(path, ARTIFACTS / name)
+    (ARTIFACTS / "report.json").write_text(json.dumps(report, indent=2))
+    (ARTIFACTS / "blender.log").write_text(done.stdout + done.stderr)
+    assert not report["errors"], "\n".join(report["errors"])
+    report["work"] = str(work)
+    return report
+
+
+def test_addon_installs_from_the_zip(gui_run):
+    assert gui_run["install"] == ["FINISHED"]
+    assert gui_run["addon_file"] == str(
+        Path(gui_run["work"]) / "home/.config/blender/3.4/scripts/addons/blender_sd_addon/__init__.py"
+    )
+
+
+def test_generate_runs_without_blocking_blender(gui_run):
+    assert gui_run["tab_open"], "the sidebar never showed the SD Textures tab"
+    assert gui_run["generate"] == ["FINISHED"] and gui_run["returned_while_running"]
+    assert gui_run["ticks_during_job"] > 10  # Blender ran its timers all along (a blocked UI ticks once)
+    progress = gui_run["progress_seen"]
+    assert len(progress) >= 3 and progress == sorted(progress), progress
+    assert not gui_run["is_error"], gui_run["message"]
+
+
+def test_result_is_on_the_cube_and_undo_restores_the_old_material(gui_run):
+    before, after = gui_run["before"], gui_run["after"]
+    assert before["material"] == "Material" and not before["images"]
+    assert after["material"] != before["material"]
+    assert len(after["images"]) == 1
+    image = Path(after["images"][0])
+    assert image.is_file() and image.parent == Path(gui_run["work"]) / "textures"
+    assert Image.open(image).size == (SIZE, SIZE)
+
+    assert gui_run["undo"] == ["FINISHED"] and gui_run["after_undo"] == before
+    assert gui_run["redo"] == ["FINISHED"] and gui_run["after_redo"] == after
+
+
+def test_screenshots_show_the_window(gui_run):
+    shots = {name: Path(path) for name, path in gui_run["screenshots"].items()}
+    assert set(shots) == {"progress.png", "material_preview.png"}
+    for path in shots.values():
+        assert Image.open(path).size == (1600, 1000) and not is_blank(path)
+    # The textured cube fills the middle of the view: colourful, unlike Blender's grey UI.
+    middle = Image.open(shots["material_preview.png"]).convert("HSV").crop((450, 350, 650, 550))
+    assert ImageStat.Stat(middle).mean[1] > 40, "no saturated texture in the middle of the viewport"
+    README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shots["material_preview.png"], README_IMAGE)
