@@ -149,10 +149,10 @@ def _hub_model_index(repo_id: str) -> dict:
 
     try:
         return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text(encoding="utf-8"))
+    except (LocalEntryNotFoundError, HFValidationError) as exc:  # LocalEntryNotFoundError is an EntryNotFoundError
+        raise _not_found(repo_id, f"not in the local cache and not downloadable ({type(exc).__name__})") from None
     except EntryNotFoundError:
         raise _not_found(repo_id, "the repository has no model_index.json (not a diffusers model)") from None
-    except (LocalEntryNotFoundError, HFValidationError) as exc:
-        raise _not_found(repo_id, f"not in the local cache and not downloadable ({type(exc).__name__})") from None
     except Exception as exc:  # RepositoryNotFoundError, GatedRepoError, network errors
         raise _not_found(repo_id, f"{type(exc).__name__}: {exc}") from None
 

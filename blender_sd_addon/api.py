@@ -35,7 +35,7 @@ from .client import BackendClient, BackendError, SDTexError
 from .history import HISTORY_LIMIT, HistoryRecord
 from .jobs import DONE, Job
 
-__all__ = ["BackendError", "SDTexError", "TextureResult", "generate_texture", "shutdown_backend"]
+__all__ = ["BackendError", "SDTexError", "TextureResult", "generate_texture", "load_model", "shutdown_backend"]
 
 ADDON_ID = __package__
 # Preferences passed with every request (names match protocol parameters and the preference properties).
@@ -110,6 +110,18 @@ def generate_texture(
 
     # 3. Apply and record
     return finish(result, meshes, options, apply=apply)
+
+
+def load_model(model: str | None = None, timeout: float | None = None) -> dict:
+    """Start the backend and load `model` (None: the preferences' model) so the next request starts warm.
+
+    Returns {"model", "load_seconds", "device", "dtype"}. A model that is not there raises BackendError with
+    code "model_not_found" and a message that says how to get it.
+    """
+    params = load_model_params()
+    if model:
+        params["model"] = bpy.path.abspath(model)
+    return get_client().request(protocol.LOAD_MODEL, params, timeout=timeout)
 
 
 def shutdown_backend() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # running from a checkout, not an installed add-on
     sys.path.insert(0, str(REPO))
 
-import blender_sd_addon  # noqa: E402
 from blender_sd_addon import api, paths  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -75,7 +75,7 @@ def build_scene() -> dict[str, bpy.types.Object]:
 def tiny_model(out: Path) -> str:
     folder = out / "tiny-model"
     if not (folder / "model_index.json").exists():
-        python = paths.find_backend_python()
+        python = paths.find_backend_python(os.environ.get(paths.ENV_PYTHON, ""))
         subprocess.run([str(python), "-m", "backend", "make-test-model", str(folder)], check=True, cwd=REPO)
     return str(folder)
 
@@ -107,13 +107,16 @@ def main() -> None:
     args = parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    blender_sd_addon.register()
+    import addon_utils  # importable once bpy is (Blender as a Python module)
+
+    objects = build_scene()  # factory settings first: they would disable the add-on again
+    if addon_utils.enable("blender_sd_addon", default_set=True) is None:
+        sys.exit("could not enable the blender_sd_addon add-on (see the messages above)")
     try:
-        objects = build_scene()
         model, steps, size = args.model, args.steps or 25, args.size or 512
         try:
-            api.check_model(model)
-        except api.SDTexError as exc:
+            api.load_model(model)
+        except api.BackendError as exc:
             print(
                 "\n" + "!" * 78 + f"\nWARNING: model {model!r} is not usable here:\n  {exc}\n"
                 "Falling back to a TINY RANDOM model built offline: the textures will be noise,\n"
@@ -130,7 +133,7 @@ def main() -> None:
         print(f"[demo] {len(files)} textures in {out / 'textures'}\n[demo] render: {image}\n[demo] scene: {blend}")
     finally:
         api.shutdown_backend()
-        blender_sd_addon.unregister()
+        addon_utils.disable("blender_sd_addon")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,24 @@ def test_torch_index_by_platform():
     assert installer.default_torch_index("win32", has_nvidia=False) == ""
     assert installer.default_torch_index("linux", has_nvidia=True) == ""  # PyPI's Linux torch has CUDA
     assert installer.default_torch_index("darwin", has_nvidia=False) == ""
+
+
+def test_operators_in_blender():
+    """The bpy operators: a clear error without worker/ (a source checkout), and cancel while running."""
+    bpy = pytest.importorskip("bpy")
+    import addon_utils
+
+    assert addon_utils.enable("blender_sd_addon", default_set=True) is not None
+    try:
+        with pytest.raises(RuntimeError, match="requirements.txt is missing"):
+            bpy.ops.sdtex.install_backend()
+        assert not STATE.running
+
+        thread = installer.start_phases([python_phase("Slow", "import time; print('slow', 'start'); time.sleep(60)")])
+        wait_for_line("slow start")
+        assert not bpy.ops.sdtex.install_backend.poll() and bpy.ops.sdtex.install_backend_cancel.poll()
+        assert bpy.ops.sdtex.install_backend_cancel() == {"FINISHED"}
+        thread.join(timeout=20)
+        assert STATE.cancelled and not thread.is_alive()
+    finally:
+        addon_utils.disable("blender_sd_addon", default_set=True)

@@ -129,18 +129,17 @@ def scenario():
     REPORT["returned_while_running"] = operators.STATE.running
     mark("generate_returned")
 
-    # 3. Follow the job from timer ticks; screenshot the panel mid-progress
-    shot_at = None
+    # 3. Follow the job from timer ticks; screenshot the panel once it shows progress
     while operators.STATE.running:
         REPORT["ticks_during_job"] += 1
         fraction = operators.STATE.job.fraction
         if fraction and (not REPORT["progress_seen"] or REPORT["progress_seen"][-1] != fraction):
             REPORT["progress_seen"].append(fraction)
-        if shot_at is None and 0.3 <= fraction < 0.9:
-            shot_at = fraction
-        elif shot_at is not None and "progress.png" not in REPORT["screenshots"]:
-            screenshot("progress.png")  # one tick later: the panel has redrawn with the progress
-            REPORT["progress_screenshot_at"] = shot_at
+        if fraction >= 0.25 and "progress.png" not in REPORT["screenshots"]:
+            with override():
+                bpy.ops.wm.redraw_timer(type="DRAW_WIN_SWAP", iterations=1)  # draw the progress now
+            screenshot("progress.png")
+            REPORT["progress_screenshot_at"] = fraction
         yield TICK
     mark("job_finished")
     REPORT["message"] = operators.STATE.message

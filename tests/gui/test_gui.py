@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("gui_driver.py")
 ARTIFACTS = REPO / "artifacts" / "gui"
 README_IMAGE = REPO / "docs" / "images" / "gui_material_preview.png"
-STEPS, SIZE = 12, 64  # a tiny model on a shared CPU: a job of several seconds
+STEPS, SIZE = 8, 64  # a tiny model on a shared CPU (Blender draws with llvmpipe): a job of several seconds
 BLENDER_TIMEOUT = 240  # seconds for the whole Blender run; the driver gives up earlier and reports
 
 
