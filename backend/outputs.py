@@ -111,7 +111,10 @@ def save_images(images: list[PIL.Image.Image], seeds: list[int], params: Generat
                 wrap_x=params.seamless in ("x", "xy"),
                 wrap_y=params.seamless in ("y", "xy"),
                 normal_format=params.normal_format,
-                strength=params.pbr_strength,
+                strength=params.normal_strength,
+                height_contrast=params.height_contrast,
+                roughness_contrast=params.roughness_contrast,
+                ao_strength=params.ao_strength,
             )
             record.maps = {name: str(write_png(m, folder, f"{albedo.stem}_{name}", info)) for name, m in maps.items()}
         records.append(record)

@@ -33,19 +33,30 @@ def derive_maps(
     wrap_y: bool,
     normal_format: str = "opengl",
     strength: float = 1.0,
+    height_contrast: float = 1.0,
+    roughness_contrast: float = 1.0,
+    ao_strength: float = 1.0,
 ) -> dict[str, PIL.Image.Image]:
     """Keys "height", "normal", "roughness", "ao". Deterministic. Every filter wraps on the axes that
     tile (mode="wrap"), reflects/nearest on the others, so maps of a tileable albedo tile too.
 
-    `strength` scales the relief the normal and AO maps show (0 gives a flat normal and a white AO); the
-    height map stays normalised to 0..1 (scale it in Blender's Displacement node). Modes: height "I;16",
-    normal "RGB", roughness and AO "L".
+    `strength` scales the relief the normal map shows (0 gives a flat normal); `height_contrast` scales the
+    height map around its middle (0.5; scale depth in Blender's Displacement node); `roughness_contrast`
+    scales roughness around its middle (0 = uniform); `ao_strength` scales how dark cavities get (0 = white).
+    Modes: height "I;16", normal "RGB", roughness and AO "L".
     """
     # 1. Check inputs
     if normal_format not in NORMAL_FORMATS:
         raise ValueError(f"normal_format must be one of {', '.join(NORMAL_FORMATS)}, got {normal_format!r}")
-    if not (isinstance(strength, int | float) and math.isfinite(strength) and strength >= 0):
-        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
+    controls = {
+        "strength": strength,
+        "height_contrast": height_contrast,
+        "roughness_contrast": roughness_contrast,
+        "ao_strength": ao_strength,
+    }
+    for name, value in controls.items():
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     modes = ("wrap" if wrap_y else "reflect", "wrap" if wrap_x else "reflect")  # per array axis: rows, columns
     rgb = np.asarray(albedo.convert("RGB"), dtype=np.float64) / 255.0
     size = min(rgb.shape[:2])
@@ -55,6 +66,7 @@ def derive_maps(
     height = ndimage.gaussian_filter(luminance, HEIGHT_SIGMA, mode=modes)
     low, high = height.min(), height.max()
     height = (height - low) / (high - low) if high - low > 1e-6 else np.full_like(height, 0.5)
+    height = np.clip(0.5 + height_contrast * (height - 0.5), 0, 1)
 
     # 3. Normal: the surface z = relief * height; Sobel is 8x the per-pixel derivative. Rows run down the
     # image while +Y points up, so the up-derivative is minus the row derivative: n = (-dz/dx, +dz/drow, 1).
@@ -69,11 +81,11 @@ def derive_maps(
     # 4. Roughness: inverted luminance around its mean, contrast set by its spread (bright reads as smoother)
     spread = luminance.std()
     deviation = (luminance - luminance.mean()) / spread if spread > 1e-6 else np.zeros_like(luminance)
-    roughness = ROUGHNESS_MID - ROUGHNESS_SPREAD * deviation
+    roughness = ROUGHNESS_MID - roughness_contrast * ROUGHNESS_SPREAD * deviation
 
     # 5. Ambient occlusion: how far each point lies below its wider neighbourhood
     cavity = ndimage.gaussian_filter(height, AO_SIGMA * size, mode=modes) - height
-    ao = 1 - AO_GAIN * strength * np.clip(cavity, 0, None)
+    ao = 1 - AO_GAIN * ao_strength * np.clip(cavity, 0, None)
 
     return {
         "height": PIL.Image.fromarray(_quantise(height, 65535, np.uint16)),

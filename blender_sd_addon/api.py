@@ -22,6 +22,7 @@ The operators use the same functions, so the panel, `bpy.ops.sdtex.generate()` a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,11 @@ def generate_texture(
     batch_size: int = 1,
     seamless: str = "none",
     pbr: bool = False,
+    normal_format: str = _default("normal_format"),
+    normal_strength: float = _default("normal_strength"),
+    height_contrast: float = _default("height_contrast"),
+    roughness_contrast: float = _default("roughness_contrast"),
+    ao_strength: float = _default("ao_strength"),
     apply: bool = True,
     shared_material: bool = True,
     slot: str = "NEW",
@@ -102,6 +108,11 @@ def generate_texture(
         batch_size=batch_size,
         seamless=seamless,
         pbr=pbr,
+        normal_format=normal_format,
+        normal_strength=normal_strength,
+        height_contrast=height_contrast,
+        roughness_contrast=roughness_contrast,
+        ao_strength=ao_strength,
     )
     params = generate_params(settings, model=model, output_dir=output_dir)
 
@@ -224,15 +235,17 @@ def finish(
     if missing:
         raise SDTexError(f"The backend reported images that are not on disk: {', '.join(missing)}")
     images = [bpy.data.images.load(i.path, check_existing=True) for i in result.images]
-    made = apply_image(result.images[0], meshes, options, result.params["prompt"]) if apply else []
+    made = apply_image(result.images[0], meshes, options, result.params) if apply else []
     add_history(bpy.context.scene, HistoryRecord.from_result(result))
     files = [path for i in result.images for path in (i.path, *i.maps.values())]
     return TextureResult(images=images, materials=made, files=files, seed=result.seed, result=result)
 
 
-def apply_image(image: protocol.ImageRecord, meshes: list, options: materials.ApplyOptions, prompt: str) -> list:
+def apply_image(image: protocol.ImageRecord, meshes: list, options: materials.ApplyOptions, params: dict) -> list:
+    options = dataclasses.replace(options, normal_directx=params.get("normal_format") == "directx")
+    name = material_name(params["prompt"])
     try:
-        return materials.apply_images(meshes, {"albedo": image.path, **image.maps}, options, material_name(prompt))
+        return materials.apply_images(meshes, {"albedo": image.path, **image.maps}, options, name)
     except ValueError as exc:
         raise SDTexError(str(exc)) from None
 

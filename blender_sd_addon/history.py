@@ -16,7 +16,18 @@ from .protocol import GenerateResult, ImageRecord
 HISTORY_LIMIT = 50  # newest first; older records are dropped, their files stay on disk
 
 # The generate parameters a record keeps: enough to repeat the image.
-SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "scheduler", "seamless", "pbr")
+SETTINGS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "scheduler",
+    "seamless",
+    "pbr",
+    "normal_format",
+)
 
 
 @dataclass
@@ -34,6 +45,7 @@ class HistoryRecord:
     model: str
     files: list[dict] = field(default_factory=list)  # one ImageRecord dict per image: path, seed, maps
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S"))
+    normal_format: str = "opengl"  # how to read the normal map when applying again
 
     @classmethod
     def from_result(cls, result: GenerateResult) -> HistoryRecord:

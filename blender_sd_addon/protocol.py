@@ -164,7 +164,10 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("seamless", str, "none", "Axes on which the texture tiles.", choices=SEAMLESS_AXES),
     Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
     Param("normal_format", str, "opengl", "Normal map convention (opengl = green up).", choices=NORMAL_FORMATS),
-    Param("pbr_strength", float, 1.0, "Strength of the derived normal/height maps.", Range(0.0, 10.0)),
+    Param("normal_strength", float, 1.0, "Relief of the derived normal map (0 = flat).", Range(0.0, 10.0)),
+    Param("height_contrast", float, 1.0, "Contrast of the derived height map.", Range(0.0, 4.0)),
+    Param("roughness_contrast", float, 1.0, "Contrast of the derived roughness map (0 = uniform).", Range(0.0, 4.0)),
+    Param("ao_strength", float, 1.0, "Darkness of derived ambient occlusion (0 = none).", Range(0.0, 10.0)),
     Param("output_dir", str, "", "Absolute folder the images are written to."),
     Param("filename_prefix", str, "sdtex", "Start of each file name (sanitised)."),
     Param("preview_every", int, 0, "Send a preview every N steps (0 = never).", Range(0, 150)),
@@ -196,7 +199,10 @@ class GenerateParams:
     seamless: str = "none"
     pbr: bool = False
     normal_format: str = "opengl"
-    pbr_strength: float = 1.0
+    normal_strength: float = 1.0
+    height_contrast: float = 1.0
+    roughness_contrast: float = 1.0
+    ao_strength: float = 1.0
     output_dir: str = ""
     filename_prefix: str = "sdtex"
     preview_every: int = 0

@@ -39,6 +39,7 @@ class ApplyOptions:
     displacement: str = "BUMP"  # "BUMP" | "DISPLACEMENT"
     ao_multiply: bool = False
     pack: bool = False  # pack images into the .blend
+    normal_directx: bool = False  # the normal map points green down (DirectX): flip it for Blender
 
     def __post_init__(self) -> None:
         for option, value, accepted in (
@@ -287,7 +288,20 @@ def _build_material(name: str, images: dict, options: ApplyOptions, uv_name: str
     if "normal" in textures:
         normal_map = _node(nodes, "ShaderNodeNormalMap", "Normal Map", (X_HELPERS, 2 * ROW), surface_frame)
         normal_map.uv_map = uv_name
-        links.new(textures["normal"].outputs["Color"], normal_map.inputs["Color"])
+        color = textures["normal"].outputs["Color"]
+        if options.normal_directx:  # Blender reads OpenGL normals: green = 1 - green
+            split = _node(nodes, "ShaderNodeSeparateColor", "DirectX Green", (X_HELPERS, 4 * ROW), surface_frame)
+            flip = _node(nodes, "ShaderNodeMath", "Flip Green", (X_HELPERS, 4.5 * ROW), surface_frame)
+            join = _node(nodes, "ShaderNodeCombineColor", "OpenGL Normal", (X_HELPERS, 5 * ROW), surface_frame)
+            flip.operation = "SUBTRACT"
+            flip.inputs[0].default_value = 1.0
+            links.new(color, split.inputs["Color"])
+            links.new(split.outputs["Green"], flip.inputs[1])
+            for channel, source in (("Red", split.outputs["Red"]), ("Green", flip.outputs["Value"])):
+                links.new(source, join.inputs[channel])
+            links.new(split.outputs["Blue"], join.inputs["Blue"])
+            color = join.outputs["Color"]
+        links.new(color, normal_map.inputs["Color"])
         normal = normal_map.outputs["Normal"]
 
     if "height" in textures and options.displacement == "BUMP":

@@ -251,7 +251,7 @@ class SDTEX_OT_apply_history(bpy.types.Operator):
             options = api.apply_options(
                 settings.shared_material, settings.slot, settings.projection, settings.texture_scale
             )
-            api.apply_image(image, api.mesh_objects(context.selected_objects), options, record.prompt)
+            api.apply_image(image, api.mesh_objects(context.selected_objects), options, record.settings())
         except SDTexError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

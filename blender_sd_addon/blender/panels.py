@@ -27,6 +27,9 @@ class SidebarPanel:
         return space.type != "NODE_EDITOR" or space.tree_type == "ShaderNodeTree"
 
 
+PBR_CONTROLS = ("normal_strength", "height_contrast", "roughness_contrast", "ao_strength")
+
+
 class MainPanel(SidebarPanel):
     bl_label = "SD Textures"
 
@@ -51,6 +54,11 @@ class MainPanel(SidebarPanel):
         layout.prop(settings, "batch_size")
         layout.row().prop(settings, "seamless", expand=True)
         layout.prop(settings, "pbr")
+        if settings.pbr:
+            col = layout.column(align=True)
+            col.prop(settings, "normal_format", text="Normals")
+            for name in PBR_CONTROLS:
+                col.prop(settings, name)
         row = layout.row(align=True)
         row.prop(settings, "model")
         row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"

@@ -34,6 +34,8 @@ LABELS = {
     "ddpm": "DDPM",
     "pndm": "PNDM",
     "auto": "Auto",
+    "opengl": "OpenGL (Blender)",
+    "directx": "DirectX",
     "cuda": "CUDA",
     "mps": "Apple (MPS)",
     "cpu": "CPU",
@@ -82,6 +84,7 @@ class SDTEX_PG_history_entry(bpy.types.PropertyGroup):
     scheduler: StringProperty(name="Scheduler")
     seamless: StringProperty(name="Seamless")
     pbr: BoolProperty(name="PBR Maps")
+    normal_format: StringProperty(name="Normal Format", default="opengl")
     model: StringProperty(name="Model")
     files: StringProperty(name="Files")  # JSON list of {path, seed, maps}
     created: StringProperty(name="Created")
@@ -100,6 +103,11 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
     batch_size: param_property("batch_size", name="Batch")
     seamless: param_property("seamless")
     pbr: param_property("pbr", name="PBR Maps")
+    normal_format: param_property("normal_format")
+    normal_strength: param_property("normal_strength")
+    height_contrast: param_property("height_contrast")
+    roughness_contrast: param_property("roughness_contrast")
+    ao_strength: param_property("ao_strength", name="AO Strength")
     model: StringProperty(name="Model", description="Model for this scene; empty uses the add-on preferences")
 
     apply: BoolProperty(name="Apply to Selection", description="Put the result on the selected meshes", default=True)
@@ -137,6 +145,11 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
             "batch_size",
             "seamless",
             "pbr",
+            "normal_format",
+            "normal_strength",
+            "height_contrast",
+            "roughness_contrast",
+            "ao_strength",
         )
         return {name: getattr(self, name) for name in names} | {"seed": seed}
 

@@ -110,6 +110,21 @@ def test_single_object_links_every_map_through_the_right_nodes(maps):
     assert not mat.node_tree.nodes["AO"].outputs["Color"].is_linked
 
 
+def test_directx_normals_get_their_green_flipped_for_blender(maps):
+    cube = add_cube()
+    (mat,) = apply_images([cube], maps, ApplyOptions(normal_directx=True), "DX")
+    normal_map = next(n for n in mat.node_tree.nodes if n.bl_idname == "ShaderNodeNormalMap")
+    join = source(normal_map.inputs["Color"])
+    assert join.bl_idname == "ShaderNodeCombineColor"
+    flip = source(join.inputs["Green"])
+    assert flip.bl_idname == "ShaderNodeMath" and flip.operation == "SUBTRACT"
+    assert flip.inputs[0].default_value == 1.0
+    split = source(flip.inputs[1])
+    assert source_socket(flip.inputs[1]).name == "Green"
+    assert source(join.inputs["Red"]) == split and source(join.inputs["Blue"]) == split
+    assert image_path(source(split.inputs["Color"])) == os.path.realpath(maps["normal"])
+
+
 def test_albedo_alone_makes_a_plain_material(maps):
     cube = add_cube()
     (mat,) = apply_images([cube], {"albedo": maps["albedo"]}, ApplyOptions(), "Plain")

@@ -106,10 +106,23 @@ def test_directx_flips_only_green():
     assert np.abs(directx[..., 1] - opengl[..., 1]).max() > 20
 
 
-def test_strength_zero_is_flat():
-    maps = arrays(derive_maps(tileable_albedo(), wrap_x=True, wrap_y=True, strength=0.0))
-    assert (maps["normal"] == [128, 128, 255]).all()
-    assert (maps["ao"] == 255).all()
+def test_zero_controls_flatten_their_own_map_only():
+    albedo = tileable_albedo()
+    flat_normal = arrays(derive_maps(albedo, wrap_x=True, wrap_y=True, strength=0.0))
+    assert (flat_normal["normal"] == [128, 128, 255]).all()
+    assert flat_normal["ao"].min() < 250  # AO has its own control
+    no_ao = arrays(derive_maps(albedo, wrap_x=True, wrap_y=True, ao_strength=0.0))
+    assert (no_ao["ao"] == 255).all() and no_ao["normal"][..., 0].std() > 1
+    uniform = arrays(derive_maps(albedo, wrap_x=True, wrap_y=True, roughness_contrast=0.0))
+    assert uniform["roughness"].min() == uniform["roughness"].max()
+    flat_height = arrays(derive_maps(albedo, wrap_x=True, wrap_y=True, height_contrast=0.0))
+    assert (flat_height["height"] == round(0.5 * 65535)).all()
+
+
+def test_contrast_controls_widen_the_spread():
+    albedo = tileable_albedo()
+    soft, hard = (arrays(derive_maps(albedo, wrap_x=True, wrap_y=True, roughness_contrast=c)) for c in (0.5, 2.0))
+    assert hard["roughness"].astype(float).std() > 1.5 * soft["roughness"].astype(float).std()
 
 
 def test_stronger_relief_tilts_normals_more():

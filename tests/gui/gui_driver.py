@@ -135,7 +135,7 @@ def scenario():
         fraction = operators.STATE.job.fraction
         if fraction and (not REPORT["progress_seen"] or REPORT["progress_seen"][-1] != fraction):
             REPORT["progress_seen"].append(fraction)
-        if fraction >= 0.25 and "progress.png" not in REPORT["screenshots"]:
+        if 0 < fraction < 1 and "progress.png" not in REPORT["screenshots"]:
             with override():
                 bpy.ops.wm.redraw_timer(type="DRAW_WIN_SWAP", iterations=1)  # draw the progress now
             screenshot("progress.png")

@@ -1,7 +1,8 @@
 """The add-on in the real Blender GUI (Debian's Blender 3.4 under Xvfb), driven by gui_driver.py.
 
 Skips when `blender` or `Xvfb` is missing, except under CI=true, where that is a failure.
-Screenshots go to artifacts/gui/ (CI keeps them); the textured one also to docs/images/ for the README.
+Screenshots go to artifacts/gui/ (CI keeps them); the textured one also, at 3/4 size, to docs/images/ for the
+README.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("gui_driver.py")
 ARTIFACTS = REPO / "artifacts" / "gui"
 README_IMAGE = REPO / "docs" / "images" / "gui_material_preview.png"
-STEPS, SIZE = 8, 64  # a tiny model on a shared CPU (Blender draws with llvmpipe): a job of several seconds
+STEPS, SIZE = 12, 64  # a tiny model on a shared CPU (Blender draws with llvmpipe): a job of several seconds
 BLENDER_TIMEOUT = 240  # seconds for the whole Blender run; the driver gives up earlier and reports
 
 
@@ -125,8 +126,9 @@ def test_generate_runs_without_blocking_blender(gui_run):
     assert gui_run["tab_open"], "the sidebar never showed the SD Textures tab"
     assert gui_run["generate"] == ["FINISHED"] and gui_run["returned_while_running"]
     assert gui_run["ticks_during_job"] > 10  # Blender ran its timers all along (a blocked UI ticks once)
-    progress = gui_run["progress_seen"]
-    assert len(progress) >= 3 and progress == sorted(progress), progress
+    progress = gui_run["progress_seen"]  # how many steps one tick sees depends on the machine's load
+    assert progress == sorted(progress) and any(0 < f < 1 for f in progress), progress
+    assert 0 < gui_run["progress_screenshot_at"] < 1
     assert not gui_run["is_error"], gui_run["message"]
 
 
@@ -152,4 +154,5 @@ def test_screenshots_show_the_window(gui_run):
     middle = Image.open(shots["material_preview.png"]).convert("HSV").crop((450, 350, 650, 550))
     assert ImageStat.Stat(middle).mean[1] > 40, "no saturated texture in the middle of the viewport"
     README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shots["material_preview.png"], README_IMAGE)
+    readme_copy = Image.open(shots["material_preview.png"]).convert("RGB").resize((1200, 750), Image.LANCZOS)
+    readme_copy.save(README_IMAGE, optimize=True)  # 3/4 size keeps the committed file near 0.5 MB
