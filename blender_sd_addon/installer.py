@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VENV_NAME = "backend-venv"  # paths.find_backend_python looks here too
+from . import paths
+
 LOG_NAME = "backend-install.log"
 DEFAULT_TORCH_SPEC = "torch"
 WINDOWS_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -71,13 +72,12 @@ class Phase:
 
 
 def venv_dir(user_dir: Path) -> Path:
-    return Path(user_dir) / VENV_NAME
+    return Path(user_dir) / paths.BACKEND_VENV
 
 
 def venv_python(user_dir: Path) -> Path:
     """The backend venv's interpreter (it may not exist yet)."""
-    scripts = "Scripts/python.exe" if os.name == "nt" else "bin/python"
-    return venv_dir(user_dir) / scripts
+    return paths.venv_python(venv_dir(user_dir))
 
 
 def _clean_env() -> dict[str, str]:
@@ -98,7 +98,10 @@ def _python_problem(python: str) -> str | None:
         return str(exc)
     if done.returncode:
         return "cannot create venvs with pip (" + (done.stderr.strip().splitlines() or ["no venv/ensurepip"])[-1] + ")"
-    version = tuple(int(part) for part in done.stdout.strip().split("."))
+    try:
+        version = tuple(int(part) for part in done.stdout.strip().split("."))
+    except ValueError:
+        return f"unexpected version output {done.stdout.strip()!r}"
     low, high = SUPPORTED_PYTHON
     if not low <= version <= high:
         return f"Python {done.stdout.strip()} is not supported (needs {low[0]}.{low[1]} to {high[0]}.{high[1]})"
