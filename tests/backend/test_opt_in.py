@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import WorkerProcess
 from PIL import Image
+from worker_process import WorkerProcess
 
 from blender_sd_addon import protocol
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WorkerProcess
 from PIL import Image
+from worker_process import WorkerProcess
 
 from blender_sd_addon import protocol
 
