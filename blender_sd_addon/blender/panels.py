@@ -6,6 +6,7 @@ import bpy
 
 from ..history import HistoryRecord
 from . import operators, preview
+from .properties import PBR_CONTROLS
 
 SPACES = ("VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR")
 
@@ -25,9 +26,6 @@ class SidebarPanel:
     def poll(cls, context):
         space = context.space_data
         return space.type != "NODE_EDITOR" or space.tree_type == "ShaderNodeTree"
-
-
-PBR_CONTROLS = ("normal_strength", "height_contrast", "roughness_contrast", "ao_strength")
 
 
 class MainPanel(SidebarPanel):

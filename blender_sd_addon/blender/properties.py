@@ -17,8 +17,10 @@ from bpy.props import (
 )
 
 from .. import protocol
+from ..history import SETTINGS as HISTORY_SETTINGS
 from . import materials
 
+PBR_CONTROLS = ("normal_strength", "height_contrast", "roughness_contrast", "ao_strength")
 INT32_MAX = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 LABELS = {
     "none": "Off",
@@ -134,23 +136,7 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
 
     def generate_settings(self, seed: int | None) -> dict:
         """The panel's generate parameters, as api.generate_params takes them."""
-        names = (
-            "prompt",
-            "negative_prompt",
-            "steps",
-            "guidance_scale",
-            "width",
-            "height",
-            "scheduler",
-            "batch_size",
-            "seamless",
-            "pbr",
-            "normal_format",
-            "normal_strength",
-            "height_contrast",
-            "roughness_contrast",
-            "ao_strength",
-        )
+        names = (*HISTORY_SETTINGS, "batch_size", *PBR_CONTROLS)
         return {name: getattr(self, name) for name in names} | {"seed": seed}
 
 
