@@ -59,6 +59,8 @@ class LoadedModel:
     pipe: DiffusionPipeline
     key: ModelKey
     scheduler_config: dict  # the model's own config; every request builds a fresh scheduler from it
+    device: torch.device  # pipe._execution_device, read once: each read walks every module (ms per request)
+    attention_slicing: bool = False  # toggling walks the whole U-Net, so it happens only on a change
 
 
 def _not_found(model: str, why: str) -> ProtocolError:
@@ -226,12 +228,15 @@ def load_pipeline(source: ModelSource, device: str, dtype: str, cpu_offload: boo
     return pipe
 
 
-def configure(pipe: DiffusionPipeline, params: GenerateParams) -> None:
-    """Per-request memory options that are cheap to toggle on a loaded pipeline."""
-    if params.attention_slicing:
-        pipe.enable_attention_slicing()
-    else:
-        pipe.disable_attention_slicing()
+def configure(model: LoadedModel, params: GenerateParams) -> None:
+    """Per-request memory options, toggled on the loaded pipeline only when they change."""
+    pipe = model.pipe
+    if params.attention_slicing != model.attention_slicing:
+        if params.attention_slicing:
+            pipe.enable_attention_slicing()
+        else:
+            pipe.disable_attention_slicing()
+        model.attention_slicing = params.attention_slicing
     # Tiles would each wrap on their own and break seamless textures, so tiling waits for seamless "none".
     if params.vae_tiling and params.seamless == "none":
         pipe.vae.enable_tiling()
@@ -264,9 +269,9 @@ class ModelManager:
             start = time.perf_counter()
             log.info("loading %s on %s (%s)", source.location, key.device, key.dtype)
             pipe = load_pipeline(source, key.device, key.dtype, key.cpu_offload)
-            self.loaded = LoadedModel(pipe, key, dict(pipe.scheduler.config))
+            self.loaded = LoadedModel(pipe, key, dict(pipe.scheduler.config), pipe._execution_device)
             seconds = time.perf_counter() - start
-        configure(self.loaded.pipe, params)
+        configure(self.loaded, params)
         return self.loaded, seconds
 
     def release(self) -> None:

@@ -199,6 +199,7 @@ class Worker:
             on_step=on_step,
             should_cancel=lambda: self.is_cancelled(request_id),
             on_stage=on_stage,
+            device=model.device,
         )
         self._status(request_id, "saving")
         save_start = time.perf_counter()

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks import cold, footprint, overhead, speed
-from benchmarks.common import CACHE, REPO, RESULTS, Scenarios
+from benchmarks.common import CACHE, REPO, RESULTS, RUNS_FACTOR, Scenarios
 
 # name -> (module, architecture); the order is the order of the table.
 MEASUREMENTS = {
@@ -78,7 +78,8 @@ def print_table(results: dict) -> None:
     print()
     for name, result in results.items():
         for target in result["targets"]:
-            print(f"{'MET   ' if target['met'] else 'MISSED'} {name}: {target['target']} (got {target['value']})")
+            band = "" if target["band"] is None else f" +- {target['band']:g}"
+            print(f"{target['verdict'].upper():<12} {name}: {target['target']} (got {target['value']}{band})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"tiny model only ({', '.join(QUICK)}), 2 runs")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS, metavar="NAME",
                         help=f"run only this measurement (repeatable): {', '.join(MEASUREMENTS)}")
-    parser.add_argument("--runs", type=int, help="warm runs per side (default 5, quick 2)")
+    parser.add_argument("--runs", type=int, help="warm runs per side (default 5, quick 2; the tiny model gets "
+                        f"{RUNS_FACTOR['tiny']}x as many)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args(argv)
     names = args.only or list(QUICK if args.quick else MEASUREMENTS)

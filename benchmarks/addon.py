@@ -6,7 +6,7 @@
 3. A first `bpy.ops.sdtex.generate()` starts the worker and loads the model (warm-up, timed apart).
 4. One timed operator call per turn, each generating and applying a new material to the default Cube.
    api.run (the request) and api.finish (load the image, apply, record history) are wrapped with
-   timers, so the operator's own share can be told apart.
+   timers, and the worker's own total is kept, so each layer's share can be told apart.
 5. Blender's RSS again, and whether torch ever entered Blender's process.
 """
 
@@ -19,12 +19,14 @@ from benchmarks.common import PYTHON, REQUEST, SETTINGS, next_turn, now, proc_st
 
 
 def timed(function, log: list):
+    """Wrap function so each call appends {"wall": seconds, "worker": the worker's total if it returned one}."""
+
     def wrapper(*args, **kwargs):
         start = now()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            log.append(now() - start)
+        value = function(*args, **kwargs)
+        timings = getattr(value, "timings", None)  # api.run returns the GenerateResult
+        log.append({"wall": now() - start, "worker": timings["total"] if timings else None})
+        return value
 
     return wrapper
 
@@ -59,8 +61,8 @@ def main() -> None:
     cube = bpy.data.objects["Cube"]
     assert bpy.context.selected_objects == [cube], "the default scene should have the Cube selected"
 
-    run_times: list[float] = []
-    finish_times: list[float] = []
+    run_times: list[dict] = []
+    finish_times: list[dict] = []
     api.run = timed(api.run, run_times)
     api.finish = timed(api.finish, finish_times)
 

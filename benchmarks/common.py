@@ -7,6 +7,7 @@ pull in torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -24,6 +25,9 @@ SETTINGS = {
     "tiny": {"width": 64, "height": 64, "steps": 2},
     "sd15": {"width": 256, "height": 256, "steps": 2},
 }
+# Warm runs per side are --runs times this: a tiny run takes ~0.15 s and its differences are a few ms,
+# so it needs more samples than an sd15 run of ~12 s.
+RUNS_FACTOR = {"tiny": 4, "sd15": 1}
 REQUEST = {
     "prompt": "weathered red brick wall, moss in the joints",
     "seed": 1234,
@@ -68,6 +72,28 @@ def proc_status_kib(pid: int | str, field: str) -> int:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def median_error(values: list[float]) -> float:
+    """Standard error of the median, from the median absolute deviation (robust to the odd slow run)."""
+    if len(values) < 2:
+        return math.inf
+    mad = median([abs(v - median(values)) for v in values])
+    return 1.2533 * 1.4826 * mad / math.sqrt(len(values))
+
+
+def difference_band(a: list[float], b: list[float]) -> float:
+    """Half-width of a ~95% band around median(b) - median(a) for independent samples."""
+    return 2 * math.hypot(median_error(a), median_error(b))
+
+
+def target(name: str, value: float, limit: float, band: float | None = None) -> dict:
+    """A target check. With a noise band the verdict is "inconclusive" when value +- band straddles the limit."""
+    verdict = "met" if value <= limit else "missed"
+    if band is not None and value - band <= limit < value + band:
+        verdict = "inconclusive"
+    return {"target": name, "value": value, "limit": limit, "band": None if band is None else round(band, 4),
+            "met": value <= limit, "verdict": verdict}
 
 
 def scenario_args(argv: list[str] | None = None) -> tuple[dict, Path]:
@@ -176,8 +202,9 @@ class Scenarios:
             sides[module] = ScenarioProcess(module, config, self.scratch)
             sides[module].expect("ready")
         order = list(sides.values())
-        for i in range(self.runs):
-            print(f"warm run {i + 1}/{self.runs} ({architecture}) ...", file=sys.stderr, flush=True)
+        runs = self.runs * RUNS_FACTOR[architecture]
+        for i in range(runs):
+            print(f"warm run {i + 1}/{runs} ({architecture}) ...", file=sys.stderr, flush=True)
             first = i % len(order)
             for side in order[first:] + order[:first]:
                 side.turn()

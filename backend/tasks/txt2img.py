@@ -59,12 +59,12 @@ def image_seeds(params: GenerateParams) -> list[int]:
     return [(first + i) % (SEED_MAX + 1) for i in range(params.batch_size)]
 
 
-def encode_prompt(pipe: DiffusionPipeline, params: GenerateParams, guidance: bool) -> dict:
+def encode_prompt(pipe: DiffusionPipeline, params: GenerateParams, guidance: bool, device: torch.device) -> dict:
     """Prompt embeddings as keyword arguments for the pipeline call (SDXL adds pooled embeddings)."""
     negative = params.negative_prompt or None  # as the pipeline sees a missing negative prompt (SDXL zeroes it)
     embeds = pipe.encode_prompt(
         prompt=params.prompt,
-        device=pipe._execution_device,
+        device=device,
         num_images_per_prompt=params.batch_size,
         do_classifier_free_guidance=guidance,
         negative_prompt=negative,
@@ -81,7 +81,7 @@ def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[PIL.I
     upcast = isinstance(pipe, StableDiffusionXLPipeline) and vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
         pipe.upcast_vae()
-    latents = latents.to(device=pipe._execution_device, dtype=next(vae.post_quant_conv.parameters()).dtype)
+    latents = latents.to(dtype=next(vae.post_quant_conv.parameters()).dtype)  # already on the pipeline's device
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
@@ -104,11 +104,13 @@ def run_txt2img(
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
 ) -> Txt2ImgOutput:
     """Generate params.batch_size images. Raises Cancelled when should_cancel() turns true.
 
     on_step(step, total, latents) runs after every step, on_stage(name) before "encoding", "denoising"
-    and "decoding".
+    and "decoding". device: the pipeline's execution device when the caller knows it (reading it walks
+    every module).
     """
     stage = on_stage or (lambda name: None)
     cancel_requested = should_cancel or (lambda: False)
@@ -128,7 +130,7 @@ def run_txt2img(
     stage("encoding")
     guidance = params.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # as diffusers decides
     start = time.perf_counter()
-    embeds = encode_prompt(pipe, params, guidance)
+    embeds = encode_prompt(pipe, params, guidance, device or pipe._execution_device)
     timings["encode"] = time.perf_counter() - start
 
     # 5. Denoise: the pipeline's loop, stopping at latents; cancel sets the pipeline's interrupt flag

@@ -22,7 +22,8 @@ from ..jobs import CANCELLED, DONE, Job
 from . import materials, preview
 from .properties import INT32_MAX
 
-POLL_INTERVAL = 0.05  # seconds between timer polls of the backend while a job runs
+POLL_INTERVAL = 0.01  # seconds between timer polls while a job runs: a cheap mailbox check, and the
+# result waits at most this long (0.05 s cost 25 ms per job on average, over the 20 ms overhead budget)
 REDRAW_AREAS = {"VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR", "PREFERENCES"}
 
 

@@ -104,6 +104,17 @@ def test_per_request_options(tiny_model_dir):
     assert model.pipe.vae.use_tiling
     manager.get(params_for(tiny_model_dir, vae_tiling=True, seamless="xy"))
     assert not model.pipe.vae.use_tiling  # tiles would wrap one by one
+
+    def sliced() -> bool:
+        return any("Sliced" in type(p).__name__ for p in model.pipe.unet.attn_processors.values())
+
+    assert not sliced()
+    manager.get(params_for(tiny_model_dir, attention_slicing=True))
+    assert sliced() and model.attention_slicing
+    manager.get(params_for(tiny_model_dir, attention_slicing=True))
+    assert sliced()
+    manager.get(params_for(tiny_model_dir))
+    assert not sliced() and not model.attention_slicing
     if not torch.cuda.is_available():
         assert code_of(lambda: manager.get(params_for(tiny_model_dir, cpu_offload=True))) == protocol.INVALID_PARAMS
 
