@@ -29,6 +29,7 @@ from backend.models import ModelManager, available_devices
 from backend.outputs import save_images
 from backend.previews import SD_FACTORS, SDXL_FACTORS, preview_event
 from backend.tasks import TASKS, Cancelled
+from backend.tasks.txt2img import size_multiple
 from blender_sd_addon import protocol
 from blender_sd_addon.protocol import (
     GENERATE_PARAMS,
@@ -168,9 +169,26 @@ class Worker:
         )
 
     def load_model(self, params: GenerateParams) -> dict:
+        """Load the model and run one small denoising step on it when it was not warm yet, so the first
+        click does not pay for paging in the memory-mapped weights and the backend's kernel set-up."""
         model, seconds = self.models.get(params)
+        warmup = 0.0
+        if seconds:
+            start = time.perf_counter()
+            size = max(64, size_multiple(model.pipe))
+            probe = GenerateParams(
+                model=params.model, prompt="warm-up", output_dir="/unused", seed=0, steps=1, width=size, height=size
+            )
+            TASKS["txt2img"](model.pipe, probe, device=model.device)
+            warmup = time.perf_counter() - start
         key = model.key
-        return {"model": key.source.location, "load_seconds": seconds, "device": key.device, "dtype": key.dtype}
+        return {
+            "model": key.source.location,
+            "load_seconds": seconds,
+            "warmup_seconds": warmup,
+            "device": key.device,
+            "dtype": key.dtype,
+        }
 
     def generate(self, request_id: Any, params: GenerateParams) -> GenerateResult:
         """Load (or reuse) the model, run the task, save the files; events stream through emit."""

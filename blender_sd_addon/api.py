@@ -126,8 +126,8 @@ def generate_texture(
 def load_model(model: str | None = None, timeout: float | None = None) -> dict:
     """Start the backend and load `model` (None: the preferences' model) so the next request starts warm.
 
-    Returns {"model", "load_seconds", "device", "dtype"}. A model that is not there raises BackendError with
-    code "model_not_found" and a message that says how to get it.
+    Returns {"model", "load_seconds", "warmup_seconds", "device", "dtype"}. A model that is not there raises
+    BackendError with code "model_not_found" and a message that says how to get it.
     """
     params = load_model_params()
     if model:

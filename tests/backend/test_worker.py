@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,11 +177,19 @@ def test_filename_prefix_cannot_escape(worker, params, tmp_path):
     assert not list(tmp_path.glob("escape*")) and not list(tmp_path.parent.glob("escape*"))
 
 
-def test_load_model(worker, tiny_model_dir):
+def test_load_model(worker, tiny_model_dir, tmp_path):
     reply, _ = worker.call(protocol.LOAD_MODEL, {"model": str(tiny_model_dir), "dtype": "fp32"})
     assert reply["result"]["model"] == str(tiny_model_dir)
     assert reply["result"]["device"] == "cpu" and reply["result"]["dtype"] == "fp32"
     assert reply["result"]["load_seconds"] >= 0
+    copy = tmp_path / "copy"  # another path is another model: a real load, then a one-step warm-up
+    shutil.copytree(tiny_model_dir, copy)
+    fresh, _ = worker.call(protocol.LOAD_MODEL, {"model": str(copy)})
+    assert fresh["result"]["load_seconds"] > 0 and fresh["result"]["warmup_seconds"] > 0
+    again, _ = worker.call(protocol.LOAD_MODEL, {"model": str(tiny_model_dir), "dtype": "fp32"})
+    assert again["result"]["load_seconds"] > 0  # switched back
+    again, _ = worker.call(protocol.LOAD_MODEL, {"model": str(tiny_model_dir), "dtype": "fp32"})
+    assert again["result"]["load_seconds"] == 0 and again["result"]["warmup_seconds"] == 0  # warm: nothing to do
     handshake, _ = worker.call(protocol.HANDSHAKE, {"protocol_version": 1})
     assert handshake["result"]["loaded_model"] == str(tiny_model_dir)
     reply, _ = worker.call(protocol.LOAD_MODEL, {"model": ""})
