@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The local CPU build first: a bare `torch` requirement would pull several GB of CUDA wheels.
+	# torch pinned first, so installing the project keeps it. This project's machines resolve it to a local CPU
+	# build; PyPI's Linux wheel may be a CUDA build (several GB): add --index-url https://download.pytorch.org/whl/cpu
+	# to stay on the CPU.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@

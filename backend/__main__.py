@@ -1,6 +1,7 @@
-"""Command line: `python -m backend serve | generate | make-test-model | info` (also `sd-textures-backend`).
+"""Command line: `python -m backend serve | generate | pbr | make-test-model | info` (also `sd-textures-backend`).
 
-`generate` takes one flag per entry of protocol.GENERATE_PARAMS and validates exactly as the worker does.
+Each task is a command (`generate` runs txt2img) with one flag per entry of its protocol.TASK_PARAMS
+table; values are validated exactly as the worker does, and the job runs through the same Worker.
 """
 
 from __future__ import annotations
@@ -10,19 +11,26 @@ import os
 import sys
 from pathlib import Path
 
-from blender_sd_addon.protocol import EVENT_PROGRESS, GENERATE_PARAMS, INVALID_PARAMS, GenerateParams, ProtocolError
+from blender_sd_addon import protocol
+from blender_sd_addon.protocol import EVENT_PROGRESS, INVALID_PARAMS, ImageInput, ProtocolError
 
 ALIASES = {"guidance_scale": ["--guidance"], "batch_size": ["--batch"], "output_dir": ["--out"]}
 CLI_DEFAULTS = {"output_dir": "./outputs"}
+COMMANDS = {"generate": "txt2img", "pbr": "pbr"}  # command -> task
+COMMAND_HELP = {"generate": "Generate textures and print the written paths.", "pbr": "Derive PBR maps of an image."}
 
 
-def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
-    for p in GENERATE_PARAMS:
+def _add_task_flags(parser: argparse.ArgumentParser, task: str) -> None:
+    for p in protocol.TASK_PARAMS[task]:
+        if p.name == "task":
+            continue
         flags = ["--" + p.name.replace("_", "-"), *ALIASES.get(p.name, [])]
         default = CLI_DEFAULTS.get(p.name, p.default)
         kwargs: dict = {"dest": p.name, "default": default, "help": f"{p.help} Accepts {p.accepted()}."}
         if p.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif p.kind is ImageInput:
+            kwargs.update(metavar="PATH", required=p.required, help=f"{p.help} An image file.")
         else:
             kwargs["type"] = p.kind
             kwargs["metavar"] = p.name.upper()
@@ -34,23 +42,30 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from backend.tiny_model import ARCHITECTURES
+
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="Serve JSON lines on stdin/stdout (what the add-on starts).")
-    _add_generate_flags(commands.add_parser("generate", help="Generate textures and print the written paths."))
+    for command, task in COMMANDS.items():
+        _add_task_flags(commands.add_parser(command, help=COMMAND_HELP[command]), task)
     make = commands.add_parser("make-test-model", help="Write a seeded random-weight model folder (tests).")
     make.add_argument("dir", type=Path)
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--architecture", choices=("tiny", "sd15"), default="tiny")
+    make.add_argument("--architecture", choices=ARCHITECTURES, default="tiny")
     commands.add_parser("info", help="Print versions, devices and the Hugging Face cache folder.")
     return parser
 
 
-class _ProgressBar:
-    """Progress of a generate run on stderr."""
+class _Console:
+    """Progress of a job on stderr; keeps the terminal reply."""
+
+    reply: dict | None = None
 
     def __call__(self, message: dict) -> None:
-        if message.get("event") == EVENT_PROGRESS:
+        if protocol.is_terminal(message):
+            self.reply = message
+        elif message.get("event") == EVENT_PROGRESS:
             data = message["data"]
             done = 30 * data["step"] // data["total"]
             bar = "#" * done + "." * (30 - done)
@@ -58,11 +73,16 @@ class _ProgressBar:
             print(f"\rstep {data['step']}/{data['total']} [{bar}] {data['elapsed']:.1f}s", end=end, file=sys.stderr)
 
 
-def generate(args: argparse.Namespace) -> int:
-    values = {p.name: getattr(args, p.name) for p in GENERATE_PARAMS}
+def run_task(args: argparse.Namespace) -> int:
+    task = COMMANDS[args.command]
+    values = {p.name: getattr(args, p.name) for p in protocol.TASK_PARAMS[task] if p.name != "task"}
+    values["task"] = task
     values["output_dir"] = os.path.abspath(values["output_dir"])
+    for p in protocol.TASK_PARAMS[task]:
+        if p.kind is ImageInput and values[p.name] is not None:
+            values[p.name] = {"path": os.path.abspath(values[p.name])}
     try:
-        params = GenerateParams.from_dict(values)
+        protocol.task_params(values)
     except ProtocolError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -70,18 +90,18 @@ def generate(args: argparse.Namespace) -> int:
     from backend.worker import Worker, quiet_libraries
 
     quiet_libraries()
+    console = _Console()
     try:
-        result = Worker(_ProgressBar()).generate("cli", params)
-    except ProtocolError as exc:
-        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
-        return 2 if exc.code == INVALID_PARAMS else 1
+        Worker(console).handle(protocol.request("cli", protocol.RUN, values))
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
         return 130
-    for record in result.images:
-        print(record.path)
-        for path in record.maps.values():
-            print(path)
+    if "error" in console.reply:
+        error = console.reply["error"]
+        print(f"error ({error['code']}): {error['message']}", file=sys.stderr)
+        return 2 if error["code"] == INVALID_PARAMS else 1
+    for artifact in console.reply["result"]["artifacts"]:
+        print(artifact["path"])
     return 0
 
 
@@ -108,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         from backend.worker import serve
 
         return serve()
-    if args.command == "generate":
-        return generate(args)
+    if args.command in COMMANDS:
+        return run_task(args)
     if args.command == "make-test-model":
         from backend.tiny_model import make_test_model
 

@@ -1,4 +1,4 @@
-"""Find, check and load Stable Diffusion pipelines; keep one warm.
+"""Find, check and load Stable Diffusion pipelines; keep one warm, with its task variants sharing its weights.
 
 A model is a hub id, a local diffusers folder or a single-file `.safetensors` checkpoint. Pickle
 checkpoints (.ckpt/.pt/.pth/.bin) can run arbitrary code when loaded, so they are refused unless the
@@ -13,12 +13,13 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 
+from backend.families import FAMILIES, SD, SDXL, Family, family_of, family_of_class_name
 from blender_sd_addon.protocol import (
     INVALID_PARAMS,
     MODEL_LOAD_FAILED,
@@ -30,9 +31,10 @@ from blender_sd_addon.protocol import (
 
 log = logging.getLogger(__name__)
 
-PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+PIPELINE_CLASSES = {family.txt2img.__name__: family.txt2img for family in FAMILIES.values()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SDXL_KEY = "conditioner.embedders.1."  # SDXL single files carry a second text encoder
 
@@ -56,11 +58,35 @@ class ModelKey:
 
 @dataclass
 class LoadedModel:
-    pipe: DiffusionPipeline
+    pipe: DiffusionPipeline  # the txt2img pipeline; run_txt2img swaps in a fresh scheduler per request
     key: ModelKey
-    scheduler_config: dict  # the model's own config; every request builds a fresh scheduler from it
     device: torch.device  # pipe._execution_device, read once: each read walks every module (ms per request)
     attention_slicing: bool = False  # toggling walks the whole U-Net, so it happens only on a change
+    _variants: dict[str, DiffusionPipeline] = field(default_factory=dict, repr=False)
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.pipe)
+
+    @property
+    def dtype_name(self) -> str:
+        """The precision the weights really have (diffusers < 0.40 ignored `dtype=` and loaded fp32)."""
+        return DTYPE_NAMES.get(self.pipe.unet.dtype, str(self.pipe.unet.dtype).removeprefix("torch."))
+
+    def pipeline(self, task: str) -> DiffusionPipeline:
+        """The family's pipeline for a task, sharing the warm weights (built once, then cached)."""
+        if task == "txt2img":
+            return self.pipe
+        if task not in self._variants:
+            family = self.family
+            if task not in family.pipelines:
+                raise ValueError(f"no {task!r} pipeline for {family.name} models; tasks: {', '.join(family.pipelines)}")
+            # from_pipe casts every shared module to its dtype (fp32 unless told): keep the loaded one.
+            cls = family.pipelines[task]
+            variant = cls.from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **family.pipeline_kwargs)
+            variant.set_progress_bar_config(disable=True)
+            self._variants[task] = variant
+        return self._variants[task]
 
 
 def _not_found(model: str, why: str) -> ProtocolError:
@@ -95,6 +121,12 @@ def _pickle_only_components(folder: Path) -> list[str]:
 def locate(model: str, allow_pickle: bool = False) -> ModelSource:
     """Classify a model string without loading anything; refuse missing paths and unsafe checkpoints."""
     path = Path(model).expanduser()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. a name longer than the file system allows: not a path that can exist
+        raise _not_found(model, exc.strerror or str(exc)) from None
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
@@ -127,21 +159,34 @@ def locate(model: str, allow_pickle: bool = False) -> ModelSource:
 
 def is_sdxl_checkpoint(path: str | Path) -> bool:
     """Tell SDXL from SD 1.x/2.x single files by their tensor names (reads the header only)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return any(key.startswith(_SDXL_KEY) for key in f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(key.startswith(_SDXL_KEY) for key in f.keys())
+    except (SafetensorError, OSError) as exc:  # e.g. a pickle checkpoint renamed to .safetensors
+        raise ProtocolError(
+            MODEL_LOAD_FAILED,
+            f"{Path(path).name} is not a valid .safetensors file ({exc}); was it renamed from .ckpt?",
+            {"param": "model", "value": str(path)},
+        ) from None
 
 
-def _pipeline_class(model_index: dict, model: str) -> type[DiffusionPipeline]:
+def single_file_family(source: ModelSource) -> Family:
+    """SDXL when the checkpoint's tensor names say so; pickle files cannot be inspected without loading."""
+    return SDXL if source.use_safetensors and is_sdxl_checkpoint(source.location) else SD
+
+
+def _folder_family(model_index: dict, model: str) -> Family:
     name = model_index.get("_class_name")
-    if name not in PIPELINE_CLASSES:
+    family = family_of_class_name(name)
+    if family is None:
         raise ProtocolError(
             MODEL_LOAD_FAILED,
             f"{model} is a {name}; supported pipelines are {', '.join(PIPELINE_CLASSES)}",
             {"param": "model", "value": model},
         )
-    return PIPELINE_CLASSES[name]
+    return family
 
 
 def _hub_model_index(repo_id: str) -> dict:
@@ -190,26 +235,25 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 
 def load_pipeline(source: ModelSource, device: str, dtype: str, cpu_offload: bool) -> DiffusionPipeline:
-    """Load and place a pipeline. The safety checker is left out on purpose: on textures it mostly
-    blacks out harmless images (the top complaint about SD add-ons), and the artist is the operator."""
+    """Load and place a family's txt2img pipeline, with the family's pipeline_kwargs (no safety checker:
+    on textures it mostly blacks out harmless images, the top complaint about SD add-ons, and the artist
+    is the operator; no SDXL watermark)."""
     kwargs: dict = {"dtype": TORCH_DTYPES[dtype]}
     if source.kind == "single_file":
-        sdxl = source.use_safetensors and is_sdxl_checkpoint(source.location)
-        cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        family = single_file_family(source)
     else:
         if source.kind == "folder":
             index = json.loads((Path(source.location) / "model_index.json").read_text(encoding="utf-8"))
         else:
             index = _hub_model_index(source.location)
-        cls = _pipeline_class(index, source.location)
+        family = _folder_family(index, source.location)
         kwargs["use_safetensors"] = source.use_safetensors or None  # None: safetensors when present, else .bin
-    if cls is StableDiffusionPipeline:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs.update(family.pipeline_kwargs)
     try:
         if source.kind == "single_file":
-            pipe = cls.from_single_file(source.location, **kwargs)
+            pipe = family.txt2img.from_single_file(source.location, **kwargs)
         else:
-            pipe = cls.from_pretrained(source.location, **kwargs)
+            pipe = family.txt2img.from_pretrained(source.location, **kwargs)
     except (torch.OutOfMemoryError, MemoryError):
         raise
     except Exception as exc:
@@ -269,7 +313,7 @@ class ModelManager:
             start = time.perf_counter()
             log.info("loading %s on %s (%s)", source.location, key.device, key.dtype)
             pipe = load_pipeline(source, key.device, key.dtype, key.cpu_offload)
-            self.loaded = LoadedModel(pipe, key, dict(pipe.scheduler.config), pipe._execution_device)
+            self.loaded = LoadedModel(pipe, key, pipe._execution_device)
             seconds = time.perf_counter() - start
         configure(self.loaded, params)
         return self.loaded, seconds

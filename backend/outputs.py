@@ -1,14 +1,23 @@
-"""Write generated images as PNGs with their settings, safely named inside the output folder.
+"""Write a job's files: complete under a temporary name first, then published under a final name that
+never overwrites anything, each announced as an artifact the moment it is complete.
 
-Each PNG carries an A1111-style `parameters` text chunk (read by most SD tools) and an `sdtex` chunk with
-the full settings as JSON, so any texture can be regenerated from the file alone.
+Each albedo PNG carries an A1111-style `parameters` text chunk (read by most SD tools) and an `sdtex`
+chunk with the full settings as JSON, so any texture can be regenerated from the file alone. PBR maps
+carry only the `sdtex` chunk (naming the map and its albedo): other tools must not list a normal map as
+a generated image.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import os
 import re
+import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import PIL.Image
@@ -17,9 +26,20 @@ from PIL.PngImagePlugin import PngInfo
 from backend import __version__
 from backend.pbr import derive_maps
 from backend.schedulers import display_name
-from blender_sd_addon.protocol import INVALID_PARAMS, PROTOCOL_VERSION, GenerateParams, ImageRecord, ProtocolError
+from blender_sd_addon.protocol import (
+    INVALID_PARAMS,
+    OUTPUT_FAILED,
+    PROTOCOL_VERSION,
+    Artifact,
+    ImageRecord,
+    ProtocolError,
+    TaskParams,
+)
 
 PREFIX_MAX = 64
+TEMP_PREFIX = ".sdtex-partial-"  # hidden, and never a name a finished file gets
+
+Announce = Callable[[Artifact], None]
 
 
 def sanitise_prefix(prefix: str) -> str:
@@ -34,7 +54,17 @@ def model_name(model: str) -> str:
     return path.stem if path.suffix.lower() == ".safetensors" else (path.name if path.is_absolute() else model)
 
 
-def output_folder(params: GenerateParams) -> Path:
+def _output_failed(folder: str | Path, exc: OSError) -> ProtocolError:
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return ProtocolError(
+        OUTPUT_FAILED,
+        f"cannot write to output_dir {str(folder)!r}: {reason}",
+        {"param": "output_dir", "value": str(folder), "errno": exc.errno},
+    )
+
+
+def output_folder(params: TaskParams) -> Path:
+    """The absolute output folder, created and proven writable (checked before any expensive work)."""
     folder = Path(params.output_dir)
     if not folder.is_absolute():
         raise ProtocolError(
@@ -44,16 +74,21 @@ def output_folder(params: GenerateParams) -> Path:
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        folder = folder.resolve()
+        probe = folder / f"{TEMP_PREFIX}probe-{secrets.token_hex(4)}"
+        try:
+            with open(probe, "xb") as f:
+                f.write(b"\0" * 4096)  # a full disk still creates empty files: write something
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
-        raise ProtocolError(
-            INVALID_PARAMS,
-            f"output_dir {params.output_dir!r} cannot be created: {exc.strerror}",
-            {"param": "output_dir", "value": params.output_dir},
-        ) from None
-    return folder.resolve()
+        raise _output_failed(params.output_dir, exc) from None
+    return folder
 
 
-def a1111_parameters(params: GenerateParams, seed: int) -> str:
+def a1111_parameters(params: TaskParams, seed: int) -> str:
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -67,55 +102,109 @@ def a1111_parameters(params: GenerateParams, seed: int) -> str:
     return "\n".join(lines)
 
 
-def png_info(params: GenerateParams, seed: int) -> PngInfo:
+def png_info(params: TaskParams, seed: int | None, role: str = "albedo", source: str = "") -> PngInfo:
+    """Metadata: the `sdtex` JSON chunk always; the A1111 chunk only on generated albedos."""
     info = PngInfo()
-    info.add_text("parameters", a1111_parameters(params, seed))
+    if role == "albedo" and params.task == "txt2img":
+        info.add_text("parameters", a1111_parameters(params, seed))
     settings = {
         "params": params.to_dict(),
         "seed": seed,
+        "role": role,
         "protocol_version": PROTOCOL_VERSION,
         "backend_version": __version__,
     }
+    if source:
+        settings["source"] = source
     info.add_text("sdtex", json.dumps(settings))
     return info
 
 
-def write_png(image: PIL.Image.Image, folder: Path, stem: str, info: PngInfo) -> Path:
-    """Write `<stem>.png` (or `<stem>_N.png` if taken) inside `folder`, never overwriting anything."""
+def publish(temporary: Path, folder: Path, stem: str) -> Path:
+    """Give a complete file the name `<stem>.png` (or `<stem>_N.png` when taken) without ever replacing
+    anything there: a hard link fails on any existing name, a planted symlink included."""
     for n in range(10_000):
-        path = (folder / f"{stem}{f'_{n}' if n else ''}.png").resolve()
-        if path.parent != folder:
-            raise ProtocolError(INVALID_PARAMS, f"file name {stem!r} leaves output_dir", {"param": "filename_prefix"})
+        final = folder / f"{stem}{f'_{n}' if n else ''}.png"
         try:
-            with open(path, "xb") as f:  # exclusive create: a file (or link) already there is never touched
-                image.save(f, format="PNG", pnginfo=info)
-            return path
+            os.link(temporary, final)
         except FileExistsError:
             continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or final.exists():
+                raise
+            os.rename(temporary, final)  # no hard links here (FAT): the name was free a moment ago
+            return final
+        os.unlink(temporary)
+        return final
     raise ProtocolError(INVALID_PARAMS, f"too many files named {stem}_N.png in {folder}", {"param": "output_dir"})
 
 
-def save_images(images: list[PIL.Image.Image], seeds: list[int], params: GenerateParams) -> list[ImageRecord]:
-    """Save each image (and its PBR maps when asked); every file is closed before it is reported."""
+def write_png(image: PIL.Image.Image, folder: Path, stem: str, info: PngInfo) -> tuple[Path, int, str]:
+    """Write one PNG completely (flushed to disk) and publish it. Returns (path, size, sha256)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    temporary = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}.png"
+    try:
+        with open(temporary, "xb") as f:  # buffered: a short write is retried or raises, never silently kept
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        path = publish(temporary, folder, stem)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise _output_failed(folder, exc) from None
+    if path.resolve().parent != folder:
+        raise ProtocolError(INVALID_PARAMS, f"file name {stem!r} leaves output_dir", {"param": "filename_prefix"})
+    return path, len(data), hashlib.sha256(data).hexdigest()
+
+
+def save_image_set(
+    image: PIL.Image.Image,
+    params: TaskParams,
+    folder: Path,
+    stem: str,
+    *,
+    index: int = 0,
+    seed: int | None = None,
+    albedo: bool = True,
+    announce: Announce | None = None,
+) -> ImageRecord:
+    """Write an albedo (unless albedo=False: the image came in as an input) and, when params.pbr is set or
+    the task is `pbr`, its maps; announce each file as it is complete."""
+
+    def write(picture: PIL.Image.Image, file_stem: str, role: str, source: str = "") -> str:
+        path, size, digest = write_png(picture, folder, file_stem, png_info(params, seed, role, source))
+        if announce:
+            kind = "image" if role == "albedo" else "map"
+            announce(Artifact(path=str(path), kind=kind, size=size, sha256=digest, index=index, role=role))
+        return str(path)
+
+    record = ImageRecord(path=write(image, stem, "albedo") if albedo else "", seed=seed)
+    if getattr(params, "pbr", False) or params.task == "pbr":
+        maps = derive_maps(
+            image,
+            wrap_x=params.seamless in ("x", "xy"),
+            wrap_y=params.seamless in ("y", "xy"),
+            normal_format=params.normal_format,
+            strength=params.normal_strength,
+            height_contrast=params.height_contrast,
+            roughness_contrast=params.roughness_contrast,
+            ao_strength=params.ao_strength,
+        )
+        base = Path(record.path).stem if record.path else stem
+        record.maps = {name: write(m, f"{base}_{name}", name, source=record.path) for name, m in maps.items()}
+    return record
+
+
+def save_images(
+    images: list[PIL.Image.Image], seeds: list[int], params: TaskParams, announce: Announce | None = None
+) -> list[ImageRecord]:
+    """Save each generated image (and its PBR maps when asked), announcing every file once complete."""
     folder = output_folder(params)
     prefix = sanitise_prefix(params.filename_prefix)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    records = []
-    for image, seed in zip(images, seeds, strict=True):
-        info = png_info(params, seed)
-        albedo = write_png(image, folder, f"{prefix}_{stamp}_{seed}", info)
-        record = ImageRecord(path=str(albedo), seed=seed)
-        if params.pbr:
-            maps = derive_maps(
-                image,
-                wrap_x=params.seamless in ("x", "xy"),
-                wrap_y=params.seamless in ("y", "xy"),
-                normal_format=params.normal_format,
-                strength=params.normal_strength,
-                height_contrast=params.height_contrast,
-                roughness_contrast=params.roughness_contrast,
-                ao_strength=params.ao_strength,
-            )
-            record.maps = {name: str(write_png(m, folder, f"{albedo.stem}_{name}", info)) for name, m in maps.items()}
-        records.append(record)
-    return records
+    return [
+        save_image_set(image, params, folder, f"{prefix}_{stamp}_{seed}", index=i, seed=seed, announce=announce)
+        for i, (image, seed) in enumerate(zip(images, seeds, strict=True))
+    ]

@@ -1,8 +1,9 @@
 """Seeded random Stable Diffusion pipelines built offline, for tests and benchmarks.
 
 The weights are random, so the images are noise, but every call runs the real diffusers pipeline:
-tokenizer, text encoder, U-Net, scheduler and VAE. "tiny" is small enough for CPU tests; "sd15" is the
-real SD-1.5 architecture (about 1 B parameters) for speed and memory measurements.
+tokenizer, text encoder, U-Net, scheduler and VAE. "tiny" (SD 1.x layout) and "tiny-sdxl" (SDXL layout:
+two text encoders, size conditioning, a VAE with latents mean/std) are small enough for CPU tests;
+"sd15" is the real SD-1.5 architecture (about 1 B parameters) for speed and memory measurements.
 """
 
 from __future__ import annotations
@@ -12,10 +13,34 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-ARCHITECTURES = ("tiny", "sd15")
+ARCHITECTURES = ("tiny", "tiny-sdxl", "sd15")
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=32,
+)
+TINY_VAE = dict(
+    block_out_channels=[32, 64],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=32,
+    sample_size=64,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -42,38 +67,27 @@ def _tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
 
 
-def _scheduler() -> PNDMScheduler:
-    # Stable Diffusion 1.5's own scheduler config.
-    return PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
+# The noise schedule SD 1.5 and SDXL share; each ships its own default sampler.
+_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def _text_config(tokenizer: CLIPTokenizer, vocab_size: int, **kwargs) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
     )
 
 
 def _components(architecture: str, seed: int, tokenizer: CLIPTokenizer) -> dict:
+    """An SD 1.x pipeline's components."""
     if architecture == "tiny":
-        unet_kwargs = dict(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            norm_num_groups=32,
-        )
-        vae_kwargs = dict(
-            block_out_channels=[32, 64],
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            norm_num_groups=32,
-            sample_size=64,
-        )
-        text_kwargs = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+        unet_kwargs = dict(TINY_UNET, cross_attention_dim=32)
+        vae_kwargs = TINY_VAE
+        text_kwargs = TINY_TEXT
     else:  # sd15: diffusers' defaults are SD-1.5's U-Net; the VAE and CLIP ViT-L/14 text encoder are spelled out
         unet_kwargs = dict(cross_attention_dim=768, sample_size=64)
         vae_kwargs = dict(
@@ -96,30 +110,78 @@ def _components(architecture: str, seed: int, tokenizer: CLIPTokenizer) -> dict:
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **vae_kwargs)
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=1000 if architecture == "tiny" else 49408,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **text_kwargs,
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 1000 if architecture == "tiny" else 49408, **text_kwargs))
+    # SD 1.5's own sampler config.
+    scheduler = PNDMScheduler(**_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def _tiny_sdxl_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
+    """A tiny SDXL pipeline's components, with every input SDXL adds over SD 1.x wired to matching sizes."""
+    hidden_1, hidden_2, projection = TINY_TEXT["hidden_size"], 48, 16  # unequal: a mix-up of the encoders fails
+    time_embed_dim = 8  # per number of add_time_ids: original size, crop corner, target size (6 numbers)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        **TINY_UNET,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=hidden_1 + hidden_2,  # both encoders' penultimate hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection,  # + encoder 2's pooled embedding
     )
-    text_encoder = CLIPTextModel(text_config)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_scheduler())
+    torch.manual_seed(seed)
+    # SDXL's VAE scale and fp16 upcast, plus per-channel latents mean/std (as Playground v2.5's VAE has) so
+    # decoding runs the denormalising branch too.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        **TINY_VAE,
+        scaling_factor=0.13025,
+        force_upcast=True,
+        latents_mean=(0.2, -0.1, 0.05, -0.3),
+        latents_std=(0.9, 1.1, 0.8, 1.2),
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 1000, **TINY_TEXT))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, 1000, **dict(TINY_TEXT, hidden_size=hidden_2, projection_dim=projection))
+    )
+    # SDXL base's own sampler config.
+    scheduler = EulerDiscreteScheduler(**_SCHEDULE, steps_offset=1, timestep_spacing="leading")
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=scheduler,
+    )
 
 
 def make_test_model(path: str | Path, *, seed: int = 0, architecture: str = "tiny") -> Path:
-    """Write a random-weight StableDiffusionPipeline folder (safetensors) to `path` and return it."""
+    """Write a random-weight pipeline folder (safetensors) to `path` and return it: a
+    StableDiffusionXLPipeline for "tiny-sdxl", a StableDiffusionPipeline otherwise."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
     path = Path(path).resolve()
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _tokenizer(Path(scratch))
-        pipe = StableDiffusionPipeline(
-            **_components(architecture, seed, tokenizer),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe: DiffusionPipeline
+        if architecture == "tiny-sdxl":
+            pipe = StableDiffusionXLPipeline(**_tiny_sdxl_components(seed, tokenizer), add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(
+                **_components(architecture, seed, tokenizer),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         pipe.save_pretrained(path, safe_serialization=True)
     return path

@@ -1,12 +1,16 @@
-"""The worker: JSON lines on stdin/stdout (blender_sd_addon.protocol), one request at a time.
+"""The worker: protocol 2 (blender_sd_addon.protocol) over JSON lines, jobs run one at a time.
 
-A reader thread parses stdin: cancel notifications take effect at once, malformed lines are answered at
-once, requests queue for the main thread. Every request gets exactly one terminal reply; an error in
-one request never stops the worker.
+Two threads. The reader thread reads each line, checks it, and answers at once everything that is
+cheap (handshake, upload, fetch, jobs, job, cancel, and every malformed line), so a 10-minute job never
+delays a cancel or a job list. `run` and `load_model` become jobs queued for the main thread, which runs
+them in order. Every request gets exactly one terminal reply; nothing a client sends can stop either
+thread. End of input (the client is gone) cancels running and queued work and exits within seconds.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gc
 import logging
 import os
@@ -15,143 +19,151 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
 import diffusers
 import torch
 import transformers
-from diffusers import StableDiffusionXLPipeline
 
 from backend import __version__
+from backend.context import Cancelled, JobContext
+from backend.inputs import InputStore
 from backend.models import ModelManager, available_devices
-from backend.outputs import save_images
-from backend.previews import SD_FACTORS, SDXL_FACTORS, preview_event
-from backend.tasks import TASKS, Cancelled
-from backend.tasks.txt2img import size_multiple
+from backend.tasks import TASKS
+from backend.tasks.txt2img import run_txt2img, size_multiple
 from blender_sd_addon import protocol
 from blender_sd_addon.protocol import (
-    GENERATE_PARAMS,
+    CANCELLED,
+    DONE,
+    FAILED,
+    FINISHED_STATES,
     INTERNAL_ERROR,
-    INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    NOT_FOUND,
     OUT_OF_MEMORY,
-    GenerateParams,
-    GenerateResult,
+    QUEUED,
+    RUNNING,
+    SHUTTING_DOWN,
     HandshakeResult,
-    ProgressEvent,
+    JobInfo,
     ProtocolError,
 )
 
 log = logging.getLogger("backend.worker")
 
 Emit = Callable[[dict], None]
-MODEL_PARAMS = ("model", "device", "dtype", "cpu_offload", "attention_slicing", "allow_pickle")
+QUEUED_METHODS = (protocol.RUN, protocol.LOAD_MODEL, protocol.SHUTDOWN)  # the main thread's work
+FINISHED_KEPT = 200  # finished jobs remembered for `jobs`/`job`; older ones are forgotten
+EXIT_GRACE = 3.0  # seconds a cancelled job gets to stop after the client went away, then the worker exits
 OOM_ADVICE = (
     "out of memory: try a smaller width/height, batch_size 1, cpu_offload (CUDA), attention_slicing "
     "or vae_tiling (not while seamless)"
 )
+assert set(TASKS) == set(protocol.TASKS), "backend.tasks and protocol.TASK_PARAMS list different tasks"
 
 
-def request_id_of(message: dict) -> str | int | None:
-    """The message's id when it is a usable one (a string or an integer), else None."""
-    request_id = message.get("id")
-    return request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None
+@dataclass
+class Job:
+    """The worker's record of one `run` or `load_model` request."""
+
+    id: Any
+    task: str
+    state: str = QUEUED
+    stage: str = ""
+    step: int = 0
+    total: int = 0
+    elapsed: float = 0.0
+    artifacts: list[dict] = field(default_factory=list)
+    error: dict | None = None
+    cancel_requested: bool = False
+
+    def info(self, queued_ahead: int = 0) -> dict:
+        fields = {k: getattr(self, k) for k in JobInfo.__dataclass_fields__ if hasattr(self, k)}
+        return asdict(JobInfo(**fields, queued_ahead=queued_ahead))
 
 
-def parse_request(message: dict) -> tuple[Any, str, dict]:
-    """(id, method, params) of a request, or ProtocolError naming what is wrong with it."""
-    request_id = request_id_of(message)
-    if request_id is None:
-        raise ProtocolError(INVALID_REQUEST, "a request needs an id (string or integer)")
-    method = message.get("method")
-    if not isinstance(method, str):
-        raise ProtocolError(INVALID_REQUEST, "a request needs a method (string)")
-    if method not in protocol.METHODS:
-        raise ProtocolError(METHOD_NOT_FOUND, f"unknown method {method!r}; methods: {', '.join(protocol.METHODS)}")
-    params = message.get("params", {})
-    if not isinstance(params, dict):
-        raise ProtocolError(INVALID_REQUEST, f"params must be an object, got {type(params).__name__}")
-    return request_id, method, params
+@dataclass
+class Work:
+    """A request for the main thread."""
 
-
-def model_params(params: dict) -> GenerateParams:
-    """Validate the model-related subset of the generate parameters (for load_model)."""
-    values = {p.name: p.check(params[p.name]) for p in GENERATE_PARAMS if p.name in MODEL_PARAMS and p.name in params}
-    if not values.get("model", "").strip():
-        raise ProtocolError(
-            INVALID_PARAMS, "model must be a non-empty string", {"param": "model", "value": values.get("model", "")}
-        )
-    return GenerateParams(**values)
+    id: Any
+    method: str
+    params: Any  # validated TaskParams for run/load_model
 
 
 class Worker:
-    """Serves requests one at a time. `emit` sends one message; `cancel` may be called from any thread."""
+    """Routes requests and runs jobs. `emit` sends one message and must be safe to call from any thread."""
 
-    def __init__(self, emit: Emit):
+    def __init__(self, emit: Emit, inputs: InputStore | None = None):
         self.emit = emit
         self.models = ModelManager()
+        self.inputs = inputs or InputStore()
+        self.closing = False
         self._lock = threading.Lock()
-        self._active: set = set()  # ids queued or running
-        self._cancelled: set = set()
+        self._jobs: OrderedDict[Any, Job] = OrderedDict()
+        self._artifacts: set[str] = set()  # paths `fetch` may read: only files this worker announced
 
-    # --- cancellation (reader thread) ---------------------------------------------------------------
+    # --- the reader thread: checks every message, answers the cheap ones ---------------------------
 
-    def accept(self, request_id: Any) -> None:
-        with self._lock:
-            self._active.add(request_id)
-
-    def cancel(self, request_id: Any) -> None:
-        with self._lock:
-            if request_id in self._active:
-                self._cancelled.add(request_id)
-
-    def is_cancelled(self, request_id: Any) -> bool:
-        with self._lock:
-            return request_id in self._cancelled
-
-    # --- requests (main thread) --------------------------------------------------------------------
-
-    def handle(self, message: dict) -> bool:
-        """Answer one request with exactly one terminal reply. False once the worker should exit."""
-        request_id = request_id_of(message)
-        if request_id is not None:
-            self.accept(request_id)  # the reader thread did so already when serving; direct callers did not
+    def receive(self, message: dict) -> Work | None:
+        """Answer a message now, or return the Work the main thread must do for it."""
+        request_id = protocol.request_id_of(message)
+        method = message.get("method")
+        params = message.get("params", {})
+        if method == protocol.CANCEL and "id" not in message:  # a notification: no reply, ever
+            if isinstance(params, dict):
+                self.cancel(params.get("id"))
+            return None
         try:
-            request_id, method, params = parse_request(message)
-            if self.is_cancelled(request_id):
-                raise Cancelled()
-            if method == protocol.HANDSHAKE:
-                reply = self.handshake(params)
-            elif method == protocol.GENERATE:
-                reply = asdict(self.generate(request_id, GenerateParams.from_dict(params)))
-            elif method == protocol.LOAD_MODEL:
-                reply = self.load_model(model_params(params))
-            else:  # shutdown
-                self.emit(protocol.result(request_id, {}))
-                return False
-            self.emit(protocol.result(request_id, reply))
-        except Cancelled:
-            self.emit(protocol.cancelled(request_id))
+            if request_id is None:
+                raise ProtocolError(INVALID_REQUEST, "a request needs an id (a short string or an integer)")
+            if not isinstance(method, str):
+                raise ProtocolError(INVALID_REQUEST, "a request needs a method (string)")
+            if method not in protocol.METHODS:
+                methods = ", ".join(protocol.METHODS)
+                raise ProtocolError(METHOD_NOT_FOUND, f"unknown method {protocol.shown(method)}; methods: {methods}")
+            if not isinstance(params, dict):
+                raise ProtocolError(INVALID_REQUEST, f"params must be an object, got {type(params).__name__}")
+            if self.closing:
+                raise ProtocolError(SHUTTING_DOWN, "the backend is shutting down")
+            if method in QUEUED_METHODS:
+                return self._enqueue(request_id, method, params)
+            self.emit(protocol.result(request_id, self._answer(method, params)))
         except ProtocolError as exc:
             self.emit(protocol.error(request_id, exc))
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            self.free_memory()
-            log.error("%s: %s", OOM_ADVICE, exc)
-            self.emit(protocol.error(request_id, ProtocolError(OUT_OF_MEMORY, OOM_ADVICE, {"detail": str(exc)})))
-        except Exception as exc:
-            log.exception("request %r failed", request_id)
-            failure = ProtocolError(
-                INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc()}
-            )
-            self.emit(protocol.error(request_id, failure))
-        finally:
-            with self._lock:
-                self._active.discard(request_id)
-                self._cancelled.discard(request_id)
-        return True
+        except Exception as exc:  # a bug in an answer must not kill the reader: report it
+            log.exception("message %s failed", protocol.shown(request_id))
+            self.emit(protocol.error(request_id, _internal(exc)))
+        return None
+
+    def _enqueue(self, request_id: Any, method: str, params: dict) -> Work:
+        if method == protocol.SHUTDOWN:
+            self.closing = True
+            self.cancel_all()  # stop what runs; what is queued answers `cancelled` without running
+            return Work(request_id, method, None)
+        # Parameters are checked now, so a bad request is answered before the jobs queued ahead of it.
+        checked = protocol.task_params(params) if method == protocol.RUN else protocol.model_params(params)
+        with self._lock:
+            if request_id in self._jobs and self._jobs[request_id].state not in FINISHED_STATES:
+                raise ProtocolError(INVALID_REQUEST, f"id {protocol.shown(request_id)} is already in use by a job")
+            self._jobs.pop(request_id, None)
+            self._jobs[request_id] = Job(request_id, checked.task if method == protocol.RUN else method)
+        return Work(request_id, method, checked)
+
+    def _answer(self, method: str, params: dict) -> dict:
+        if method == protocol.HANDSHAKE:
+            return self.handshake(params)
+        if method == protocol.UPLOAD:
+            return self.upload(params)
+        if method == protocol.FETCH:
+            return self.fetch(params)
+        if method == protocol.JOBS:
+            return {"jobs": self.job_list()}
+        return self.job_info(params.get("id"), cancel=method == protocol.CANCEL)  # job, cancel
 
     def handshake(self, params: dict) -> dict:
         protocol.check_protocol_version(params.get("protocol_version"))
@@ -161,25 +173,145 @@ class Worker:
                 backend_version=__version__,
                 devices=available_devices(),
                 schedulers=list(protocol.SCHEDULERS),
-                tasks=list(protocol.TASKS),
+                tasks=protocol.task_specs(),
+                capabilities=list(protocol.CAPABILITIES),
                 torch_version=torch.__version__,
                 diffusers_version=diffusers.__version__,
                 loaded_model=self.models.loaded_name,
             )
         )
 
-    def load_model(self, params: GenerateParams) -> dict:
+    def upload(self, params: dict) -> dict:
+        data = params.get("data")
+        if not isinstance(data, str):
+            raise protocol.invalid("data", "the file's bytes as base64 text", data)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise protocol.invalid("data", "the file's bytes as base64 text", data) from None
+        digest = self.inputs.put(raw)
+        expected = params.get("sha256")
+        if expected is not None and expected != digest:
+            raise protocol.invalid("sha256", f"the sha256 of the data ({digest})", expected)
+        return {"sha256": digest, "size": len(raw)}
+
+    def fetch(self, params: dict) -> dict:
+        path, offset = params.get("path"), params.get("offset", 0)
+        length = params.get("length", protocol.FETCH_CHUNK)
+        if not isinstance(path, str) or path not in self._artifacts:
+            raise ProtocolError(NOT_FOUND, f"no artifact {protocol.shown(path)}: fetch reads only announced files")
+        for name, value, low, high in (("offset", offset, 0, 2**53), ("length", length, 1, protocol.FETCH_CHUNK)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise protocol.invalid(name, f"an integer from {low} to {high}", value)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(offset)
+                data = f.read(length)
+        except OSError as exc:
+            raise ProtocolError(NOT_FOUND, f"artifact {path} cannot be read: {exc.strerror}") from None
+        encoded = base64.b64encode(data).decode("ascii")
+        return {"data": encoded, "offset": offset, "size": size, "eof": offset + len(data) >= size}
+
+    # --- jobs ---------------------------------------------------------------------------------------
+
+    def job_list(self) -> list[dict]:
+        with self._lock:
+            queued = 0
+            infos = []
+            for job in self._jobs.values():
+                infos.append(job.info(queued_ahead=queued if job.state == QUEUED else 0))
+                queued += job.state in (QUEUED, RUNNING)
+            return infos
+
+    def job_info(self, job_id: Any, cancel: bool = False) -> dict:
+        if cancel:
+            self.cancel(job_id)
+        for info in self.job_list():
+            if info["id"] == job_id and type(info["id"]) is type(job_id):
+                return info
+        raise ProtocolError(NOT_FOUND, f"no job with id {protocol.shown(job_id)}", {"param": "id"})
+
+    def cancel(self, job_id: Any) -> None:
+        """Ask a job to stop (any thread); unknown, finished or unhashable ids are ignored."""
+        if not isinstance(job_id, (str, int)):
+            return
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job and job.state not in FINISHED_STATES:
+                job.cancel_requested = True
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for job in self._jobs.values():
+                if job.state not in FINISHED_STATES:
+                    job.cancel_requested = True
+
+    # --- the main thread: runs jobs in order ---------------------------------------------------------
+
+    def execute(self, work: Work) -> bool:
+        """Run one piece of work to its terminal reply. False once the worker should exit."""
+        if work.method == protocol.SHUTDOWN:
+            self.emit(protocol.result(work.id, {}))
+            return False
+        job = self._jobs[work.id]
+        reply, state = None, FAILED
+        try:
+            if job.cancel_requested:
+                raise Cancelled()
+            job.state = RUNNING
+            self._emit_event(job, protocol.EVENT_STATE, {"state": RUNNING})
+            ctx = JobContext(
+                work.id,
+                self.models,
+                self.inputs,
+                emit=lambda kind, data: self._emit_event(job, kind, data),
+                is_cancelled=lambda: job.cancel_requested,
+            )
+            if work.method == protocol.LOAD_MODEL:
+                result = self.load_model(ctx, work.params)
+            else:
+                outcome = TASKS[work.params.task](ctx, work.params)
+                outcome.artifacts = list(job.artifacts)
+                result = asdict(outcome)
+            reply, state = protocol.result(work.id, result), DONE
+        except Cancelled:
+            reply, state = protocol.cancelled(work.id), CANCELLED
+        except ProtocolError as exc:
+            reply = protocol.error(work.id, exc)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            self.free_memory()
+            log.error("%s: %s", OOM_ADVICE, exc)
+            reply = protocol.error(work.id, ProtocolError(OUT_OF_MEMORY, OOM_ADVICE, {"detail": str(exc)[:500]}))
+        except Exception as exc:
+            log.exception("job %s failed", protocol.shown(work.id))
+            reply = protocol.error(work.id, _internal(exc))
+        with self._lock:
+            job.state = state
+            job.error = reply.get("error")
+            self._forget_old_jobs()
+        self.emit(reply)
+        return True
+
+    def handle(self, message: dict) -> bool:
+        """receive + execute in the calling thread (for in-process callers and tests)."""
+        work = self.receive(message)
+        return self.execute(work) if work else True
+
+    def load_model(self, ctx: JobContext, params: Any) -> dict:
         """Load the model and run one small denoising step on it when it was not warm yet, so the first
         click does not pay for paging in the memory-mapped weights and the backend's kernel set-up."""
+        ctx.stage("loading_model")
         model, seconds = self.models.get(params)
         warmup = 0.0
         if seconds:
             start = time.perf_counter()
             size = max(64, size_multiple(model.pipe))
-            probe = GenerateParams(
-                model=params.model, prompt="warm-up", output_dir="/unused", seed=0, steps=1, width=size, height=size
+            probe = protocol.GenerateParams.from_dict(
+                {"model": params.model, "prompt": "warm-up", "output_dir": "/unused", "seed": 0, "steps": 1}
+                | {"width": size, "height": size}
             )
-            TASKS["txt2img"](model.pipe, probe, device=model.device)
+            run_txt2img(model.pipe, probe, device=model.device)
             warmup = time.perf_counter() - start
         key = model.key
         return {
@@ -187,86 +319,73 @@ class Worker:
             "load_seconds": seconds,
             "warmup_seconds": warmup,
             "device": key.device,
-            "dtype": key.dtype,
+            "dtype": model.dtype_name,  # what the weights really are, not what was asked for
         }
 
-    def generate(self, request_id: Any, params: GenerateParams) -> GenerateResult:
-        """Load (or reuse) the model, run the task, save the files; events stream through emit."""
-        start = time.perf_counter()
-        self._status(request_id, "loading_model")
-        model, load_seconds = self.models.get(params)
-        factors = SDXL_FACTORS if isinstance(model.pipe, StableDiffusionXLPipeline) else SD_FACTORS
-        denoise_start = time.perf_counter()
+    def _emit_event(self, job: Job, kind: str, data: dict) -> None:
+        """Record what the job list shows, then send the event."""
+        if kind == protocol.EVENT_STATUS:
+            job.stage = data["stage"]
+        elif kind == protocol.EVENT_PROGRESS:
+            job.step, job.total, job.elapsed = data["step"], data["total"], data["elapsed"]
+        elif kind == protocol.EVENT_ARTIFACT:
+            with self._lock:
+                job.artifacts.append(data)
+                self._artifacts.add(data["path"])
+        self.emit(protocol.event(job.id, kind, data))
 
-        def on_stage(stage: str) -> None:
-            nonlocal denoise_start
-            if stage == "denoising":
-                denoise_start = time.perf_counter()
-            self._status(request_id, stage)
-
-        def on_step(step: int, total: int, latents: torch.Tensor) -> None:
-            progress = ProgressEvent(step=step, total=total, elapsed=time.perf_counter() - denoise_start)
-            self.emit(protocol.event(request_id, protocol.EVENT_PROGRESS, asdict(progress)))
-            if params.preview_every and step % params.preview_every == 0:
-                preview = preview_event(step, latents, factors)
-                self.emit(protocol.event(request_id, protocol.EVENT_PREVIEW, asdict(preview)))
-
-        output = TASKS[params.task](
-            model.pipe,
-            params,
-            on_step=on_step,
-            should_cancel=lambda: self.is_cancelled(request_id),
-            on_stage=on_stage,
-            device=model.device,
-        )
-        self._status(request_id, "saving")
-        save_start = time.perf_counter()
-        records = save_images(output.images, output.seeds, params)
-        timings = {"load": load_seconds, **output.timings, "save": time.perf_counter() - save_start}
-        timings["total"] = time.perf_counter() - start
-        return GenerateResult(
-            images=records,
-            seed=output.seeds[0],
-            width=params.width,
-            height=params.height,
-            model=params.model,
-            seamless=params.seamless,
-            timings=timings,
-            params=params.to_dict(),
-        )
+    def _forget_old_jobs(self) -> None:
+        finished = [key for key, job in self._jobs.items() if job.state in FINISHED_STATES]
+        for key in finished[: max(0, len(finished) - FINISHED_KEPT)]:
+            del self._jobs[key]
 
     def free_memory(self) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _status(self, request_id: Any, stage: str) -> None:
-        self.emit(protocol.event(request_id, protocol.EVENT_STATUS, {"stage": stage}))
+
+def _internal(exc: Exception) -> ProtocolError:
+    return ProtocolError(
+        INTERNAL_ERROR, f"{type(exc).__name__}: {protocol.shown(str(exc), 500)}", {"traceback": traceback.format_exc()}
+    )
 
 
 # --- serving over stdin/stdout --------------------------------------------------------------------
 
 
 class _Writer:
-    """Thread-safe JSON-lines writer on the private copy of the real stdout."""
+    """Thread-safe JSON-lines writer on the private copy of the real stdout. Never raises."""
 
     def __init__(self, stream: BinaryIO):
         self.stream = stream
         self.lock = threading.Lock()
 
     def __call__(self, message: dict) -> None:
-        data = protocol.encode(message)
+        try:
+            data = protocol.encode(message)
+        except (ValueError, TypeError) as exc:  # NaN or unencodable text in a reply: still answer the request
+            log.error("cannot encode a %s: %s", "reply" if protocol.is_terminal(message) else "message", exc)
+            if not protocol.is_terminal(message):
+                return
+            data = protocol.encode(protocol.error(message.get("id"), _internal(exc)))
         with self.lock:
             try:
                 self.stream.write(data)
                 self.stream.flush()
-            except (BrokenPipeError, ValueError):  # the client is gone; stdin EOF ends the worker
-                log.warning("client gone; dropped %s", message.get("event") or "reply")
+            except (OSError, ValueError):  # the client is gone; end of input stops the worker
+                pass
 
 
-def _read(stdin: BinaryIO, worker: Worker, requests: queue.Queue) -> None:
-    """Reader thread: route each line; None on the queue means EOF."""
-    for line in stdin:
+def _read(stdin: BinaryIO, worker: Worker, work: queue.Queue) -> None:
+    """Reader thread: one line at a time, never longer than MAX_LINE; None on the queue means end of input."""
+    while line := stdin.readline(protocol.MAX_LINE + 1):
+        if len(line) > protocol.MAX_LINE and not line.endswith(b"\n"):
+            while (rest := stdin.readline(protocol.MAX_LINE)) and not rest.endswith(b"\n"):
+                pass  # skip the rest of an over-long line without holding it
+            too_long = ProtocolError(protocol.PARSE_ERROR, f"message longer than {protocol.MAX_LINE} bytes")
+            worker.emit(protocol.error(None, too_long))
+            continue
         if not line.strip():
             continue
         try:
@@ -274,15 +393,21 @@ def _read(stdin: BinaryIO, worker: Worker, requests: queue.Queue) -> None:
         except ProtocolError as exc:
             worker.emit(protocol.error(None, exc))
             continue
-        if message.get("method") == protocol.CANCEL:
-            params = message.get("params")
-            if isinstance(params, dict):
-                worker.cancel(params.get("id"))
-            continue
-        if (request_id := request_id_of(message)) is not None:
-            worker.accept(request_id)  # so a cancel for a queued request counts
-        requests.put(message)
-    requests.put(None)  # EOF: finish what was asked, then exit
+        try:
+            if (item := worker.receive(message)) is not None:
+                work.put(item)
+        except Exception:  # receive answers its own errors; this is the last guard for the thread itself
+            log.exception("reader: unexpected failure")
+    # The client is gone: nobody will read what running or queued jobs make.
+    worker.closing = True
+    worker.cancel_all()
+    work.put(None)
+    threading.Timer(EXIT_GRACE, _exit_now).start()
+
+
+def _exit_now() -> None:
+    log.warning("the client went away and the running job did not stop within %.0f s: exiting", EXIT_GRACE)
+    os._exit(0)
 
 
 def quiet_libraries() -> None:
@@ -292,24 +417,31 @@ def quiet_libraries() -> None:
 
 
 def serve() -> int:
-    """Serve until shutdown or EOF on stdin. Returns the exit status (0)."""
+    """Serve until shutdown or end of input. Returns the exit status (0)."""
     # Keep the real stdout for the protocol and send fd 1 to stderr, so stray prints and progress
     # bars from libraries can never corrupt a message.
     out = os.fdopen(os.dup(1), "wb")
     sys.stdout.flush()
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    # End any partial line something printed before this point, so the first reply starts a line.
+    out.write(b"\n")
+    out.flush()
     quiet_libraries()
 
     # The reader thread may still be blocked in a read at exit: give it a private stdin, because
     # finalising sys.stdin while a daemon thread holds its lock aborts the interpreter.
     stdin = os.fdopen(os.dup(0), "rb")
     worker = Worker(_Writer(out))
-    requests: queue.Queue = queue.Queue()
-    threading.Thread(target=_read, args=(stdin, worker, requests), daemon=True).start()
+    work: queue.Queue = queue.Queue()
+    threading.Thread(target=_read, args=(stdin, worker, work), daemon=True, name="reader").start()
     log.info("backend %s ready (protocol %d)", __version__, protocol.PROTOCOL_VERSION)
-    while (message := requests.get()) is not None:
-        if not worker.handle(message):
-            break
-    out.close()
-    return 0
+    try:
+        while (item := work.get()) is not None:
+            if not worker.execute(item):
+                break
+    finally:
+        worker.inputs.close()
+        out.close()
+        sys.stderr.flush()
+    os._exit(0)  # neither the exit-grace timer nor the reader blocked in a read may keep the process alive

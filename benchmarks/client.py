@@ -32,7 +32,7 @@ def timed_generate(client: BackendClient, params: dict) -> dict:
             progress.append({"received_at": now(), **message["data"]})
 
     start = now()
-    reply = client.result(client.wait(client.submit(protocol.GENERATE, params), on_event=on_event))
+    reply = client.result(client.wait(client.submit(protocol.RUN, {"task": "txt2img", **params}), on_event=on_event))
     end = now()
     with PIL.Image.open(reply["images"][0]["path"]) as image:
         pixels = hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()

@@ -4,6 +4,7 @@
     from blender_sd_addon.api import generate_texture
     result = generate_texture([bpy.data.objects["Cube"]], "rusty metal plate", seamless="xy", steps=20)
     print(result.files, result.materials)
+    maps = derive_pbr_maps(bpy.data.images["bricks.png"], [bpy.data.objects["Wall"]], seamless="xy")
 
 Run it with `blender -b file.blend -P script.py` (an installed add-on is enabled from the preferences,
 also in background mode), or with Blender as a Python module (`import bpy`; enable the add-on first with
@@ -17,7 +18,8 @@ As a Blender 4.2+ extension the package is `bl_ext.<repository>.blender_sd_addon
 enabled it is also importable as `blender_sd_addon` (see blender/__init__.py), so scripts need not know
 the repository name.
 
-The operators use the same functions, so the panel, `bpy.ops.sdtex.generate()` and this API behave alike.
+The operators use the same functions, so the panels, `bpy.ops.sdtex.generate()`,
+`bpy.ops.sdtex.derive_pbr_maps()` and this API behave alike.
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ from typing import Any
 import bpy
 
 from . import paths, protocol
-from .blender import materials
+from .blender import images, materials
 from .client import BackendClient, BackendError, SDTexError
 from .history import HISTORY_LIMIT, HistoryRecord
 from .jobs import DONE, Job
 
-__all__ = ["BackendError", "SDTexError", "TextureResult", "generate_texture", "load_model", "shutdown_backend"]
+__all__ = [
+    "BackendError",
+    "SDTexError",
+    "TextureResult",
+    "derive_pbr_maps",
+    "generate_texture",
+    "load_model",
+    "shutdown_backend",
+]
 
 ADDON_ID = __package__
 # Preferences passed with every request (names match protocol parameters and the preference properties).
@@ -52,10 +62,11 @@ def _default(name: str) -> Any:
 
 @dataclass
 class TextureResult:
-    images: list  # bpy.types.Image, one per generated image (albedo)
-    materials: list  # bpy.types.Material made by applying the first image (empty when apply=False)
+    images: list  # bpy.types.Image, one per image (albedo): generated, or the pbr task's source image
+    maps: list[dict]  # per image: "height" | "normal" | "roughness" | "ao" -> bpy.types.Image (empty without maps)
+    materials: list  # bpy.types.Material made by applying the first image (empty when not applied)
     files: list[str]  # every file written: albedo images and PBR maps
-    seed: int
+    seed: int | None  # None for the pbr task
     result: protocol.GenerateResult
 
 
@@ -84,6 +95,9 @@ def generate_texture(
     slot: str = "NEW",
     projection: str = "UV",
     texture_scale: float = 1.0,
+    displacement: str = "BUMP",
+    ao_multiply: bool = False,
+    pack: bool = False,
     output_dir: str | None = None,
     timeout: float | None = None,
 ) -> TextureResult:
@@ -91,10 +105,13 @@ def generate_texture(
 
     model: hub id, diffusers folder or .safetensors file; None uses the add-on preferences.
     seed: None picks one (reported in the result). output_dir: None uses the preferences' output folder.
+    shared_material ... pack: how the material is built and assigned (see apply_options).
     timeout: seconds before the request is cancelled and SDTexError raised (None waits).
     """
     # 1. Check inputs
-    options = apply_options(shared_material=shared_material, slot=slot, projection=projection, scale=texture_scale)
+    options = apply_options(
+        shared_material, slot, projection, texture_scale, displacement=displacement, ao_multiply=ao_multiply, pack=pack
+    )
     meshes = mesh_objects(objects) if apply else []
     settings = dict(
         prompt=prompt,
@@ -121,6 +138,58 @@ def generate_texture(
 
     # 3. Apply and record
     return finish(result, meshes, options, apply=apply)
+
+
+def derive_pbr_maps(
+    image,
+    objects=None,
+    *,
+    seamless: str = "none",
+    normal_format: str = _default("normal_format"),
+    normal_strength: float = _default("normal_strength"),
+    height_contrast: float = _default("height_contrast"),
+    roughness_contrast: float = _default("roughness_contrast"),
+    ao_strength: float = _default("ao_strength"),
+    apply: bool = True,
+    shared_material: bool = True,
+    slot: str = "NEW",
+    projection: str = "UV",
+    texture_scale: float = 1.0,
+    displacement: str = "BUMP",
+    ao_multiply: bool = False,
+    pack: bool = False,
+    output_dir: str | None = None,
+    timeout: float | None = None,
+) -> TextureResult:
+    """Derive height, normal, roughness and AO maps of `image` and, when objects are given and apply=True,
+    put the image (as albedo) with its maps on the mesh objects among them.
+
+    image: a bpy.types.Image (file, packed, generated or painted and unsaved: it is read, never changed) or
+    the path of an image file. seamless: the axes on which the image tiles ("none", "x", "y", "xy"); the
+    maps then tile too. The maps are new images (result.maps[0]); files go to output_dir (None: the
+    preferences' output folder). Blocks until the maps are written (and applied).
+    """
+    # 1. Check inputs (before anything is sent)
+    options = apply_options(
+        shared_material, slot, projection, texture_scale, displacement=displacement, ao_multiply=ao_multiply, pack=pack
+    )
+    meshes = mesh_objects(objects) if apply and objects is not None else []
+    source = source_image(image)
+    settings = dict(
+        seamless=seamless,
+        normal_format=normal_format,
+        normal_strength=normal_strength,
+        height_contrast=height_contrast,
+        roughness_contrast=roughness_contrast,
+        ao_strength=ao_strength,
+    )
+    params = pbr_params(settings, output_dir=output_dir)
+
+    # 2. Send the image and derive the maps (blocks until the files are written)
+    result = run(params | {"image": image_reference(source)}, task="pbr", timeout=timeout)
+
+    # 3. Load, apply and record
+    return finish(result, meshes, options, apply=bool(meshes), source=source.name)
 
 
 def load_model(model: str | None = None, timeout: float | None = None) -> dict:
@@ -163,10 +232,11 @@ def get_client() -> BackendClient:
     global _client
     data = user_data_dir()
     python = paths.find_backend_python(bpy.path.abspath(preferences().backend_python), data)
-    command = [python, "-m", "backend", "serve"]
+    command = paths.worker_command(python)
     if _client is None or _client.command != command:
+        # Jobs keep the client that took them, so they finish (or fail) on the old worker by themselves.
         shutdown_backend()
-        _client = BackendClient(command, paths.backend_pythonpath(), log_path=data / "backend.log")
+        _client = BackendClient(command, log_path=data / "backend.log")
     return _client
 
 
@@ -181,10 +251,27 @@ def mesh_objects(objects) -> list:
     return meshes
 
 
-def apply_options(shared_material: bool, slot: str, projection: str, scale: float) -> materials.ApplyOptions:
+def apply_options(
+    shared_material: bool = True,
+    slot: str = "NEW",
+    projection: str = "UV",
+    texture_scale: float = 1.0,
+    displacement: str = "BUMP",
+    ao_multiply: bool = False,
+    pack: bool = False,
+) -> materials.ApplyOptions:
+    """How materials are built and assigned. slot: "NEW" or "REPLACE"; projection: "UV" or "BOX";
+    displacement: "BUMP" or "DISPLACEMENT" (true displacement, Cycles); ao_multiply: darken the base colour
+    with the AO map; pack: store the written images in the .blend."""
     try:
         return materials.ApplyOptions(
-            shared_material=shared_material, slot=slot, projection=projection, texture_scale=scale
+            shared_material=shared_material,
+            slot=slot,
+            projection=projection,
+            texture_scale=texture_scale,
+            displacement=displacement,
+            ao_multiply=ao_multiply,
+            pack=pack,
         )
     except ValueError as exc:
         raise SDTexError(str(exc)) from None
@@ -195,14 +282,51 @@ def generate_params(settings: dict, model: str | None = None, output_dir: str | 
     prefs = preferences()
     params = {name: getattr(prefs, name) for name in BACKEND_SETTINGS} | settings
     params["model"] = bpy.path.abspath(model or prefs.model)
-    if output_dir:
-        params["output_dir"] = os.path.abspath(bpy.path.abspath(output_dir))
-    else:
-        params["output_dir"] = str(paths.resolve_output_dir(prefs.output_folder, bpy.data.filepath, user_data_dir()))
+    params["output_dir"] = output_folder(output_dir)
     try:
         return protocol.GenerateParams.from_dict(params).to_dict()
     except protocol.ProtocolError as exc:
         raise SDTexError(exc.message) from None
+
+
+def pbr_params(settings: dict, output_dir: str | None = None) -> dict:
+    """Checked pbr task parameters, all but the image (sent once the rest is known to be good)."""
+    params = settings | {"output_dir": output_folder(output_dir)}
+    try:
+        return {name: protocol.param(name).check(value) for name, value in params.items()}
+    except protocol.ProtocolError as exc:
+        raise SDTexError(exc.message) from None
+
+
+def output_folder(output_dir: str | None) -> str:
+    """The absolute folder files go to: `output_dir`, or the preferences' output folder when None."""
+    if output_dir:
+        return os.path.abspath(bpy.path.abspath(output_dir))
+    return str(paths.resolve_output_dir(preferences().output_folder, bpy.data.filepath, user_data_dir()))
+
+
+def source_image(image) -> bpy.types.Image:
+    """The Image to derive maps of: `image` itself, or the image file at that path (loaded, or the datablock
+    already showing it)."""
+    if isinstance(image, bpy.types.Image):
+        return image
+    if not isinstance(image, (str, os.PathLike)):
+        raise SDTexError(f"image must be a bpy.types.Image or an image file path, got {type(image).__name__}")
+    path = os.path.abspath(bpy.path.abspath(os.fspath(image)))
+    if not os.path.isfile(path):
+        raise SDTexError(f"image must be a bpy.types.Image or an image file path; no such file: {path}")
+    try:
+        return bpy.data.images.load(path, check_existing=True)
+    except RuntimeError as exc:  # Blender cannot read it
+        raise SDTexError(f"image: Blender cannot read {path} ({exc})") from None
+
+
+def image_reference(image: bpy.types.Image) -> dict:
+    """`image` as a job input: its file's path, or its bytes uploaded to the worker (blocks while it starts)."""
+    try:
+        return images.image_reference(image, get_client())
+    except ValueError as exc:
+        raise SDTexError(str(exc)) from None
 
 
 def load_model_params() -> dict:
@@ -212,46 +336,63 @@ def load_model_params() -> dict:
     return params
 
 
-def submit(params: dict) -> Job:
-    """Start a generate request; the caller feeds the job with the client's messages."""
-    client = get_client()
-    return Job(client.submit(protocol.GENERATE, params), params)
-
-
-def run(params: dict, timeout: float | None = None) -> protocol.GenerateResult:
-    """Generate and wait (background mode and scripts)."""
-    job = submit(params)
-    job.handle(_client.wait(job.request_id, on_event=job.handle, timeout=timeout))
+def run(params: dict, task: str = "txt2img", timeout: float | None = None) -> protocol.GenerateResult:
+    """Run a job and wait for it (background mode and scripts)."""
+    job = Job.submit(get_client(), task, params)
+    job.handle(job.client.wait(job.request_id, on_event=job.handle, timeout=timeout))
     if job.state != DONE:
         raise BackendError(job.error_code, job.error) if job.error_code else SDTexError(job.error)
     return job.result
 
 
 def finish(
-    result: protocol.GenerateResult, meshes: list, options: materials.ApplyOptions, apply: bool
+    result: protocol.GenerateResult, meshes: list, options: materials.ApplyOptions, apply: bool, source: str = ""
 ) -> TextureResult:
-    """Load the written images, apply the first one to the meshes, and record the generation."""
-    missing = [i.path for i in result.images if not os.path.isfile(i.path)]
+    """Load the written images, record the job, and apply its first image (with its maps) to the meshes.
+
+    source: the name of the image a pbr job derived its maps from (the material's albedo).
+    """
+    files = written_files(result)
+    missing = [path for path in files if not os.path.isfile(path)]
     if missing:
         raise SDTexError(f"The backend reported images that are not on disk: {', '.join(missing)}")
-    images = [bpy.data.images.load(i.path, check_existing=True) for i in result.images]
-    made = apply_image(result.images[0], meshes, options, result.params) if apply else []
-    add_history(bpy.context.scene, HistoryRecord.from_result(result))
-    files = [path for i in result.images for path in (i.path, *i.maps.values())]
-    return TextureResult(images=images, materials=made, files=files, seed=result.seed, result=result)
+    if result.task == "pbr":  # the source is gone when deleted while a UI job ran: applying says so
+        albedos = [image] if (image := bpy.data.images.get(source)) else []
+    else:
+        albedos = [bpy.data.images.load(i.path, check_existing=True) for i in result.images]
+    maps = [{kind: materials.load_image(path, kind) for kind, path in i.maps.items()} for i in result.images]
+    # Recorded before applying: if applying fails, the files are still found in the history.
+    record = HistoryRecord.from_result(result, source=source)
+    add_history(bpy.context.scene, record)
+    made = apply_record(record, meshes, options) if apply else []
+    return TextureResult(images=albedos, maps=maps, materials=made, files=files, seed=result.seed, result=result)
 
 
-def apply_image(image: protocol.ImageRecord, meshes: list, options: materials.ApplyOptions, params: dict) -> list:
-    options = dataclasses.replace(options, normal_directx=params.get("normal_format") == "directx")
-    name = material_name(params["prompt"])
+def written_files(result: protocol.GenerateResult) -> list[str]:
+    """Every file a job wrote: albedos (not the pbr task's source) and maps."""
+    albedos = result.task != "pbr"
+    return [path for i in result.images for path in ([i.path] if albedos else []) + list(i.maps.values())]
+
+
+def apply_record(record: HistoryRecord, meshes: list, options: materials.ApplyOptions) -> list:
+    """Put a record's first image, with its maps, on the meshes (Apply again). The albedo of a pbr record is
+    its source image, found by name (or by its file, when it came from one)."""
+    image = record.images()[0]
+    albedo, name = image.path, record.prompt
+    if record.task == "pbr":
+        source = bpy.data.images.get(record.source)
+        if source is None and not os.path.isfile(image.path):
+            raise SDTexError(f"The image {record.source!r} these maps were made from is no longer in this file")
+        albedo, name = source or image.path, record.source
+    options = dataclasses.replace(options, normal_directx=record.normal_format == "directx")
     try:
-        return materials.apply_images(meshes, {"albedo": image.path, **image.maps}, options, name)
+        return materials.apply_images(meshes, {"albedo": albedo, **image.maps}, options, material_name(name))
     except ValueError as exc:
         raise SDTexError(str(exc)) from None
 
 
-def material_name(prompt: str) -> str:
-    words = " ".join(prompt.split())
+def material_name(text: str) -> str:
+    words = " ".join(text.split())
     return "SD " + (words[:40].rstrip() + "…" if len(words) > 40 else words)
 
 

@@ -1,270 +1,339 @@
-"""BackendClient: runs the backend worker as a subprocess and talks protocol.py to it.
+"""BackendClient: supervises one backend worker at a time and talks protocol.py to it.
 
-Stdlib only and free of bpy, so it can be tested with plain pytest. A reader thread files every
-message from the worker's stdout into a mailbox per request id; callers collect their own messages
-with `messages(id)` (non-blocking, for Blender's timer) or `wait(id)` (blocking, for background mode).
-A worker that dies answers each of its open requests with a synthetic error that quotes its stderr,
-and the next request starts a fresh worker.
+Stdlib only and free of bpy, so it can be tested with plain pytest. Three layers:
+
+- transport.py  a Connection moves JSON lines (StdioConnection: the worker as a child process);
+- rpc.py        request ids, a mailbox per request, exactly one terminal reply each;
+- this module   supervision: start (spawn + handshake) on a thread, restart on the next request after the
+                worker died, shutdown -> wait -> terminate -> kill; and the facade the add-on calls.
+
+`submit` never blocks: while the worker starts, requests queue here and go out in order after the handshake
+(or are answered with the start error). So a caller's timeout on `wait`/`request` bounds the start too, and
+Blender's main thread never waits for torch to import.
 """
 
 from __future__ import annotations
 
-import itertools
+import base64
+import hashlib
 import os
-import subprocess
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol
+from .rpc import BACKEND_START_FAILED, BACKEND_STOPPED, BackendError, RequestTimeout, Rpc, SDTexError, Session
+from .transport import Connection, LogFile, StdioConnection
 
-BACKEND_STOPPED = "backend_stopped"  # synthetic error code: the worker exited with requests open
-
-
-class SDTexError(Exception):
-    """A problem the user can act on; the message says what went wrong and what to do."""
+__all__ = ["BACKEND_START_FAILED", "BACKEND_STOPPED", "BackendClient", "BackendError", "SDTexError"]
 
 
-class BackendError(SDTexError):
-    """An error reply from the worker (or a synthetic one when it died)."""
+@dataclass
+class _Start:
+    """One attempt to start a worker, shared by everyone who waits for it."""
 
-    def __init__(self, code: str, message: str, data: dict | None = None):
-        super().__init__(message)
-        self.code = code
-        self.data = data or {}
+    done: threading.Event = field(default_factory=threading.Event)
+    session: Session | None = None  # once spawned, so shutdown can stop it mid-handshake
+    handshake: protocol.HandshakeResult | None = None
+    error: protocol.ProtocolError | None = None
 
 
 class BackendClient:
-    """One worker process at a time, started on demand.
+    """One worker at a time, started on demand.
 
-    command: the worker's command line, e.g. [python, "-m", "backend", "serve"].
-    pythonpath: folders put on the worker's PYTHONPATH (where `backend` and `blender_sd_addon` live).
-    log_path: the worker's stderr is appended here (and its last lines kept for error messages).
+    command: the worker's command line, e.g. paths.worker_command(python).
+    pythonpath: folders for the worker's PYTHONPATH (none for the launcher, which sets up its own path).
+    log_path: the worker's stderr goes here (rotated), and its last error lines into error messages.
+    capabilities: what the worker must announce in its handshake.
+    connect: opens a Connection to a new worker (default: spawn `command`); the seam for other transports.
     """
 
-    def __init__(self, command: Sequence[str], pythonpath: Sequence[str] = (), log_path: Path | None = None):
+    start_timeout = 300.0  # seconds a starting worker gets for its imports and the handshake
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        pythonpath: Sequence[str] = (),
+        log_path: Path | None = None,
+        *,
+        capabilities: Sequence[str] = protocol.CAPABILITIES,
+        connect: Callable[[], Connection] | None = None,
+    ):
         self.command = list(command)
         self.pythonpath = list(pythonpath)
         self.log_path = log_path
+        self.capabilities = tuple(capabilities)
         self.handshake: protocol.HandshakeResult | None = None
-        self._ids = itertools.count(1)
-        self._proc: subprocess.Popen | None = None
-        self._eof = threading.Event()  # set by the reader thread when the current worker's stdout closes
-        self._pending: set[str] = set()  # requests of the current worker without a terminal reply
-        self._mail: dict[str, list[dict]] = {}
-        self._stderr_tail: deque[str] = deque(maxlen=30)
-        self._cond = threading.Condition()  # guards _mail and _pending
-        self._write_lock = threading.Lock()
-        self._start_lock = threading.RLock()
+        self._log = LogFile(log_path) if log_path else None
+        self._connect = connect or self._spawn
+        self._rpc = Rpc()
+        self._lock = threading.Lock()  # guards the fields below; held briefly, never across a wait
+        self._session: Session | None = None
+        self._starting: _Start | None = None
+        self._queued: list[tuple[str, bytes]] = []  # (id, encoded request) waiting for the start
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None and not self._eof.is_set()
+        session = self._session
+        return session is not None and session.usable
+
+    @property
+    def starting(self) -> bool:
+        return self._starting is not None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self.alive else None
+        session = self._session
+        return session.connection.pid if session is not None and session.usable else None
 
     def start(self, timeout: float | None = 300) -> protocol.HandshakeResult:
         """Start the worker unless it runs, and handshake. Raises SDTexError on any failure."""
-        with self._start_lock:
-            if self.alive and self.handshake:
-                return self.handshake
-            self._spawn()
-            request_id = self._send(protocol.HANDSHAKE, {"protocol_version": protocol.PROTOCOL_VERSION})
-            try:
-                reply = self.result(self.wait(request_id, timeout=timeout))
-                protocol.check_protocol_version(reply.get("protocol_version"))
-                known = protocol.HandshakeResult.__dataclass_fields__
-                self.handshake = protocol.HandshakeResult(**{k: v for k, v in reply.items() if k in known})
-            except protocol.ProtocolError as exc:
-                self._stop_process()
-                raise SDTexError(f"Backend {exc.message}") from None
-            except (SDTexError, TypeError) as exc:
-                self._stop_process()
-                raise SDTexError(f"The backend did not start: {exc}") from None
-            return self.handshake
+        return self._ready_session(timeout)[1]
 
     def shutdown(self, timeout: float = 3.0) -> None:
-        """Ask the worker to exit, then terminate it, then kill it. Open requests get an error."""
-        with self._start_lock:
-            if self._proc is None:
-                return
-            if self.alive:
-                try:
-                    self._send(protocol.SHUTDOWN, {})
-                except SDTexError:
-                    pass
-            self._stop_process(timeout, polite=True)
+        """Ask the worker to exit, then terminate it, then kill it; open requests get an error.
 
-    def _spawn(self) -> None:
-        self._stop_process()
+        Never waits for a start in progress: a worker still importing is terminated at once.
+        """
+        with self._lock:
+            session, self._session = self._session, None
+            attempt, self._starting = self._starting, None
+            queued, self._queued = self._queued, []
+            self.handshake = None
+        stopped = protocol.ProtocolError(BACKEND_STOPPED, "backend stopped: it was shut down")
+        for request_id, _ in queued:
+            self._rpc.answer(request_id, protocol.error(request_id, stopped))
+        if attempt is not None and attempt.session is not None:
+            attempt.session.close()  # not handshaken yet: nothing to ask politely
+        if session is None:
+            return
+        deadline = time.monotonic() + timeout
+        if session.usable:
+            request_id = self._rpc.open()
+            session.send(request_id, protocol.encode(protocol.request(request_id, protocol.SHUTDOWN)))
+            try:
+                self._rpc.wait(request_id, timeout=timeout)
+            except SDTexError:
+                pass  # no reply in time: terminate below
+        session.close(grace=max(0.0, deadline - time.monotonic()))
+
+    def _spawn(self) -> Connection:
         env = dict(os.environ)
         env.pop("PYTHONHOME", None)  # Blender's own Python home would break another interpreter
-        env["PYTHONPATH"] = os.pathsep.join(self.pythonpath)
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(self.pythonpath)
+        else:
+            env.pop("PYTHONPATH", None)
         env["PYTHONUNBUFFERED"] = "1"
+        return StdioConnection(self.command, env, self._log)
+
+    def _ready_session(self, timeout: float | None) -> tuple[Session, protocol.HandshakeResult]:
+        with self._lock:
+            session = self._usable_session()
+            if session is not None:
+                return session, self.handshake
+            attempt = self._begin_start()
+        if not attempt.done.wait(timeout):
+            raise SDTexError(f"The backend did not start within {timeout:g} s")
+        if attempt.error is not None:
+            raise BackendError(attempt.error.code, attempt.error.message, attempt.error.data)
+        return attempt.session, attempt.handshake
+
+    def _usable_session(self) -> Session | None:
+        session = self._session
+        return session if session is not None and session.usable else None
+
+    def _begin_start(self) -> _Start:
+        """The start in progress, or a new one on its own thread (the caller holds `_lock`)."""
+        if self._starting is None:
+            self._starting, self.handshake = _Start(), None
+            threading.Thread(target=self._run_start, args=(self._starting,), daemon=True, name="sdtex-start").start()
+        return self._starting
+
+    def _run_start(self, attempt: _Start) -> None:
         try:
-            proc = subprocess.Popen(
-                self.command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # no console window on Windows
-            )
+            handshake = self._open_session(attempt)
+        except protocol.ProtocolError as exc:
+            self._start_failed(attempt, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug here must reach the waiters, not leave them hanging
+            error = protocol.ProtocolError(BACKEND_START_FAILED, f"The backend did not start: {exc!r}")
+            self._start_failed(attempt, error)
+        else:
+            with self._lock:
+                if self._starting is attempt:
+                    for request_id, data in self._queued:  # in order, before any later request
+                        attempt.session.send(request_id, data)
+                    self._session, self.handshake, self._starting, self._queued = attempt.session, handshake, None, []
+                    attempt.handshake = handshake
+                else:  # shut down meanwhile (and the session closed)
+                    attempt.error = _stopped_while_starting()
+        attempt.done.set()
+
+    def _start_failed(self, attempt: _Start, error: protocol.ProtocolError) -> None:
+        if attempt.session is not None:
+            attempt.session.close()
+        queued: list[tuple[str, bytes]] = []
+        with self._lock:
+            if self._starting is attempt:
+                queued, self._queued, self._starting = self._queued, [], None
+            else:  # shut down meanwhile: shutdown answered the queued requests
+                error = _stopped_while_starting()
+        attempt.error = error
+        for request_id, _ in queued:
+            self._rpc.answer(request_id, protocol.error(request_id, error))
+
+    def _open_session(self, attempt: _Start) -> protocol.HandshakeResult:
+        """Spawn a worker and handshake; ProtocolError with the message for the user on any failure."""
+        try:
+            connection = self._connect()
         except OSError as exc:
-            raise SDTexError(f"Cannot start the backend with {self.command[0]!r}: {exc}") from None
-        self._proc, self.handshake = proc, None
-        self._eof = threading.Event()
-        self._stderr_tail.clear()
-        stderr_thread = threading.Thread(target=self._read_stderr, args=(proc,), daemon=True, name="sdtex-stderr")
-        stderr_thread.start()
-        threading.Thread(
-            target=self._read_stdout, args=(proc, self._eof, stderr_thread), daemon=True, name="sdtex-stdout"
-        ).start()
-
-    def _stop_process(self, timeout: float = 3.0, polite: bool = False) -> None:
-        """Wait for the worker to exit (polite: it was asked to), else terminate it, else kill it."""
-        proc = self._proc
-        if proc is None:
-            return
-        for stop in ((None,) if polite else ()) + (proc.terminate, proc.kill):
-            if stop:
-                stop()
-            try:
-                proc.wait(timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self._eof.wait(timeout)  # the reader thread answers the open requests
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-    # --- reader threads -------------------------------------------------------------------------
-
-    def _read_stdout(self, proc: subprocess.Popen, eof: threading.Event, stderr_thread: threading.Thread) -> None:
-        for line in proc.stdout:
-            try:
-                message = protocol.decode(line)
-            except protocol.ProtocolError:
-                self._stderr_tail.append(f"(unreadable stdout line) {line[:200]!r}")
-                continue
-            request_id = message.get("id")
-            if not isinstance(request_id, str):
-                continue  # e.g. a parse error about a line we never sent: nothing waits for it
-            with self._cond:
-                if protocol.is_terminal(message):
-                    self._pending.discard(request_id)
-                self._mail.setdefault(request_id, []).append(message)
-                self._cond.notify_all()
-        code = proc.wait()
-        stderr_thread.join(timeout=2)
-        tail = "\n".join(list(self._stderr_tail)[-8:]) or "(no output on stderr)"
-        error = protocol.ProtocolError(BACKEND_STOPPED, f"backend stopped (exit code {code}): {tail}")
-        with self._cond:
-            for request_id in self._pending:
-                self._mail.setdefault(request_id, []).append(protocol.error(request_id, error))
-            self._pending.clear()
-            eof.set()
-            self._cond.notify_all()
-
-    def _read_stderr(self, proc: subprocess.Popen) -> None:
-        log = None
-        if self.log_path:
-            try:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = open(self.log_path, "ab")  # noqa: SIM115 - closed below, lives as long as the worker
-            except OSError:
-                log = None
+            raise protocol.ProtocolError(
+                BACKEND_START_FAILED, f"Cannot start the backend with {self.command[0]!r}: {exc}"
+            ) from None
+        session = Session(self._rpc, connection)
+        with self._lock:
+            attempt.session = session
+            if self._starting is not attempt:
+                raise _stopped_while_starting()
+        request_id = self._rpc.open()
+        params = {"protocol_version": protocol.PROTOCOL_VERSION, "capabilities": list(protocol.CAPABILITIES)}
+        session.send(request_id, protocol.encode(protocol.request(request_id, protocol.HANDSHAKE, params)))
         try:
-            for line in proc.stderr:
-                if log:
-                    log.write(line)
-                    log.flush()
-                text = line.decode("utf-8", "replace").rstrip()
-                if text:
-                    self._stderr_tail.append(text)
-        finally:
-            if log:
-                log.close()
+            reply = Rpc.result(self._rpc.wait(request_id, timeout=self.start_timeout))
+        except BackendError as exc:
+            raise protocol.ProtocolError(exc.code, f"The backend did not start: {exc}", exc.data) from None
+        except SDTexError as exc:  # no reply in time
+            junk = "\nUnreadable output on stdout:\n" + "\n".join(session.junk) if session.junk else ""
+            raise protocol.ProtocolError(BACKEND_START_FAILED, f"The backend did not start: {exc}{junk}") from None
+        try:
+            protocol.check_protocol_version(reply.get("protocol_version"))
+        except protocol.ProtocolError as exc:
+            raise protocol.ProtocolError(exc.code, f"Backend {exc.message}", exc.data) from None
+        missing = protocol.missing_capabilities(reply.get("capabilities"), self.capabilities)
+        if missing:
+            raise protocol.ProtocolError(
+                protocol.PROTOCOL_MISMATCH,
+                f"Backend lacks {', '.join(missing)}; update the add-on and the backend together",
+                {"missing": missing},
+            )
+        try:
+            return protocol.HandshakeResult.from_dict(reply)
+        except TypeError as exc:  # a required field is missing
+            raise protocol.ProtocolError(
+                BACKEND_START_FAILED, f"The backend did not start: malformed handshake reply ({exc})"
+            ) from None
 
     # --- requests -------------------------------------------------------------------------------
 
     def submit(self, method: str, params: dict | None = None) -> str:
-        """Send a request (starting the worker first when needed); return its id."""
-        with self._start_lock:
-            if not self.alive:
-                self.start()
-            return self._send(method, params or {})
+        """Send a request (starting the worker when needed, without waiting for it); return its id.
 
-    def _send(self, method: str, params: dict) -> str:
-        request_id = f"r{next(self._ids)}"
-        with self._cond:
-            self._pending.add(request_id)
-        self._write(protocol.request(request_id, method, params))
+        A start failure arrives as the request's terminal error reply (code backend_start_failed, or
+        protocol_mismatch).
+        """
+        request_id = self._rpc.open()
+        try:
+            data = protocol.encode(protocol.request(request_id, method, params))
+        except ValueError as exc:  # NaN or text that is not UTF-8: a bug in the caller, worth a clear message
+            self._rpc.forget(request_id)
+            raise SDTexError(f"Cannot send {method!r}: {exc}") from None
+        with self._lock:
+            session = self._usable_session()
+            if session is None:
+                self._queued.append((request_id, data))
+                self._begin_start()
+            else:
+                session.send(request_id, data)
         return request_id
 
-    def _write(self, message: dict) -> None:
-        proc = self._proc
-        if proc is None:
-            raise SDTexError("The backend is not running")
-        with self._write_lock:
-            try:
-                proc.stdin.write(protocol.encode(message))
-                proc.stdin.flush()
-            except (BrokenPipeError, OSError, ValueError):
-                pass  # the worker is gone: the reader thread answers the open requests with an error
-
-    def cancel(self, request_id: str) -> None:
-        """Ask the worker to stop a request; it answers with a `cancelled` terminal reply."""
-        if self.alive:
-            self._write(protocol.notification(protocol.CANCEL, {"id": request_id}))
-
     def messages(self, request_id: str) -> list[dict]:
-        """Messages received for one request since the last call (non-blocking)."""
-        with self._cond:
-            return self._mail.pop(request_id, [])
+        """Messages received for one request since the last call (non-blocking, for Blender's timer)."""
+        return self._rpc.messages(request_id)
 
     def wait(
         self, request_id: str, on_event: Callable[[dict], None] | None = None, timeout: float | None = None
     ) -> dict:
-        """Block until the request's terminal reply, passing events to on_event; return the reply.
+        """Block until the request's terminal reply, passing its events to on_event; return the reply.
 
-        On timeout the request is cancelled and SDTexError raised.
+        The timeout covers the worker's start too. On timeout the request is cancelled and forgotten, and
+        SDTexError raised.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._cond:
-                if request_id not in self._mail:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        self.cancel(request_id)
-                        raise SDTexError(f"The backend did not finish within {timeout:g} s; the request was cancelled")
-                    self._cond.wait(0.5 if left is None else min(left, 0.5))
-                batch = self._mail.pop(request_id, [])
-            for message in batch:
-                if protocol.is_terminal(message):
-                    return message
-                if on_event:
-                    on_event(message)
+        try:
+            return self._rpc.wait(request_id, on_event, timeout)
+        except RequestTimeout:
+            self.cancel(request_id)
+            raise SDTexError(f"The backend did not finish within {timeout:g} s; the request was cancelled") from None
+
+    def forget(self, request_id: str) -> None:
+        """Drop the request's mailbox and any later messages for it (a request not sent yet is not sent)."""
+        with self._lock:
+            self._queued = [item for item in self._queued if item[0] != request_id]
+        self._rpc.forget(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the worker to stop a request; it answers with a `cancelled` terminal reply (at once when the
+        request still waits for the worker to start)."""
+        with self._lock:
+            waiting = [item for item in self._queued if item[0] == request_id]
+            if waiting:
+                self._queued.remove(waiting[0])
+            elif self._session is not None and self._session.has(request_id):
+                self._session.notify(protocol.encode(protocol.notification(protocol.CANCEL, {"id": request_id})))
+        if waiting:
+            self._rpc.answer(request_id, protocol.cancelled(request_id))
 
     def request(self, method: str, params: dict | None = None, timeout: float | None = None) -> dict:
-        """submit + wait + result, for simple calls."""
+        """submit + wait + result, for simple calls; the timeout covers the start too."""
         return self.result(self.wait(self.submit(method, params), timeout=timeout))
 
-    @staticmethod
-    def result(message: dict) -> dict:
-        """The result of a terminal reply; BackendError for an error, SDTexError when cancelled."""
-        if "error" in message:
-            error = message["error"] or {}
-            raise BackendError(error.get("code", ""), error.get("message", "unknown backend error"), error.get("data"))
-        if message.get("cancelled"):
-            raise SDTexError("Cancelled")
-        return message["result"]
+    result = staticmethod(Rpc.result)
+
+    def upload(self, data: bytes, timeout: float | None = None) -> str:
+        """Hand bytes to the worker (an input image, an array); return their sha256 to reference them by.
+
+        Sent once per worker process: bytes it holds already are not sent again.
+        """
+        if len(data) > protocol.UPLOAD_MAX:
+            raise SDTexError(f"The upload is {len(data)} bytes; at most {protocol.UPLOAD_MAX} are accepted")
+        digest = hashlib.sha256(data).hexdigest()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        session, _ = self._ready_session(timeout)
+        if digest in session.uploaded:
+            return digest
+        request_id = self._rpc.open()
+        params = {"data": base64.b64encode(data).decode("ascii")}
+        session.send(request_id, protocol.encode(protocol.request(request_id, protocol.UPLOAD, params)))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        reply = self.result(self.wait(request_id, timeout=left))
+        if reply.get("sha256") != digest:
+            raise SDTexError(f"The backend stored the upload as {reply.get('sha256')!r}, expected {digest}")
+        session.uploaded.add(digest)
+        return digest
+
+    def fetch(self, path: str, timeout: float | None = None) -> bytes:
+        """The bytes of an artifact the worker wrote, fetched in chunks."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks: list[bytes] = []
+        offset = 0
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            params = {"path": path, "offset": offset, "length": protocol.FETCH_CHUNK}
+            reply = self.request(protocol.FETCH, params, timeout=left)
+            chunk = base64.b64decode(reply["data"])
+            chunks.append(chunk)
+            offset += len(chunk)
+            if reply.get("eof"):
+                break
+            if not chunk:
+                raise SDTexError(f"The backend sent no bytes of {path} at offset {offset} before its end")
+        if offset != reply.get("size", offset):
+            raise SDTexError(f"{path} changed while it was fetched: got {offset} bytes, then it had {reply['size']}")
+        return b"".join(chunks)
+
+
+def _stopped_while_starting() -> protocol.ProtocolError:
+    return protocol.ProtocolError(BACKEND_STOPPED, "backend stopped: it was shut down while starting")

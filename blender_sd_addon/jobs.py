@@ -1,65 +1,97 @@
-"""Job: the state of one generate request, fed with the worker's messages for it.
+"""Jobs: one `run` request each, followed through the worker's messages; a JobBoard follows many at once.
 
-Blender-free. The panel reads `status_text` and `fraction`; the timer hands new previews to Blender.
+Blender-free. A Job remembers the client that took its request (a later client, after the interpreter
+preference changed, knows nothing of it). The panel reads `status_text` and `fraction`; a bpy timer calls
+`JobBoard.poll()` every 10 ms, which costs one mailbox check per unfinished job when nothing happened.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from . import protocol
+from .client import BackendClient
+from .protocol import CANCELLED, DONE, FAILED, FINISHED_STATES, QUEUED, RUNNING
 
-RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Job", "JobBoard"]
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    request_id: str  # "" while the backend is still starting (the UI submits from a thread)
-    params: dict
-    state: str = RUNNING
-    stage: str = "starting"
+    client: BackendClient
+    request_id: str
+    task: str
+    state: str = QUEUED  # one of protocol.JOB_STATES
+    stage: str = ""  # the worker's latest status stage, e.g. "loading_model", "denoising"
     step: int = 0
     total: int = 0
     elapsed: float = 0.0  # seconds of denoising, as the worker measured them
-    preview: protocol.PreviewEvent | None = None
+    preview: protocol.PreviewEvent | None = None  # the latest only: previews are large and superseded
     preview_serial: int = 0  # bumped on each new preview, so the UI knows when to copy pixels
+    artifacts: list[protocol.Artifact] = field(default_factory=list)  # in the order the worker announced them
     result: protocol.GenerateResult | None = None
     error: str = ""
-    error_code: str = ""  # a protocol error code, or client.BACKEND_STOPPED
-    started: float = field(default_factory=time.monotonic)
+    error_code: str = ""  # a protocol error code, or client.BACKEND_STOPPED / BACKEND_START_FAILED
+    finished_at: float | None = None  # time.monotonic() when the terminal reply was handled
+
+    @classmethod
+    def submit(cls, client: BackendClient, task: str, params: dict) -> Job:
+        """Start a job of `task` (a protocol.TASKS name) on `client`; returns at once, even while it starts."""
+        return cls(client, client.submit(protocol.RUN, {**params, "task": task}), task)
 
     @property
     def finished(self) -> bool:
-        return self.state != RUNNING
+        return self.state in FINISHED_STATES
+
+    def poll(self) -> bool:
+        """Apply the messages that arrived since the last poll; True when there were any."""
+        if self.finished:
+            return False
+        messages = self.client.messages(self.request_id)
+        for message in messages:
+            self.handle(message)
+        return bool(messages)
+
+    def cancel(self) -> None:
+        """Ask the worker to stop; the job finishes as cancelled when the worker confirms (next polls)."""
+        if not self.finished:
+            self.client.cancel(self.request_id)
 
     def handle(self, message: dict) -> None:
         """Update from one worker message for this request."""
         kind = message.get("event")
-        data = message.get("data") or {}
-        if kind == protocol.EVENT_PROGRESS:
-            self.stage = "denoising"
-            self.step, self.total, self.elapsed = data["step"], data["total"], data["elapsed"]
-        elif kind == protocol.EVENT_PREVIEW:
-            self.preview = protocol.PreviewEvent(**{k: data[k] for k in ("step", "width", "height", "rgb")})
-            self.preview_serial += 1
+        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        if kind == protocol.EVENT_STATE:
+            if data.get("state") in (QUEUED, RUNNING):
+                self.state = data["state"]
         elif kind == protocol.EVENT_STATUS:
-            self.stage = data.get("stage", self.stage)
+            self.state, self.stage = RUNNING, str(data.get("stage", self.stage))
+        elif kind == protocol.EVENT_PROGRESS:
+            self.state = RUNNING
+            self.step, self.total, self.elapsed = data.get("step", 0), data.get("total", 0), data.get("elapsed", 0.0)
+        elif kind == protocol.EVENT_PREVIEW:
+            preview = _known(protocol.PreviewEvent, data)
+            if preview is not None:
+                self.preview, self.preview_serial = preview, self.preview_serial + 1
+        elif kind == protocol.EVENT_ARTIFACT:
+            artifact = _known(protocol.Artifact, data)
+            if artifact is not None:
+                self.artifacts.append(artifact)
         elif "result" in message:
-            self.result = protocol.GenerateResult.from_dict(message["result"])
-            self.state = DONE
+            try:
+                self.result, self.state = protocol.GenerateResult.from_dict(message["result"]), DONE
+            except (KeyError, TypeError, AttributeError) as exc:
+                self.error, self.error_code, self.state = f"malformed result from the backend: {exc!r}", "", FAILED
         elif "error" in message:
-            error = message["error"] or {}
+            error = message["error"] if isinstance(message["error"], dict) else {}
             self.error = error.get("message") or "unknown backend error"
-            self.error_code = error.get("code", "")
-            self.state = FAILED
+            self.error_code, self.state = error.get("code", ""), FAILED
         elif message.get("cancelled"):
-            self.error = "Cancelled"
-            self.state = CANCELLED
-
-    def fail(self, message: str, code: str = "") -> None:
-        """Finish with an error that did not come from the worker (e.g. it failed to start)."""
-        self.error, self.error_code, self.state = message, code, FAILED
+            self.error, self.state = "Cancelled", CANCELLED
+        if self.finished and self.finished_at is None:
+            self.finished_at = time.monotonic()
 
     @property
     def fraction(self) -> float:
@@ -75,11 +107,68 @@ class Job:
     @property
     def status_text(self) -> str:
         if self.state == FAILED:
-            return f"Failed: {self.error}"
-        if self.state != RUNNING:
+            return f"Failed: {self.error.splitlines()[0] if self.error else 'unknown error'}"
+        if self.state in (DONE, CANCELLED):
             return self.state.capitalize()
+        if self.state == QUEUED:
+            return "Starting backend…" if self.client.starting else "Queued"
         if not self.step:
-            return self.stage.replace("_", " ").capitalize() + "…"
-        text = f"Step {self.step}/{self.total}"
+            return (self.stage.replace("_", " ").capitalize() or "Running") + "…"
         left = self.seconds_left
-        return text + (f" · ~{left:.0f}s left" if left is not None else "")
+        return f"Step {self.step}/{self.total}" + (f" · ~{left:.0f}s left" if left is not None else "")
+
+
+class JobBoard:
+    """The jobs the UI follows: any number at once, each on the client that took it.
+
+    Finished jobs stay listed for `keep_seconds` (at most `keep` of them), then are dropped.
+    """
+
+    def __init__(self, keep: int = 10, keep_seconds: float = 120.0):
+        self.keep, self.keep_seconds = keep, keep_seconds
+        self.changed: list[Job] = []  # jobs that had news in the last poll (redraw, new previews)
+        self._jobs: list[Job] = []
+        self._next_prune = 0.0
+
+    @property
+    def jobs(self) -> list[Job]:
+        """Every listed job, oldest first."""
+        return list(self._jobs)
+
+    @property
+    def active(self) -> list[Job]:
+        return [job for job in self._jobs if not job.finished]
+
+    def submit(self, client: BackendClient, task: str, params: dict) -> Job:
+        job = Job.submit(client, task, params)
+        self._jobs.append(job)
+        return job
+
+    def poll(self) -> list[Job]:
+        """Drain every unfinished job's messages; return the jobs that finished since the last poll."""
+        self.changed = [job for job in self._jobs if job.poll()]
+        finished = [job for job in self.changed if job.finished]
+        now = time.monotonic()
+        if finished or now >= self._next_prune:
+            self._prune(now)
+        return finished
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+
+    def _prune(self, now: float) -> None:
+        self._next_prune = now + 1.0
+        done = [job for job in self._jobs if job.finished]
+        too_old = now - self.keep_seconds
+        dropped = {id(job) for job in done[: max(0, len(done) - self.keep)]}
+        dropped |= {id(job) for job in done if job.finished_at < too_old}
+        self._jobs = [job for job in self._jobs if id(job) not in dropped]
+
+
+def _known(cls: type, data: dict) -> Any:
+    """A dataclass from the fields it knows (unknown ones are ignored); None when a required one is missing."""
+    names = {f.name for f in fields(cls)}
+    try:
+        return cls(**{key: value for key, value in data.items() if key in names})
+    except TypeError:
+        return None

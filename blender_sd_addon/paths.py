@@ -1,4 +1,4 @@
-"""Where things are: the backend's interpreter, its PYTHONPATH, the output folder.
+"""Where things are: the backend's interpreter, the worker's command line, the output folder.
 
 Blender-free: the bpy layer passes in what only Blender knows (preferences, the user data folder, the
 .blend's path).
@@ -28,11 +28,10 @@ def repo_root(addon_dir: Path = ADDON_DIR) -> Path | None:
     return root if (root / "backend" / "__init__.py").is_file() else None
 
 
-def backend_pythonpath(addon_dir: Path = ADDON_DIR) -> list[str]:
-    """Folders holding the `backend` package (worker/ in a built add-on) and the `blender_sd_addon` package."""
-    worker = addon_dir / "worker"
-    folders = [worker if worker.is_dir() else addon_dir.parent, addon_dir.parent]
-    return list(dict.fromkeys(str(f) for f in folders))
+def worker_command(python: str, addon_dir: Path = ADDON_DIR) -> list[str]:
+    """The worker's command line: the launcher, run by the backend's interpreter. The launcher sets up the
+    worker's import path itself (no PYTHONPATH: Blender's add-ons folder must not be on it)."""
+    return [python, str(addon_dir / "worker_launcher.py"), "serve"]
 
 
 def _has_backend_packages() -> bool:

@@ -1,10 +1,10 @@
-"""The one protocol between the Blender add-on and the backend worker.
+"""The one protocol between the Blender add-on and the backend worker (version 2).
 
 Stdlib only: Blender's Python imports this file, and so does the torch worker.
-Wire format: one JSON object per line (UTF-8) on the worker's stdin/stdout; logs go to stderr.
+Wire format: one JSON object per line (UTF-8); logs go elsewhere (stderr). See docs/protocol.md.
 
 Client -> worker
-    request       {"id": "r1", "method": "generate", "params": {...}}
+    request       {"id": "r1", "method": "run", "params": {"task": "txt2img", ...}}
     notification  {"method": "cancel", "params": {"id": "r1"}}          (no id, no reply)
 Worker -> client
     event         {"id": "r1", "event": "progress", "data": {...}}      (zero or more)
@@ -12,45 +12,62 @@ Worker -> client
                   {"id": "r1", "error": {"code": "...", "message": "...", "data": {...}}}
                   {"id": "r1", "cancelled": true}
 
-Every request gets exactly one terminal reply. Unknown fields are ignored. See docs/protocol.md.
+Every request gets exactly one terminal reply. Unknown fields are ignored. Every `run` request is a job
+(its id is the request id) with a state, progress and artifacts; jobs queue and run one at a time.
+Tasks declare their parameters in TASK_PARAMS; the dataclass of each is generated from its table.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 
-PROTOCOL_VERSION = 1
+# The major version: a different one is refused. Additions within a major are announced as capabilities.
+PROTOCOL_VERSION = 2
+CAPABILITIES = ("jobs", "upload", "artifacts", "fetch", "tasks")
 
-# Methods (requests) and notifications.
+# Methods (requests). `cancel` may also be sent as a notification (no id, no reply).
 HANDSHAKE = "handshake"
-GENERATE = "generate"
+RUN = "run"  # start a job: params = {"task": ..., the task's parameters}
 LOAD_MODEL = "load_model"
-SHUTDOWN = "shutdown"
+UPLOAD = "upload"  # bytes in, named by their sha256
+FETCH = "fetch"  # an artifact's bytes out, in chunks
+JOBS = "jobs"  # list jobs
+JOB = "job"  # one job
 CANCEL = "cancel"
-METHODS = (HANDSHAKE, GENERATE, LOAD_MODEL, SHUTDOWN)
-NOTIFICATIONS = (CANCEL,)
+SHUTDOWN = "shutdown"
+METHODS = (HANDSHAKE, RUN, LOAD_MODEL, UPLOAD, FETCH, JOBS, JOB, CANCEL, SHUTDOWN)
 
 # Events streamed before the terminal reply.
+EVENT_STATE = "state"  # data: {"state": "running"} when a queued job starts
+EVENT_STATUS = "status"  # data: {"stage": "loading_model" | "encoding" | "denoising" | "decoding" | "saving"}
 EVENT_PROGRESS = "progress"  # data: ProgressEvent
 EVENT_PREVIEW = "preview"  # data: PreviewEvent
-EVENT_STATUS = "status"  # data: {"stage": "loading_model" | "encoding" | "denoising" | "decoding" | "saving"}
+EVENT_ARTIFACT = "artifact"  # data: Artifact; the file is complete under its final name
+
+# Job states.
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+FINISHED_STATES = (DONE, FAILED, CANCELLED)
 
 # Error codes.
-PARSE_ERROR = "parse_error"  # the line is not a JSON object
+PARSE_ERROR = "parse_error"  # the line is not a JSON object (or too long)
 INVALID_REQUEST = "invalid_request"  # missing/ill-typed id, method or params
 METHOD_NOT_FOUND = "method_not_found"
-INVALID_PARAMS = "invalid_params"  # a parameter is out of range; message names it and the range
+INVALID_PARAMS = "invalid_params"  # a parameter is out of range; message names it and what is accepted
 PROTOCOL_MISMATCH = "protocol_mismatch"
 MODEL_NOT_FOUND = "model_not_found"
 UNSAFE_CHECKPOINT = "unsafe_checkpoint"  # pickle checkpoint without allow_pickle
 MODEL_LOAD_FAILED = "model_load_failed"
 OUT_OF_MEMORY = "out_of_memory"
+OUTPUT_FAILED = "output_failed"  # output_dir not writable, disk full; message names the folder
+NOT_FOUND = "not_found"  # unknown job id or artifact
+SHUTTING_DOWN = "shutting_down"  # a request sent after shutdown (or after the input ended)
 INTERNAL_ERROR = "internal_error"  # data.traceback holds the worker's traceback
 
-TASKS = ("txt2img",)  # img2img, inpaint, depth2img, train_lora, travel: later tasks share GenerateParams
 SCHEDULERS = (
     "ddpm",
     "ddim",
@@ -63,12 +80,23 @@ SCHEDULERS = (
     "lcm",
 )
 SEAMLESS_AXES = ("none", "x", "y", "xy")
+SEAMLESS_INPUT_AXES = (*SEAMLESS_AXES, "auto")  # tasks with an input image: "auto" = the axes it already tiles on
+RESIZE_MODES = ("fit", "fill", "stretch", "keep")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 NORMAL_FORMATS = ("opengl", "directx")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "OPENEXR")
+ARRAY_DTYPES = {"float32": 4, "float16": 2, "uint8": 1, "uint16": 2, "int32": 4}  # little-endian, C order
 
 SEED_MAX = 2**32 - 1
 SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 64, 2048, 8
+TEXT_MAX = 4000  # characters in a prompt or any other string parameter (CLIP reads 77 tokens anyway)
+PATH_MAX = 4096
+MAX_LINE = 64 * 2**20  # bytes in one message (an upload of a 48 MiB file, base64-encoded)
+UPLOAD_MAX = 48 * 2**20  # bytes in one uploaded file
+FETCH_CHUNK = 8 * 2**20  # bytes per fetch reply
+INPUT_PIXELS_MAX = 8192 * 8192  # an input image larger than this is refused before decoding
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ProtocolError(Exception):
@@ -84,12 +112,78 @@ class ProtocolError(Exception):
         return {"code": self.code, "message": self.message, "data": self.data}
 
 
-def _invalid(name: str, accepted: str, value: Any) -> ProtocolError:
+def shown(value: Any, limit: int = 80) -> str:
+    """A short, always-encodable rendering of a value for messages (never the value itself: a bad value
+    may be 10 MB long, NaN or a lone surrogate)."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def invalid(name: str, accepted: str, value: Any) -> ProtocolError:
     return ProtocolError(
         INVALID_PARAMS,
-        f"{name} must be {accepted}, got {value!r}",
-        {"param": name, "accepted": accepted, "value": value},
+        f"{name} must be {accepted}, got {shown(value)}",
+        {"param": name, "accepted": accepted, "value": shown(value)},
     )
+
+
+# --- inputs: images and arrays by path or by uploaded bytes ----------------------------------------
+
+
+class ImageInput(dict):
+    """Kind marker for an image parameter: {"path": "/abs/file.png"} or {"sha256": "<hex of uploaded bytes>"}."""
+
+
+class ArrayInput(dict):
+    """Kind marker for a typed array: {"path" | "sha256": ..., "dtype": "float32", "shape": [h, w, ...]}.
+    The bytes are the raw little-endian C-order array (numpy's `tobytes()`)."""
+
+
+def check_reference(name: str, value: Any, array: bool) -> dict:
+    """Shape-check an input reference (the worker checks the bytes behind it)."""
+    kind = "an array reference" if array else "an image reference"
+    accepted = f'{kind}: {{"path": absolute path}} or {{"sha256": hex of uploaded bytes}}'
+    if array:
+        accepted = accepted[:-1] + f', "dtype": one of {", ".join(ARRAY_DTYPES)}, "shape": [sizes]}}'
+    if not isinstance(value, dict) or ("path" in value) == ("sha256" in value):
+        raise invalid(name, accepted, value)
+    if "path" in value:
+        path = value["path"]
+        if not isinstance(path, str) or not path.strip() or not valid_text(path, PATH_MAX) or "\x00" in path:
+            raise invalid(name + ".path", "an absolute path", path)
+        out = {"path": path}
+    else:
+        digest = value["sha256"]
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise invalid(name + ".sha256", "64 lowercase hex digits (the upload's sha256)", digest)
+        out = {"sha256": digest}
+    if array:
+        dtype, shape = value.get("dtype"), value.get("shape")
+        if dtype not in ARRAY_DTYPES:
+            raise invalid(name + ".dtype", "one of " + ", ".join(ARRAY_DTYPES), dtype)
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= 4
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 65536 for s in shape)
+        ):
+            raise invalid(name + ".shape", "a list of 1 to 4 sizes from 1 to 65536", shape)
+        out.update(dtype=dtype, shape=list(shape))
+    return out
+
+
+def valid_text(value: str, limit: int) -> bool:
+    """Encodable as UTF-8 (no lone surrogates) and at most `limit` characters."""
+    if len(value) > limit:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# --- parameters ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -108,12 +202,15 @@ class Range:
         return text + (f" in multiples of {self.multiple}" if self.multiple else "")
 
 
+KIND_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", ImageInput: "image", ArrayInput: "array"}
+
+
 @dataclass(frozen=True)
 class Param:
     """One request parameter: its type, default, accepted values and help text.
 
-    This table drives validation in the worker and the add-on, the CLI flags and the panel's limits,
-    so a range is written down exactly once.
+    These tables drive validation in the worker and the add-on, the CLI flags, the panel's limits and
+    the handshake's task specs, so a range is written down exactly once.
     """
 
     name: str
@@ -123,36 +220,73 @@ class Param:
     range: Range | None = None
     choices: tuple[str, ...] = ()
     optional: bool = False  # None is accepted (meaning "pick for me", e.g. a random seed)
+    required: bool = False  # a string that must not be empty, or an input that must be given
+    max_length: int = TEXT_MAX
 
     def accepted(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.range:
             return self.range.describe(self.kind)
-        return {str: "a string", bool: "true or false", dict: "an object"}.get(self.kind, self.kind.__name__)
+        if self.kind is str:
+            return "a non-empty string" if self.required else "a string"
+        return {bool: "true or false", ImageInput: "an image reference", ArrayInput: "an array reference"}.get(
+            self.kind, self.kind.__name__
+        )
 
     def check(self, value: Any) -> Any:
         if value is None and self.optional:
             return None
+        if self.kind in (ImageInput, ArrayInput):
+            if value is None and not self.required:
+                return None
+            return check_reference(self.name, value, array=self.kind is ArrayInput)
         # bool is an int subclass in Python; never let True pass as 1.
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
-            raise _invalid(self.name, self.accepted(), value)
+        if isinstance(value, bool) != (self.kind is bool):
+            raise invalid(self.name, self.accepted(), value)
+        if self.kind is float and isinstance(value, int):
+            try:
+                value = float(value)
+            except OverflowError:  # an integer too large for a float
+                raise invalid(self.name, self.accepted(), value) from None
+        if not isinstance(value, self.kind):
+            raise invalid(self.name, self.accepted(), value)
         if self.kind is float and not math.isfinite(value):
-            raise _invalid(self.name, self.accepted(), value)
+            raise invalid(self.name, self.accepted(), value)
+        if self.kind is str:
+            if not valid_text(value, self.max_length) or "\x00" in value:
+                raise invalid(self.name, f"text of at most {self.max_length} characters (UTF-8, no NUL)", value)
+            if self.required and not value.strip():
+                raise invalid(self.name, "a non-empty string", value)
         if self.choices and value not in self.choices:
-            raise _invalid(self.name, self.accepted(), value)
+            raise invalid(self.name, self.accepted(), value)
         r = self.range
         if r and (value < r.low or value > r.high or (r.multiple and value % r.multiple)):
-            raise _invalid(self.name, self.accepted(), value)
+            raise invalid(self.name, self.accepted(), value)
         return value
 
+    def to_wire(self) -> dict:
+        """The spec as JSON, for the handshake (clients build controls and flags from it)."""
+        spec = {"name": self.name, "type": KIND_NAMES[self.kind], "default": self.default, "help": self.help}
+        spec.update(accepted=self.accepted(), optional=self.optional, required=self.required)
+        if self.range:
+            spec["range"] = asdict(self.range)
+        if self.choices:
+            spec["choices"] = list(self.choices)
+        return spec
 
-GENERATE_PARAMS: tuple[Param, ...] = (
-    Param("task", str, "txt2img", "What to run.", choices=TASKS),
-    Param("model", str, "", "Hub id, local diffusers folder, or single-file .safetensors checkpoint."),
-    Param("prompt", str, "", "What to paint."),
+
+# Shared groups: tasks combine these with their own parameters.
+MODEL_PARAMS: tuple[Param, ...] = (
+    Param("model", str, "", "Hub id, local diffusers folder, or single-file .safetensors checkpoint.", required=True),
+    Param("device", str, "auto", "Where to run.", choices=DEVICES),
+    Param("dtype", str, "auto", "Precision (auto: fp16 on GPU, fp32 on CPU).", choices=DTYPES),
+    Param("cpu_offload", bool, False, "Keep weights on the CPU until needed (less VRAM, slower)."),
+    Param("attention_slicing", bool, False, "Compute attention in slices (less memory, slower)."),
+    Param("allow_pickle", bool, False, "Allow pickle checkpoints (.ckpt/.pt/.bin): they can run code."),
+)
+SAMPLING_PARAMS: tuple[Param, ...] = (
+    Param("prompt", str, "", "What to paint.", required=True),
     Param("negative_prompt", str, "", "What to avoid."),
     Param("seed", int, None, "Random seed; unset picks one and reports it.", Range(0, SEED_MAX), optional=True),
     Param("steps", int, 25, "Denoising steps.", Range(1, 150)),
@@ -162,81 +296,141 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("batch_size", int, 1, "Images per request.", Range(1, 8)),
     Param("scheduler", str, "euler_a", "Sampler.", choices=SCHEDULERS),
     Param("seamless", str, "none", "Axes on which the texture tiles.", choices=SEAMLESS_AXES),
-    Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
+    Param("preview_every", int, 0, "Send a preview every N steps (0 = never).", Range(0, 150)),
+    Param("vae_tiling", bool, False, "Decode in tiles (large images on small GPUs; off while seamless)."),
+)
+PBR_MAP_PARAMS: tuple[Param, ...] = (
     Param("normal_format", str, "opengl", "Normal map convention (opengl = green up).", choices=NORMAL_FORMATS),
     Param("normal_strength", float, 1.0, "Relief of the derived normal map (0 = flat).", Range(0.0, 10.0)),
     Param("height_contrast", float, 1.0, "Contrast of the derived height map.", Range(0.0, 4.0)),
     Param("roughness_contrast", float, 1.0, "Contrast of the derived roughness map (0 = uniform).", Range(0.0, 4.0)),
     Param("ao_strength", float, 1.0, "Darkness of derived ambient occlusion (0 = none).", Range(0.0, 10.0)),
-    Param("output_dir", str, "", "Absolute folder the images are written to."),
-    Param("filename_prefix", str, "sdtex", "Start of each file name (sanitised)."),
-    Param("preview_every", int, 0, "Send a preview every N steps (0 = never).", Range(0, 150)),
-    Param("device", str, "auto", "Where to run.", choices=DEVICES),
-    Param("dtype", str, "auto", "Precision (auto: fp16 on GPU, fp32 on CPU).", choices=DTYPES),
-    Param("cpu_offload", bool, False, "Keep weights on the CPU until needed (less VRAM, slower)."),
-    Param("attention_slicing", bool, False, "Compute attention in slices (less memory, slower)."),
-    Param("vae_tiling", bool, False, "Decode in tiles (large images on small GPUs; off while seamless)."),
-    Param("allow_pickle", bool, False, "Allow pickle checkpoints (.ckpt/.pt/.bin): they can run code."),
 )
-_PARAMS_BY_NAME = {p.name: p for p in GENERATE_PARAMS}
+OUTPUT_PARAMS: tuple[Param, ...] = (
+    Param("output_dir", str, "", "Absolute folder the files are written to.", required=True, max_length=PATH_MAX),
+    Param("filename_prefix", str, "sdtex", "Start of each file name (sanitised).", max_length=200),
+)
+# Tasks that start from an image: the image, how it meets width/height, and seamless with "auto".
+SOURCE_PARAMS: tuple[Param, ...] = (
+    Param("image", ImageInput, None, "The image to start from.", required=True),
+    Param(
+        "resize",
+        str,
+        "fit",
+        "How the image meets width and height: fit inside, fill and crop, stretch, or keep its own size.",
+        choices=RESIZE_MODES,
+    ),
+)
+SEAMLESS_INPUT = Param(
+    "seamless", str, "none", "Axes on which the result tiles (auto: those the input tiles on).",
+    choices=SEAMLESS_INPUT_AXES,
+)  # fmt: skip
 
 
-@dataclass
-class GenerateParams:
-    """Validated parameters of a generate request (field order and defaults follow GENERATE_PARAMS)."""
+def replaced(table: tuple[Param, ...], *new: Param) -> tuple[Param, ...]:
+    """A parameter group with some entries swapped by name (e.g. seamless with "auto" for image tasks)."""
+    by_name = {p.name: p for p in new}
+    return tuple(by_name.get(p.name, p) for p in table)
 
-    task: str = "txt2img"
-    model: str = ""
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int | None = None
-    steps: int = 25
-    guidance_scale: float = 7.5
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    scheduler: str = "euler_a"
-    seamless: str = "none"
-    pbr: bool = False
-    normal_format: str = "opengl"
-    normal_strength: float = 1.0
-    height_contrast: float = 1.0
-    roughness_contrast: float = 1.0
-    ao_strength: float = 1.0
-    output_dir: str = ""
-    filename_prefix: str = "sdtex"
-    preview_every: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    cpu_offload: bool = False
-    attention_slicing: bool = False
-    vae_tiling: bool = False
-    allow_pickle: bool = False
+
+def _task(name: str) -> Param:
+    return Param("task", str, name, "What to run.", choices=(name,))
+
+
+TASK_PARAMS: dict[str, tuple[Param, ...]] = {
+    "txt2img": (
+        _task("txt2img"),
+        *MODEL_PARAMS,
+        *SAMPLING_PARAMS,
+        Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
+    "pbr": (
+        _task("pbr"),
+        Param("image", ImageInput, None, "The albedo to derive maps from.", required=True),
+        Param("seamless", str, "none", "Axes on which the image tiles (the maps will too).", choices=SEAMLESS_AXES),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
+}
+TASKS = tuple(TASK_PARAMS)
+TASK_HELP = {
+    "txt2img": "Text to image: a texture from a prompt, optionally tiling, with PBR maps.",
+    "pbr": "PBR maps (height, normal, roughness, AO) derived from a given image.",
+}
+
+
+class TaskParams:
+    """Base of the generated parameter dataclasses (one per task, fields and defaults from its table)."""
+
+    TABLE: tuple[Param, ...] = ()
 
     @classmethod
-    def from_dict(cls, params: Any) -> GenerateParams:
-        """Validate a params object; raise ProtocolError(INVALID_PARAMS) naming the first bad value."""
+    def from_dict(cls, params: Any):
+        """Validate a params object; raise ProtocolError(INVALID_PARAMS) naming the first bad value.
+        Unknown keys are ignored (they may belong to a newer client)."""
         if not isinstance(params, dict):
             raise ProtocolError(INVALID_REQUEST, f"params must be an object, got {type(params).__name__}")
         values = {}
-        for p in GENERATE_PARAMS:
-            values[p.name] = p.check(params[p.name]) if p.name in params else p.default
-        for name in ("model", "prompt", "output_dir"):
-            if not values[name].strip():
-                raise _invalid(name, "a non-empty string", values[name])
+        for p in cls.TABLE:
+            if p.name in params:
+                values[p.name] = p.check(params[p.name])
+            elif p.required:
+                raise invalid(p.name, p.accepted(), None)
+            else:
+                values[p.name] = p.default
         return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-assert [f.name for f in fields(GenerateParams)] == list(_PARAMS_BY_NAME), "GenerateParams out of sync"
-assert all(f.default == _PARAMS_BY_NAME[f.name].default for f in fields(GenerateParams))
+def params_class(task: str) -> type:
+    """The dataclass of one task's parameters, generated from its table."""
+    table = TASK_PARAMS[task]
+    name = "".join(part.title() for part in task.split("_")) + "Params"
+    specs = [(p.name, Any, field(default=p.default)) for p in table]
+    return make_dataclass(name, specs, bases=(TaskParams,), namespace={"TABLE": table})
 
 
-def param(name: str) -> Param:
-    """The spec of one generate parameter (for CLI flags and panel limits)."""
-    return _PARAMS_BY_NAME[name]
+PARAMS_CLASSES: dict[str, type] = {task: params_class(task) for task in TASKS}
+GenerateParams = Txt2ImgParams = PARAMS_CLASSES["txt2img"]
+PbrParams = PARAMS_CLASSES["pbr"]
+GENERATE_PARAMS = TASK_PARAMS["txt2img"]
+def param(name: str, task: str | None = None) -> Param:
+    """The spec of one parameter by name (for CLI flags and panel limits): in `task`'s table, or in the
+    first task (in TASKS order, txt2img first) that has it."""
+    for table in [TASK_PARAMS[task]] if task else TASK_PARAMS.values():
+        for p in table:
+            if p.name == name and name != "task":
+                return p
+    raise KeyError(name)
+
+
+def task_params(params: Any) -> TaskParams:
+    """Validate a `run` request's params: the task first, then that task's table."""
+    task = params.get("task") if isinstance(params, dict) else None
+    if not isinstance(task, str) or task not in PARAMS_CLASSES:
+        raise invalid("task", "one of " + ", ".join(TASKS), task)
+    return PARAMS_CLASSES[task].from_dict(params)
+
+
+def model_params(params: Any) -> TaskParams:
+    """Validate the model-related subset (for load_model): a txt2img parameter set with dummy output."""
+    if not isinstance(params, dict):
+        raise ProtocolError(INVALID_REQUEST, f"params must be an object, got {type(params).__name__}")
+    names = {p.name for p in MODEL_PARAMS}
+    chosen = {k: v for k, v in params.items() if k in names}
+    return GenerateParams.from_dict({**chosen, "prompt": "warm-up", "output_dir": "/unused"})
+
+
+def task_specs() -> dict:
+    """Every task's parameter specs, as the handshake lists them."""
+    return {task: {"help": TASK_HELP[task], "params": [p.to_wire() for p in TASK_PARAMS[task]]} for task in TASKS}
+
+
+# --- events and results -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -256,22 +450,38 @@ class PreviewEvent:
 
 
 @dataclass
+class Artifact:
+    """A file a job made, announced once it is complete under its final name."""
+
+    path: str  # absolute path on the worker's machine (fetch it with `fetch` when remote)
+    kind: str  # "image" (an albedo), "map" (a PBR map), later "frame", "view", "sample", "checkpoint"
+    size: int  # bytes
+    sha256: str
+    index: int = 0  # which image of the job it belongs to
+    role: str = "albedo"  # "albedo" | "height" | "normal" | "roughness" | "ao" | ...
+
+
+@dataclass
 class ImageRecord:
-    path: str  # absolute path of the PNG (albedo)
-    seed: int
+    path: str  # absolute path of the PNG (albedo; for the pbr task, the source image's path or "")
+    seed: int | None
     maps: dict[str, str] = field(default_factory=dict)  # "height" | "normal" | "roughness" | "ao" -> path
 
 
 @dataclass
 class GenerateResult:
+    """The result of every image task (txt2img, pbr): images with their maps, and how they were made."""
+
     images: list[ImageRecord]
-    seed: int  # seed of the first image; image i uses seed + i
+    seed: int | None  # seed of the first image; image i uses seed + i (None when nothing was sampled)
     width: int
     height: int
     model: str
     seamless: str
     timings: dict[str, float]  # load, encode, denoise, decode, save, total (seconds)
-    params: dict  # the full validated GenerateParams
+    params: dict  # the full validated parameters
+    task: str = "txt2img"
+    artifacts: list[dict] = field(default_factory=list)  # every Artifact of the job, in order
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerateResult:
@@ -281,34 +491,63 @@ class GenerateResult:
 
 
 @dataclass
+class JobInfo:
+    """A job as `jobs` and `job` report it."""
+
+    id: str | int
+    task: str
+    state: str  # one of JOB_STATES
+    stage: str = ""
+    step: int = 0
+    total: int = 0
+    elapsed: float = 0.0
+    artifacts: list[dict] = field(default_factory=list)
+    error: dict | None = None  # {"code", "message", "data"} once failed
+    cancel_requested: bool = False
+    queued_ahead: int = 0  # jobs before it in the queue (queued state only)
+
+
+@dataclass
 class HandshakeResult:
     protocol_version: int
     backend_version: str
     devices: list[str]
     schedulers: list[str]
-    tasks: list[str]
+    tasks: dict  # task name -> {"help", "params": [Param.to_wire()]}
+    capabilities: list[str] = field(default_factory=list)
     torch_version: str = ""
     diffusers_version: str = ""
     loaded_model: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HandshakeResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # --- wire helpers -------------------------------------------------------------------------------
 
 
 def encode(message: dict) -> bytes:
-    """One message as a JSON line."""
+    """One message as a JSON line. Raises ValueError for NaN/Infinity or text that is not UTF-8."""
     return (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
 
 
 def decode(line: bytes | str) -> dict:
-    """Parse one line; ProtocolError(PARSE_ERROR) when it is not a JSON object."""
+    """Parse one line; ProtocolError(PARSE_ERROR) when it is not a JSON object (or nests too deep)."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError(PARSE_ERROR, f"message too long: {len(line)} bytes, at most {MAX_LINE}")
     try:
-        message = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(PARSE_ERROR, f"not valid JSON: {exc}") from None
+        message = json.loads(line, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(PARSE_ERROR, f"not valid JSON: {shown(str(exc), 200)}") from None
     if not isinstance(message, dict):
         raise ProtocolError(PARSE_ERROR, f"a message must be a JSON object, got {type(message).__name__}")
     return message
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity
 
 
 def request(request_id: str, method: str, params: dict | None = None) -> dict:
@@ -339,11 +578,27 @@ def is_terminal(message: dict) -> bool:
     return "result" in message or "error" in message or "cancelled" in message
 
 
+def request_id_of(message: dict) -> str | int | None:
+    """The message's id when it is a usable one (a short string or an integer), else None."""
+    request_id = message.get("id")
+    if isinstance(request_id, str) and valid_text(request_id, 200):
+        return request_id
+    if isinstance(request_id, int) and not isinstance(request_id, bool) and abs(request_id) < 2**53:
+        return request_id
+    return None
+
+
 def check_protocol_version(theirs: Any) -> None:
+    """Refuse another major version; within one major, capabilities tell what the other side has."""
     if theirs != PROTOCOL_VERSION:
         raise ProtocolError(
             PROTOCOL_MISMATCH,
-            f"protocol version mismatch: this side speaks {PROTOCOL_VERSION}, the other side {theirs!r}; "
+            f"protocol version mismatch: this side speaks {PROTOCOL_VERSION}, the other side {shown(theirs)}; "
             "update the add-on and the backend together",
-            {"expected": PROTOCOL_VERSION, "got": theirs},
+            {"expected": PROTOCOL_VERSION, "got": shown(theirs)},
         )
+
+
+def missing_capabilities(theirs: Any, needed: tuple[str, ...] = CAPABILITIES) -> list[str]:
+    have = set(theirs) if isinstance(theirs, list) else set()
+    return [c for c in needed if c not in have]

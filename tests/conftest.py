@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny seeded random model (built once) and the real worker as a subprocess."""
+"""Shared fixtures: tiny seeded random models (SD and SDXL, built once) and the real worker as a subprocess."""
 
 from __future__ import annotations
 
@@ -16,9 +16,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_test_model(tmp_path_factory.mktemp("tiny-model") / "tiny-sd", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny StableDiffusionXLPipeline folder (random weights, seed 0; its VAE has latents mean/std)."""
+    from backend.tiny_model import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("tiny-sdxl-model") / "tiny-sdxl", seed=0, architecture="tiny-sdxl")
+
+
 @pytest.fixture(scope="module")
 def worker():
     """A running worker shared by one test module."""
     process = WorkerProcess()
     yield process
     process.close()
+
+
+@pytest.fixture
+def run_params(tiny_model_dir: Path, tmp_path: Path) -> dict:
+    """A small valid txt2img `run` request on the tiny model, writing into this test's own folder."""
+    return {
+        "task": "txt2img",
+        "model": str(tiny_model_dir),
+        "prompt": "weathered oak planks",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "output_dir": str(tmp_path / "out"),
+    }

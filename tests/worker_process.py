@@ -16,16 +16,18 @@ import threading
 import time
 from pathlib import Path
 
+from blender_sd_addon.protocol import is_terminal
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 class WorkerProcess:
     """`python -m backend serve` in a subprocess, spoken to in raw JSON lines."""
 
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict | None = None, command: list[str] | None = None, banner: bool = False):
         self.stderr = tempfile.TemporaryFile()  # a file, so a chatty worker can never block on a full pipe
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve"],
+            command or [sys.executable, "-m", "backend", "serve"],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -34,10 +36,14 @@ class WorkerProcess:
         )
         self.messages: queue.Queue = queue.Queue()
         self._counter = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read, args=(banner,), daemon=True).start()
 
-    def _read(self) -> None:
+    def _read(self, banner: bool) -> None:
+        if banner:  # stray text the command printed before the worker took stdout over, ended by the worker
+            self.banner = self.proc.stdout.readline()
         for line in self.proc.stdout:
+            if line == b"\n":  # the worker ends any partial line stray startup output left, once, at start
+                continue
             self.messages.put(json.loads(line))  # anything but JSON on stdout is a bug: let it fail loudly
         self.messages.put(None)
 
@@ -72,6 +78,16 @@ class WorkerProcess:
                 events.append(message)
             else:
                 return message, events
+
+    def collect(self, ids: list[str], timeout: float = 120) -> dict[str, list[dict]]:
+        """Every message for each id, in order, until each has its terminal reply (any interleaving)."""
+        seen: dict[str, list[dict]] = {i: [] for i in ids}
+        deadline = time.monotonic() + timeout
+        while any(not m or not is_terminal(m[-1]) for m in seen.values()):
+            message = self.recv(max(deadline - time.monotonic(), 0.1))
+            assert message.get("id") in seen, f"unexpected message {message}"
+            seen[message["id"]].append(message)
+        return seen
 
     def call(self, method: str, params: dict | None = None, timeout: float = 120) -> tuple[dict, list[dict]]:
         return self.wait(self.request(method, params), timeout)

@@ -1,7 +1,16 @@
-"""Tasks: one module per task, each a function (pipe, GenerateParams, callbacks) -> images, seeds, timings."""
+"""The task registry: one module per task, each with `run(ctx: JobContext, params) -> GenerateResult`.
 
-from backend.tasks.txt2img import Cancelled, Txt2ImgOutput, run_txt2img
+A task's parameters are declared once, in protocol.TASK_PARAMS (the worker checks both lists agree);
+this table says which function runs it.
+"""
 
-TASKS = {"txt2img": run_txt2img}
+from __future__ import annotations
 
-__all__ = ["TASKS", "Cancelled", "Txt2ImgOutput", "run_txt2img"]
+from collections.abc import Callable
+
+from backend.tasks import pbr, txt2img
+
+TASKS: dict[str, Callable] = {
+    "txt2img": txt2img.run,
+    "pbr": pbr.run,
+}

@@ -2,7 +2,8 @@
 
 The denoising loop is the pipeline's own (called with output_type="latent"); encoding and decoding are
 done here, exactly as the pipeline does them, so each stage can be timed and a cancelled run never
-pays for a VAE decode.
+pays for a VAE decode. `run_txt2img` is the pipeline (images in memory); `run` is the job around it
+(model, progress, previews, files).
 """
 
 from __future__ import annotations
@@ -10,21 +11,28 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 
+from backend.context import Cancelled, JobContext
+from backend.families import family_of, size_multiple
+from backend.outputs import output_folder, save_images
+from backend.previews import preview_event
 from backend.schedulers import make_scheduler
 from backend.seamless import seamless
-from blender_sd_addon.protocol import INVALID_PARAMS, SEED_MAX, GenerateParams, ProtocolError
+from blender_sd_addon.protocol import (
+    EVENT_PREVIEW,
+    INVALID_PARAMS,
+    SEED_MAX,
+    GenerateParams,
+    GenerateResult,
+    ProtocolError,
+)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
-
-
-class Cancelled(Exception):
-    """The client cancelled the run; nothing was decoded."""
 
 
 @dataclass
@@ -32,13 +40,6 @@ class Txt2ImgOutput:
     images: list[PIL.Image.Image]
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)  # encode, denoise, decode (seconds)
-
-
-def size_multiple(pipe: DiffusionPipeline) -> int:
-    """Pixels per latent cell times the U-Net's downsampling: sizes must divide by this to stay valid
-    all the way down the U-Net (and for circular padding to tile)."""
-    downsampling = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    return pipe.vae_scale_factor * downsampling
 
 
 def check_inputs(pipe: DiffusionPipeline, params: GenerateParams) -> None:
@@ -69,29 +70,29 @@ def encode_prompt(pipe: DiffusionPipeline, params: GenerateParams, guidance: boo
         do_classifier_free_guidance=guidance,
         negative_prompt=negative,
     )
-    names = ["prompt_embeds", "negative_prompt_embeds"]
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-    return dict(zip(names, embeds, strict=True))
+    return dict(zip(family_of(pipe).prompt_embeds, embeds, strict=True))
 
 
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[PIL.Image.Image]:
     """The pipeline's own decode: unscale, VAE decode (fp32 where SDXL's VAE needs it), postprocess."""
     vae = pipe.vae
-    upcast = isinstance(pipe, StableDiffusionXLPipeline) and vae.dtype == torch.float16 and vae.config.force_upcast
+    honours_config = family_of(pipe).decode_honours_vae_config
+    upcast = honours_config and vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
-        pipe.upcast_vae()
+        vae.to(dtype=torch.float32)  # what the deprecated pipe.upcast_vae() does
     latents = latents.to(dtype=next(vae.post_quant_conv.parameters()).dtype)  # already on the pipeline's device
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
+    if honours_config and mean is not None and std is not None:
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
         latents = latents * std / vae.config.scaling_factor + mean
     else:
         latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
-    if upcast:
-        vae.to(dtype=torch.float16)
+    try:
+        image = vae.decode(latents, return_dict=False)[0]
+    finally:
+        if upcast:  # also after an out-of-memory error: the warm model must stay as loaded
+            vae.to(dtype=torch.float16)
     pipe.maybe_free_model_hooks()
     return pipe.image_processor.postprocess(image, output_type="pil")
 
@@ -177,3 +178,51 @@ def run_txt2img(
         timings["decode"] = time.perf_counter() - start
 
     return Txt2ImgOutput(images=images, seeds=seeds, timings=timings)
+
+
+def run(ctx: JobContext, params: GenerateParams) -> GenerateResult:
+    """The txt2img job: load (or reuse) the model, run the pipeline, save and announce each file."""
+    start = time.perf_counter()
+    # 1. Check inputs that need no model: the output folder must be writable before any denoising
+    output_folder(params)
+
+    # 2. Model (warm, or loaded now)
+    ctx.stage("loading_model")
+    model, load_seconds = ctx.models.get(params)
+    ctx.check_cancelled()
+    factors = model.family.preview_factors
+    denoise_start = time.perf_counter()
+
+    def on_stage(stage: str) -> None:
+        nonlocal denoise_start
+        if stage == "denoising":
+            denoise_start = time.perf_counter()
+        ctx.stage(stage)
+
+    def on_step(step: int, total: int, latents: torch.Tensor) -> None:
+        ctx.progress(step, total, time.perf_counter() - denoise_start)
+        if params.preview_every and step % params.preview_every == 0:
+            ctx.emit(EVENT_PREVIEW, asdict(preview_event(step, latents, factors)))
+
+    # 3. Denoise and decode
+    output = run_txt2img(
+        model.pipe, params, on_step=on_step, should_cancel=ctx.is_cancelled, on_stage=on_stage, device=model.device
+    )
+
+    # 4. Save: every file is announced as soon as it is complete
+    ctx.stage("saving")
+    save_start = time.perf_counter()
+    records = save_images(output.images, output.seeds, params, announce=ctx.artifact)
+    timings = {"load": load_seconds, **output.timings, "save": time.perf_counter() - save_start}
+    timings["total"] = time.perf_counter() - start
+    return GenerateResult(
+        images=records,
+        seed=output.seeds[0],
+        width=params.width,
+        height=params.height,
+        model=params.model,
+        seamless=params.seamless,
+        timings=timings,
+        params=params.to_dict(),
+        task="txt2img",
+    )

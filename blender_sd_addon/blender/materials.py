@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import bmesh
 import bpy
 
 MAP_LABELS = {"albedo": "Albedo", "roughness": "Roughness", "normal": "Normal", "height": "Height", "ao": "AO"}
@@ -55,32 +57,37 @@ class ApplyOptions:
             raise ValueError(f"texture_scale must be in [{TEXTURE_SCALE_MIN}, {TEXTURE_SCALE_MAX}]; got {scale!r}")
 
 
-def apply_images(objects, maps: dict[str, str], options: ApplyOptions, name: str) -> list[bpy.types.Material]:
-    """Build materials from image files and assign them to the mesh objects among `objects`.
+def apply_images(
+    objects, maps: dict[str, str | bpy.types.Image], options: ApplyOptions, name: str
+) -> list[bpy.types.Material]:
+    """Build materials from images and assign them to the mesh objects among `objects`.
 
-    `maps` holds "albedo" (required) and optionally "height", "normal", "roughness", "ao" -> file path;
-    normal maps are expected in OpenGL convention (green up), as Blender reads them. Objects that are
-    not meshes are skipped (callers report them); a ValueError is raised when none is a mesh.
+    `maps` holds "albedo" (required) and optionally "height", "normal", "roughness", "ao" -> a file path
+    (loaded with the colour space its kind needs, packed when options.pack is set) or an Image datablock
+    (an artist's image, used as it is: never recoloured or packed). Normal maps are expected in OpenGL
+    convention (green up), as Blender reads them. Objects that are not meshes are skipped (callers report
+    them); a ValueError is raised when none is a mesh. Objects in Edit Mode get their UVs and face
+    assignments in the edit mesh, so leaving Edit Mode keeps them.
     Returns the materials made: one named `name`, or one per object named `name.ObjectName`.
     """
     # 1. Check inputs
     meshes = [obj for obj in objects if obj.type == "MESH"]
     if not meshes:
         raise ValueError("no mesh among the objects: select at least one mesh object")
-    editing = [obj.name for obj in meshes if obj.data.is_editmode]
-    if editing:  # Edit Mode holds its own copy of the mesh and would discard the UVs and face assignments
-        raise ValueError(f"leave Edit Mode first ({', '.join(editing)})")
     unknown = sorted(set(maps) - set(MAP_KINDS))
     if unknown:
         raise ValueError(f"unknown map kind(s) {', '.join(unknown)}; accepted: {', '.join(MAP_KINDS)}")
     if not maps.get("albedo"):
-        raise ValueError("maps must contain an 'albedo' image path")
-    for kind, path in maps.items():
-        if not os.path.isfile(path):
-            raise ValueError(f"{kind} map not found: {path}")
+        raise ValueError("maps must contain an 'albedo' image (a file path or an Image)")
+    for kind, source in maps.items():
+        if isinstance(source, str) and not os.path.isfile(source):
+            raise ValueError(f"{kind} map not found: {source}")
 
-    # 2. Load images as their own datablocks: a user's images are reused or left alone, never overwritten
-    images = {kind: _load_image(path, kind, options.pack) for kind, path in maps.items()}
+    # 2. Load files as their own datablocks: a user's images are reused or left alone, never overwritten
+    images = {
+        kind: load_image(source, kind, options.pack) if isinstance(source, str) else source
+        for kind, source in maps.items()
+    }
 
     # 3. Every mesh gets a UV map when it has none: UV projection reads it, and the Normal Map node's
     #    tangent space needs one even with box projection.
@@ -142,18 +149,24 @@ def ensure_uv_map(mesh: bpy.types.Mesh) -> bpy.types.MeshUVLoopLayer:
 
     Each face is projected along the axis its normal is closest to (the layout Blender's box
     projection uses too), scaled so the largest side of the mesh spans one UV unit; the texture
-    scale then counts repeats across the object. Pure data access: no edit mode, no operators.
+    scale then counts repeats across the object. Pure data access, no operators; in Edit Mode the
+    map is written into the edit mesh, which Blender copies back to the mesh on leaving.
     """
     if mesh.uv_layers:
         return mesh.uv_layers.active or mesh.uv_layers[0]
-    uv_layer = mesh.uv_layers.new(name="UVMap")
-    if not mesh.loops:
+    uv_layer = mesh.uv_layers.new(name="UVMap")  # in Edit Mode Blender adds it to the edit mesh
+    if mesh.is_editmode:
+        edit = bmesh.from_edit_mesh(mesh)
+        layer = edit.loops.layers.uv[uv_layer.name]
+        co = array("f", [c for vert in edit.verts for c in vert.co])
+        uvs = _box_uvs(co, ((face.normal, [loop.vert.co for loop in face.loops]) for face in edit.faces))
+        for i, loop in enumerate(loop for face in edit.faces for loop in face.loops):
+            loop[layer].uv = uvs[2 * i : 2 * i + 2]
+        bmesh.update_edit_mesh(mesh)
         return uv_layer
 
     co = _floats(len(mesh.vertices) * 3)
     mesh.vertices.foreach_get("co", co)
-    low = [min(co[axis::3]) for axis in range(3)]
-    extent = max(max(co[axis::3]) - low[axis] for axis in range(3)) or 1.0
     normals = _floats(len(mesh.polygons) * 3)
     mesh.polygons.foreach_get("normal", normals)
     loop_starts = array("i", [0]) * len(mesh.polygons)
@@ -162,24 +175,35 @@ def ensure_uv_map(mesh: bpy.types.Mesh) -> bpy.types.MeshUVLoopLayer:
     mesh.polygons.foreach_get("loop_total", loop_totals)
     loop_verts = array("i", [0]) * len(mesh.loops)
     mesh.loops.foreach_get("vertex_index", loop_verts)
+    faces = (
+        (normals[3 * face : 3 * face + 3], [co[3 * v : 3 * v + 3] for v in loop_verts[start : start + total]])
+        for face, (start, total) in enumerate(zip(loop_starts, loop_totals, strict=True))
+    )
+    uv_layer.data.foreach_set("uv", _box_uvs(co, faces))
+    return uv_layer
 
-    uvs = _floats(len(mesh.loops) * 2)
-    for face, (start, total) in enumerate(zip(loop_starts, loop_totals, strict=True)):
-        normal = normals[3 * face : 3 * face + 3]
+
+def _box_uvs(co: array, faces: Iterable[tuple[Sequence[float], list[Sequence[float]]]]) -> array:
+    """Box-projected UVs, two floats per loop in face order: `co` holds every vertex (x, y, z, ...) for the
+    bounds, `faces` each face's normal and corner positions."""
+    if not co:  # an empty mesh
+        return array("f")
+    low = [min(co[axis::3]) for axis in range(3)]
+    extent = max(max(co[axis::3]) - low[axis] for axis in range(3)) or 1.0
+    uvs = array("f")
+    for normal, corners in faces:
         axis = max(range(3), key=lambda i: abs(normal[i]))
         sign = 1.0 if normal[axis] >= 0.0 else -1.0
-        for loop in range(start, start + total):
-            vert = loop_verts[loop]
-            x, y, z = ((co[3 * vert + i] - low[i]) / extent for i in range(3))
+        for corner in corners:
+            x, y, z = ((corner[i] - low[i]) / extent for i in range(3))
             # u is flipped on faces looking down an axis, so the image is never mirrored.
             if axis == 0:
-                uvs[2 * loop], uvs[2 * loop + 1] = sign * y, z
+                uvs.extend((sign * y, z))
             elif axis == 1:
-                uvs[2 * loop], uvs[2 * loop + 1] = -sign * x, z
+                uvs.extend((-sign * x, z))
             else:
-                uvs[2 * loop], uvs[2 * loop + 1] = x, sign * y
-    uv_layer.data.foreach_set("uv", uvs)
-    return uv_layer
+                uvs.extend((x, sign * y))
+    return uvs
 
 
 def _floats(count: int) -> array:
@@ -187,7 +211,8 @@ def _floats(count: int) -> array:
     return array("f", [0.0]) * count
 
 
-def _load_image(path: str, kind: str, pack: bool) -> bpy.types.Image:
+def load_image(path: str, kind: str, pack: bool = False) -> bpy.types.Image:
+    """The image of a map file (the datablock already showing it, when there is one)."""
     image = bpy.data.images.load(path, check_existing=True)
     # Only colour is sRGB; the other maps are data and must reach the shader unchanged.
     image.colorspace_settings.name = "sRGB" if kind == "albedo" else "Non-Color"
@@ -218,14 +243,25 @@ def _assign(obj, material: bpy.types.Material, slot: str) -> None:
         mesh.materials.append(material)
         obj.active_material_index = len(obj.material_slots) - 1
         if slot == "NEW":
-            mesh.polygons.foreach_set("material_index", array("i", [obj.active_material_index]) * len(mesh.polygons))
-            mesh.update()
+            _assign_faces(mesh, obj.active_material_index)
         return
     active = obj.material_slots[obj.active_material_index]
     old = active.material
     if old is not None and old != material:
         old.use_fake_user = True
     active.material = material
+
+
+def _assign_faces(mesh: bpy.types.Mesh, index: int) -> None:
+    """Give every face the material slot `index` (in the edit mesh while in Edit Mode)."""
+    if mesh.is_editmode:
+        edit = bmesh.from_edit_mesh(mesh)
+        for face in edit.faces:
+            face.material_index = index
+        bmesh.update_edit_mesh(mesh)
+        return
+    mesh.polygons.foreach_set("material_index", array("i", [index]) * len(mesh.polygons))
+    mesh.update()
 
 
 def _build_material(name: str, images: dict, options: ApplyOptions, uv_name: str) -> bpy.types.Material:

@@ -1,25 +1,26 @@
 """Operators: read properties into plain values, call api.py, turn SDTexError into a report.
 
-In the UI `sdtex.generate` returns at once and a `bpy.app.timers` callback follows the job; in
-background mode (`blender -b`) it blocks until the material is applied.
+In the UI `sdtex.generate` and `sdtex.derive_pbr_maps` return at once and a `bpy.app.timers` callback
+follows the job; in background mode (`blender -b`) they block until the material is applied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
 
 from .. import api, protocol
-from ..client import SDTexError
+from ..client import BackendClient, SDTexError
 from ..history import HistoryRecord
-from ..jobs import CANCELLED, DONE, Job
-from . import materials, preview
+from ..jobs import CANCELLED, DONE, Job, JobBoard
+from . import images, materials, preview
 from .properties import INT32_MAX
 
 POLL_INTERVAL = 0.01  # seconds between timer polls while a job runs: a cheap mailbox check, and the
@@ -28,21 +29,52 @@ REDRAW_AREAS = {"VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR", "PREFERENCES"}
 
 
 @dataclass
+class Target:
+    """Where a UI job's result goes: names, not objects (objects may be deleted while it runs)."""
+
+    object_names: tuple[str, ...]
+    options: materials.ApplyOptions | None
+    apply: bool
+    source: str = ""  # the pbr task's source image, by name (the material's albedo)
+
+
+@dataclass(eq=False)
+class Upload:
+    """A job whose input image is on its way to the worker. Uploading waits for the worker to start, so it
+    runs on a thread; the timer submits the job (main thread) once the bytes are there."""
+
+    client: BackendClient
+    task: str
+    params: dict
+    target: Target
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str = ""  # set by the thread: plain Python only, never bpy
+    cancelled: bool = False
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.client.upload(data)
+        except SDTexError as exc:
+            self.error = f"Could not send the image: {exc}"
+        finally:
+            self.done.set()
+
+
+@dataclass
 class UIState:
     """What the panel shows between timer ticks (module state: never saved in the .blend)."""
 
-    job: Job | None = None
-    object_names: tuple[str, ...] = ()
-    options: materials.ApplyOptions | None = None
-    apply: bool = True
-    preview_serial: int = 0
+    board: JobBoard = field(default_factory=JobBoard)
+    targets: dict[str, Target] = field(default_factory=dict)  # request id -> where its result goes
+    uploads: list[Upload] = field(default_factory=list)  # jobs waiting for their input to be uploaded
+    preview_serial: tuple[str, int] = ("", 0)  # the last preview shown: (request id, serial)
     message: str = ""  # the last outcome, shown under the Generate button
     is_error: bool = False
     backend_message: str = ""  # set by the start-up thread: plain Python only, never bpy
 
     @property
     def running(self) -> bool:
-        return self.job is not None and not self.job.finished
+        return bool(self.board.active or self.uploads)
 
     def say(self, message: str, is_error: bool = False) -> None:
         self.message, self.is_error = message, is_error
@@ -83,44 +115,61 @@ def start_backend_async() -> None:
 # --- the UI job timer --------------------------------------------------------------------------------
 
 
-def start_ui_job(params: dict, meshes: list, options: materials.ApplyOptions, apply: bool) -> None:
-    """Submit a generation and follow it from a timer; the timer applies the result when it arrives.
+def start_ui_job(params: dict, meshes: list, options: materials.ApplyOptions, apply: bool, task: str = "txt2img"):
+    """Queue a job and follow it from a timer, which applies its result when it arrives.
 
-    Submitting may have to start the worker (seconds): that happens on a thread, so a click never
-    freezes Blender; the job shows "Starting backend…" meanwhile.
+    Returns at once: the client queues the request while the worker starts, so a click never freezes
+    Blender. Any number of jobs can be queued; each applies to the objects it was started for.
     """
-    client = api.get_client()  # reads preferences: main thread only
-    job = Job("", params, stage="starting_backend")
+    # get_client reads preferences: main thread only
+    job = _submit(api.get_client(), task, params, Target(tuple(obj.name for obj in meshes), options, apply))
+    _follow()
+    return job
 
-    def submit() -> None:  # off the main thread: the client and plain Python only, never bpy
-        try:
-            job.request_id = client.submit(protocol.GENERATE, params)
-            if job.state == CANCELLED:  # cancelled while the backend was starting
-                client.cancel(job.request_id)
-        except SDTexError as exc:
-            job.fail(str(exc))
 
-    STATE.job, STATE.object_names = job, tuple(obj.name for obj in meshes)
-    STATE.options, STATE.apply, STATE.preview_serial = options, apply, 0
+def start_ui_pbr_job(
+    image: bpy.types.Image, params: dict, meshes: list, options: materials.ApplyOptions, apply: bool
+) -> Job | Upload:
+    """Queue a pbr job for `image` like start_ui_job; an image that is not a file is uploaded first, on a
+    thread, and the job follows once its bytes are there."""
+    source = images.image_source(image)  # reads pixels: main thread
+    client = api.get_client()
+    target = Target(tuple(obj.name for obj in meshes), options, apply, source=image.name)
+    if isinstance(source, str):
+        started = _submit(client, "pbr", params | {"image": {"path": source}}, target)
+    else:  # named by the bytes' digest, as the worker will store them
+        started = Upload(client, "pbr", params | {"image": {"sha256": hashlib.sha256(source).hexdigest()}}, target)
+        STATE.uploads.append(started)
+        threading.Thread(target=started.send, args=(source,), daemon=True, name="sdtex-upload").start()
+    _follow()
+    return started
+
+
+def _submit(client: BackendClient, task: str, params: dict, target: Target) -> Job:
+    job = STATE.board.submit(client, task, params)
+    STATE.targets[job.request_id] = target
+    return job
+
+
+def _follow() -> None:
     STATE.say("")
-    threading.Thread(target=submit, daemon=True, name="sdtex-submit").start()
-    bpy.app.timers.register(_tick, first_interval=POLL_INTERVAL)
+    if not bpy.app.timers.is_registered(_tick):
+        bpy.app.timers.register(_tick, first_interval=POLL_INTERVAL)
 
 
-def cancel_ui_job() -> None:
-    """Ask the worker to stop the UI job; a job still waiting for the backend is dropped at once."""
-    job, client = STATE.job, api.current_client()
-    if job is None or job.finished:
-        return
-    if job.request_id and client is not None:
-        client.cancel(job.request_id)
-    else:
-        job.state, job.error = CANCELLED, "Cancelled"
+def cancel_ui_jobs(request_id: str = "") -> None:
+    """Ask the worker to stop one UI job (by request id) or all of them (uploading ones included)."""
+    for job in STATE.board.active:
+        if not request_id or job.request_id == request_id:
+            job.cancel()
+    if not request_id:
+        for upload in STATE.uploads:
+            upload.cancelled = True
 
 
 def _tick() -> float | None:
     try:
-        return _follow_job()
+        return _follow_jobs()
     except Exception as exc:  # Blender drops a timer that raises: leave a message, not a stuck progress bar
         traceback.print_exc()
         stop_polling()
@@ -128,36 +177,57 @@ def _tick() -> float | None:
         return None
 
 
-def _follow_job() -> float | None:
-    job, client = STATE.job, api.current_client()
-    if job is None or client is None:
-        return None
-    messages = client.messages(job.request_id) if job.request_id else []
-    for message in messages:
-        job.handle(message)
-    if job.preview and job.preview_serial != STATE.preview_serial:
-        STATE.preview_serial = job.preview_serial
-        preview.show_preview(job.preview)
-    if messages:  # redraw only on news: a redraw per tick can cost more than a step on a slow GPU
+def _follow_jobs() -> float | None:
+    uploaded = _submit_uploaded()
+    finished = STATE.board.poll()
+    changed = STATE.board.changed
+    for job in changed:
+        serial = (job.request_id, job.preview_serial)
+        if job.preview and not job.finished and serial != STATE.preview_serial:
+            STATE.preview_serial = serial
+            preview.show_preview(job.preview)
+    for job in finished:
+        _finish(job, STATE.targets.pop(job.request_id, Target((), None, False)))
+    if changed or uploaded:  # redraw only on news: a redraw per tick can cost more than a step on a slow GPU
         _redraw()
-    if not job.finished:
-        return POLL_INTERVAL
-    if job.state == DONE:
-        meshes = [bpy.data.objects[n] for n in STATE.object_names if n in bpy.data.objects]
-        try:
-            texture = api.finish(job.result, meshes, STATE.options, apply=STATE.apply and bool(meshes))
-            if STATE.apply and not meshes:
-                raise SDTexError("The objects were deleted while generating; the images are in the history")
-            if STATE.apply and bpy.ops.ed.undo_push.poll():  # no undo stack without a window
-                bpy.ops.ed.undo_push(message="Apply SD texture")
-            folder = os.path.dirname(texture.files[0])
-            STATE.say(f"Saved {len(texture.files)} file(s) in {folder} (seed {texture.seed})")
-        except SDTexError as exc:
-            STATE.say(str(exc), is_error=True)
-    else:
-        STATE.say(job.status_text, is_error=job.state != "cancelled")
-    _redraw()
-    return None
+    return POLL_INTERVAL if STATE.running else None
+
+
+def _submit_uploaded() -> list[Upload]:
+    """Submit the jobs whose input arrived (or report why it did not); return the uploads that ended."""
+    ended = [upload for upload in STATE.uploads if upload.done.is_set()]
+    for upload in ended:
+        STATE.uploads.remove(upload)
+        if upload.cancelled:
+            STATE.say("Cancelled")
+        elif upload.error:
+            STATE.say(upload.error, is_error=True)
+        else:
+            _submit(upload.client, upload.task, upload.params, upload.target)
+    return ended
+
+
+def _finish(job: Job, target: Target) -> None:
+    """Apply a finished job's result to the objects it was started for, and say how it went."""
+    if job.state != DONE:
+        STATE.say(job.status_text, is_error=job.state != CANCELLED)
+        return
+    meshes = [bpy.data.objects[n] for n in target.object_names if n in bpy.data.objects]
+    try:
+        apply = target.apply and bool(meshes)
+        texture = api.finish(job.result, meshes, target.options, apply=apply, source=target.source)
+        if target.apply and not meshes:
+            raise SDTexError("The objects were deleted while generating; the images are in the history")
+        if target.apply and bpy.ops.ed.undo_push.poll():  # no undo stack without a window
+            bpy.ops.ed.undo_push(message="Apply SD texture")
+        STATE.say(saved_message(texture))
+    except SDTexError as exc:
+        STATE.say(str(exc), is_error=True)
+
+
+def saved_message(texture: api.TextureResult) -> str:
+    seed = "" if texture.seed is None else f" (seed {texture.seed})"
+    return f"Saved {len(texture.files)} file(s) in {os.path.dirname(texture.files[0])}{seed}"
 
 
 def _redraw() -> None:
@@ -168,9 +238,9 @@ def _redraw() -> None:
 
 
 def stop_polling() -> None:
-    """Forget the UI job (unregister, new file): cancel it and stop the timer."""
-    cancel_ui_job()
-    STATE.job = None
+    """Forget the UI jobs (unregister, new file): cancel them and stop the timer."""
+    cancel_ui_jobs()
+    STATE.board, STATE.targets, STATE.uploads = JobBoard(), {}, []
     if bpy.app.timers.is_registered(_tick):
         bpy.app.timers.unregister(_tick)
 
@@ -190,11 +260,7 @@ class SDTEX_OT_generate(bpy.types.Operator):
     def execute(self, context):
         settings = context.scene.sdtex
         try:
-            if STATE.running:
-                raise SDTexError("A generation is already running: wait for it or cancel it")
-            options = api.apply_options(
-                settings.shared_material, settings.slot, settings.projection, settings.texture_scale
-            )
+            options = api.apply_options(**settings.apply_settings())
             meshes = api.mesh_objects(context.selected_objects) if self.apply else []
             seed = None if settings.random_seed else settings.seed
             # A seed the panel can show again (IntProperty is 32-bit) instead of the backend's wider pick.
@@ -203,7 +269,7 @@ class SDTEX_OT_generate(bpy.types.Operator):
             params = api.generate_params(generate, model=settings.model or None)
             if bpy.app.background:
                 texture = api.finish(api.run(params), meshes, options, apply=self.apply)
-                self.report({"INFO"}, f"Saved {len(texture.files)} file(s) in {os.path.dirname(texture.files[0])}")
+                self.report({"INFO"}, saved_message(texture))
             else:
                 start_ui_job(params, meshes, options, self.apply)
         except SDTexError as exc:
@@ -213,18 +279,63 @@ class SDTEX_OT_generate(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class SDTEX_OT_derive_pbr_maps(bpy.types.Operator):
+    """Make height, normal, roughness and AO maps of the image in the Image Editor (unsaved paint included)"""
+
+    bl_idname = "sdtex.derive_pbr_maps"
+    bl_label = "PBR Maps from Image"
+    bl_options = {"REGISTER", "UNDO"}
+
+    apply: BoolProperty(name="Apply", description="Put the image and its maps on the selected meshes", default=True)
+    image: StringProperty(name="Image", description="The image's name; empty uses the one the Image Editor shows")
+
+    def execute(self, context):
+        settings = context.scene.sdtex
+        try:
+            image = self._image(context)
+            meshes = api.mesh_objects(context.selected_objects) if self.apply else []
+            if bpy.app.background:
+                texture = api.derive_pbr_maps(
+                    image, meshes, apply=self.apply, **settings.pbr_settings(), **settings.apply_settings()
+                )
+                self.report({"INFO"}, saved_message(texture))
+            else:
+                options = api.apply_options(**settings.apply_settings())
+                params = api.pbr_params(settings.pbr_settings())
+                start_ui_pbr_job(image, params, meshes, options, self.apply)
+        except (SDTexError, ValueError) as exc:  # ValueError: the image has no pixels to send
+            STATE.say(str(exc), is_error=True)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+    def _image(self, context) -> bpy.types.Image:
+        if self.image:
+            image = bpy.data.images.get(self.image)
+            if image is None:
+                raise SDTexError(f"image must name an image of this file; there is none called {self.image!r}")
+            return image
+        space = context.space_data
+        image = space.image if space is not None and space.type == "IMAGE_EDITOR" else None
+        if image is None:
+            raise SDTexError("No image to make maps of: show one in the Image Editor")
+        return image
+
+
 class SDTEX_OT_cancel(bpy.types.Operator):
-    """Stop the running generation"""
+    """Stop this generation (queued ones never start)"""
 
     bl_idname = "sdtex.cancel"
     bl_label = "Cancel"
+
+    request_id: StringProperty(name="Job", description="The job to stop; empty stops every job")
 
     @classmethod
     def poll(cls, context):
         return STATE.running
 
     def execute(self, context):
-        cancel_ui_job()
+        cancel_ui_jobs(self.request_id)
         return {"FINISHED"}
 
 
@@ -246,13 +357,8 @@ class SDTEX_OT_apply_history(bpy.types.Operator):
         settings = context.scene.sdtex
         try:
             record = _active_record(context)
-            image = record.images()[0]
-            if not os.path.isfile(image.path):
-                raise SDTexError(f"The image file is gone: {image.path}")
-            options = api.apply_options(
-                settings.shared_material, settings.slot, settings.projection, settings.texture_scale
-            )
-            api.apply_image(image, api.mesh_objects(context.selected_objects), options, record.settings())
+            options = api.apply_options(**settings.apply_settings())
+            api.apply_record(record, api.mesh_objects(context.selected_objects), options)
         except SDTexError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
@@ -273,6 +379,8 @@ class SDTEX_OT_use_history_settings(bpy.types.Operator):
         except SDTexError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
+        # A pbr record's seamless says whether its image tiles: the pbr section's own choice.
+        panel_names = {"seamless": "pbr_seamless"} if record.task == "pbr" else {}
         for name, value in record.settings().items():
             if name == "seed":
                 settings.random_seed = value > INT32_MAX
@@ -280,8 +388,8 @@ class SDTEX_OT_use_history_settings(bpy.types.Operator):
             elif name == "model":  # keep following the preferences when the entry used their model
                 settings.model = "" if value == api.load_model_params()["model"] else value
             else:
-                setattr(settings, name, value)
-        if record.seed > INT32_MAX:
+                setattr(settings, panel_names.get(name, name), value)
+        if record.seed is not None and record.seed > INT32_MAX:
             self.report({"WARNING"}, f"Seed {record.seed} is above the panel's limit {INT32_MAX}: left random")
         return {"FINISHED"}
 
@@ -299,6 +407,8 @@ class SDTEX_OT_tile_preview(bpy.types.Operator):
     def execute(self, context):
         try:
             path = self.filepath or _active_record(context).images()[0].path
+            if not path:
+                raise SDTexError("This entry's image is not a file (its maps were made from an unsaved image)")
             materials.show_tile_preview(bpy.path.abspath(path))
         except (SDTexError, ValueError) as exc:
             self.report({"ERROR"}, str(exc))
@@ -363,6 +473,7 @@ class SDTEX_OT_browse_model(bpy.types.Operator):
 
 classes = (
     SDTEX_OT_generate,
+    SDTEX_OT_derive_pbr_maps,
     SDTEX_OT_cancel,
     SDTEX_OT_apply_history,
     SDTEX_OT_use_history_settings,

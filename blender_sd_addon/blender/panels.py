@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import bpy
 
-from ..history import HistoryRecord
+from ..history import PBR_CONTROLS, HistoryRecord
 from . import operators, preview
-from .properties import PBR_CONTROLS
 
 SPACES = ("VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR")
 
@@ -62,14 +61,23 @@ class MainPanel(SidebarPanel):
         row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
 
         state = operators.STATE
-        if state.running:
+        layout.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
+        for upload in state.uploads:
+            draw_progress(layout.row(), 0.0, f"{job_label(upload.target, upload.task)}: Sending the image…")
+        for job in state.board.active:  # each job: its own progress and Cancel; later ones wait in the queue
             row = layout.row(align=True)
-            draw_progress(row, state.job.fraction, state.job.status_text)
-            row.operator("sdtex.cancel", text="", icon="CANCEL")
-        else:
-            layout.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
+            label = job_label(state.targets.get(job.request_id), job.task)
+            draw_progress(row, job.fraction, f"{label}: {job.status_text}")
+            row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
         if state.message:
             layout.label(text=state.message, icon="ERROR" if state.is_error else "INFO")
+
+
+def job_label(target: operators.Target | None, task: str) -> str:
+    """Who a job is for: its objects, else its source image, else its task."""
+    if target and target.object_names:
+        return ", ".join(target.object_names)
+    return target.source if target and target.source else task
 
 
 class ApplyPanel(SidebarPanel):
@@ -86,17 +94,45 @@ class ApplyPanel(SidebarPanel):
         col.prop(settings, "slot")
         col.prop(settings, "projection")
         col.prop(settings, "texture_scale")
+        col.prop(settings, "displacement")
+        col.prop(settings, "ao_multiply")
+        col.prop(settings, "pack")
+
+
+class SDTEX_PT_pbr_image_editor(SidebarPanel, bpy.types.Panel):
+    """Maps of the image the Image Editor shows (a file, or unsaved paint: it is read, never changed)."""
+
+    bl_space_type = "IMAGE_EDITOR"
+    bl_label = "PBR Maps from Image"
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdtex
+        image = context.space_data.image
+        layout.label(text=image.name if image else "No image shown", icon="IMAGE_DATA")
+        row = layout.row()
+        row.label(text="Tiles")
+        row.prop(settings, "pbr_seamless", expand=True)
+        col = layout.column(align=True)
+        col.prop(settings, "normal_format", text="Normals")
+        for name in PBR_CONTROLS:
+            col.prop(settings, name)
+        row = layout.row()
+        row.enabled = image is not None
+        row.operator("sdtex.derive_pbr_maps", icon="NODE_MATERIAL").apply = settings.apply
 
 
 class SDTEX_UL_history(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         record = HistoryRecord.from_fields(item)
         images = record.images()
-        icon_id = preview.thumbnail_icon(images[0].path) if images else 0
+        # Maps made from an uploaded image have no albedo file: their normal map stands for them.
+        path = (images[0].path or images[0].maps.get("normal", "")) if images else ""
+        icon_id = preview.thumbnail_icon(path) if path else 0
         row = layout.row()
         icon_kwargs = {"icon_value": icon_id} if icon_id else {"icon": "IMAGE_DATA"}
-        row.label(text=record.prompt or "(no prompt)", **icon_kwargs)
-        row.label(text=str(record.seed))
+        row.label(text=record.title, **icon_kwargs)
+        row.label(text="" if record.seed is None else str(record.seed))
 
 
 class HistoryPanel(SidebarPanel):
@@ -130,4 +166,5 @@ classes = (
     *_for_each_space(MainPanel),
     *_for_each_space(ApplyPanel, parent="mainpanel"),
     *_for_each_space(HistoryPanel, parent="mainpanel"),
+    SDTEX_PT_pbr_image_editor,
 )

@@ -17,8 +17,9 @@ class SDTEX_AP_preferences(bpy.types.AddonPreferences):
 
     backend_python: StringProperty(
         name="Backend Interpreter",
-        description="Python with torch and diffusers that runs the backend; empty finds one "
-        "(the installed backend, the repository's .venv, or Blender's own Python if it has torch)",
+        description="Python with torch and diffusers that runs the backend; empty finds one, in order: "
+        "$SDTEX_BACKEND_PYTHON, the repository's .venv (add-on run from a checkout), the backend made by "
+        "Install Backend, Blender's own Python if it has torch and diffusers",
         subtype="FILE_PATH",
     )
     model: StringProperty(

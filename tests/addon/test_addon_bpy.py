@@ -111,7 +111,7 @@ def test_worker_killed_mid_job_is_a_clear_report_then_the_next_call_works(scene,
             os.kill(api.current_client().pid, signal.SIGKILL)
 
     monkeypatch.setattr(jobs.Job, "handle", kill_at_first_progress)
-    with pytest.raises(RuntimeError, match=r"backend stopped \(exit code -9\)"):
+    with pytest.raises(RuntimeError, match=r"(?s)backend stopped, killed by SIGKILL.*Full log: "):
         bpy.ops.sdtex.generate()
     assert cube.active_material is None
     monkeypatch.undo()
@@ -143,6 +143,31 @@ def test_history_is_newest_first_and_capped(scene):
     prompts = [entry.prompt for entry in scene.sdtex.history]
     assert len(prompts) == HISTORY_LIMIT
     assert prompts[0] == f"prompt {HISTORY_LIMIT + 1}" and prompts[-1] == "prompt 2"
+
+
+def test_history_keeps_a_pbr_entry_without_seed_across_saving_and_reopening(scene, tmp_path):
+    maps = {"height": "/out/wall_height.png", "normal": "/out/wall_normal.png"}
+    record = HistoryRecord(
+        "", "", None, 25, 7.5, 32, 16, "euler_a", "xy", True, "", [{"path": "", "seed": None, "maps": maps}],
+        task="pbr", source="Wall Paint", ao_strength=2.0,
+    )
+    api.add_history(scene, record)
+    blend = tmp_path / "pbr.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    (entry,) = bpy.context.scene.sdtex.history
+    assert entry.seed == "" and HistoryRecord.from_fields(entry) == record
+    assert record.title == "Maps of Wall Paint" and record.images()[0].maps == maps
+
+
+def test_generating_onto_an_object_in_edit_mode_applies_and_records(scene):
+    cube = add_cube("Cube")
+    cube.select_set(True)
+    bpy.ops.object.mode_set(mode="EDIT")
+    assert bpy.ops.sdtex.generate() == {"FINISHED"}
+    bpy.ops.object.mode_set(mode="OBJECT")
+    (entry,) = scene.sdtex.history
+    assert image_texture_paths(cube) == [HistoryRecord.from_fields(entry).images()[0].path]
 
 
 def test_use_history_settings_and_apply_again(scene):
@@ -183,13 +208,13 @@ def test_api_bad_parameter_names_it_and_its_range(scene):
         api.generate_texture([add_cube("Cube")], "x", steps=0)
 
 
-def follow_ui_job(on_tick=None):
+def follow_ui_jobs(on_tick=None):
     """Drive the UI timer by hand (timers do not tick in background mode) until it stops."""
     from blender_sd_addon.blender import operators
 
     while (delay := operators._tick()) is not None:
         if on_tick:
-            on_tick(operators.STATE.job)
+            on_tick()
         time.sleep(delay)
     operators.stop_polling()
 
@@ -199,9 +224,8 @@ def test_ui_job_shows_previews_flipped_for_blender_and_applies_the_result(scene)
 
     cube = add_cube("Cube")
     params = api.generate_params(scene.sdtex.generate_settings(9) | {"preview_every": 1})
-    operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
-    job = operators.STATE.job
-    follow_ui_job()
+    job = operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
+    follow_ui_jobs()
 
     assert job.state == jobs.DONE and not operators.STATE.is_error, operators.STATE.message
     assert os.path.isfile(image_texture_paths(cube)[0])
@@ -223,17 +247,39 @@ def test_ui_cancel_stops_the_job_without_applying(scene):
 
     cube = add_cube("Cube")
     params = api.generate_params(scene.sdtex.generate_settings(3) | {"steps": 150})
-    operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
-    job = operators.STATE.job
+    job = operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
 
-    def cancel_once_running(job):
+    def cancel_once_running():
         if job.step >= 1 and bpy.ops.sdtex.cancel.poll():
-            assert bpy.ops.sdtex.cancel() == {"FINISHED"}
+            assert bpy.ops.sdtex.cancel(request_id=job.request_id) == {"FINISHED"}
 
-    follow_ui_job(cancel_once_running)
+    follow_ui_jobs(cancel_once_running)
     assert job.state == jobs.CANCELLED and job.step < 150
     assert operators.STATE.message == "Cancelled" and not operators.STATE.is_error
     assert cube.active_material is None
+
+
+def test_two_ui_jobs_back_to_back_each_apply_to_their_own_object(scene):
+    """The second generation is queued while the first runs; each result lands on the object it was
+    started for, and cancelling a third (queued) one leaves the others alone."""
+    from blender_sd_addon.blender import operators
+
+    left, right, spare = add_cube("Left"), add_cube("Right"), add_cube("Spare")
+    options = api.apply_options(False, "NEW", "UV", 1.0)
+    first = operators.start_ui_job(api.generate_params(scene.sdtex.generate_settings(1)), [left], options, True)
+    second = operators.start_ui_job(api.generate_params(scene.sdtex.generate_settings(2)), [right], options, True)
+    third = operators.start_ui_job(api.generate_params(scene.sdtex.generate_settings(3)), [spare], options, True)
+    assert len(operators.STATE.board.active) == 3
+    assert bpy.ops.sdtex.cancel(request_id=third.request_id) == {"FINISHED"}
+    seen_running_together = []
+    follow_ui_jobs(lambda: seen_running_together.append(len(operators.STATE.board.active)))
+
+    assert (first.state, second.state, third.state) == (jobs.DONE, jobs.DONE, jobs.CANCELLED)
+    assert max(seen_running_together) >= 2  # both were listed at once, each with its own progress
+    assert image_texture_paths(left) == [first.result.images[0].path]
+    assert image_texture_paths(right) == [second.result.images[0].path]
+    assert spare.active_material is None
+    assert [entry.seed for entry in scene.sdtex.history][:2] == ["2", "1"]
 
 
 def test_fresh_blender_process_never_imports_torch(tiny_model_dir, tmp_path):

@@ -1,18 +1,22 @@
-"""The Blender-free half of the add-on: client, jobs, history records, paths. No bpy here."""
+"""The Blender-free half of the add-on: the client against a scripted worker, history records, paths.
+
+The client's debts (supervision, transport, launcher) are in test_client_*.py, jobs in test_jobs.py.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from blender_sd_addon import paths, protocol
-from blender_sd_addon.client import BACKEND_STOPPED, BackendClient, BackendError, SDTexError
+from blender_sd_addon.client import BACKEND_START_FAILED, BACKEND_STOPPED, BackendClient, BackendError, SDTexError
 from blender_sd_addon.history import HistoryRecord
-from blender_sd_addon.jobs import CANCELLED, FAILED, Job
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 
@@ -26,10 +30,22 @@ def fake_client(mode: str, tmp_path: Path) -> BackendClient:
 
 def test_protocol_mismatch_says_to_update_both_and_stops_the_worker(tmp_path):
     client = fake_client("wrong_version", tmp_path)
-    with pytest.raises(SDTexError) as info:
+    with pytest.raises(BackendError) as info:
         client.start(timeout=30)
     message = str(info.value)
+    assert info.value.code == protocol.PROTOCOL_MISMATCH
     assert "protocol version mismatch" in message and "999" in message
+    assert "update the add-on and the backend together" in message
+    assert not client.alive
+
+
+def test_missing_capabilities_are_refused_and_queued_requests_get_the_start_error(tmp_path):
+    client = fake_client("missing_capabilities", tmp_path)
+    request_id = client.submit("load_model", {"model": "a"})  # queued while the worker starts
+    reply = client.wait(request_id, timeout=30)
+    assert reply["error"]["code"] == protocol.PROTOCOL_MISMATCH
+    message = reply["error"]["message"]
+    assert "lacks upload, artifacts, fetch, tasks" in message
     assert "update the add-on and the backend together" in message
     assert not client.alive
 
@@ -38,29 +54,46 @@ def test_handshake_result_ignores_unknown_fields_and_requests_round_trip(tmp_pat
     client = fake_client("echo", tmp_path)
     try:
         shake = client.start(timeout=30)
-        assert (shake.protocol_version, shake.backend_version, shake.devices) == (1, "fake", ["cpu"])
+        assert (shake.protocol_version, shake.backend_version, shake.devices) == (2, "fake", ["cpu"])
+        assert "fetch" in shake.capabilities and list(shake.tasks) == ["txt2img"]
+        assert client.handshake is shake and client.pid
         first = client.submit("load_model", {"model": "a"})
         second = client.submit("load_model", {"model": "b"})
         assert first != second
         # Replies are filed by id: waiting for the second first must not lose the first.
         assert client.result(client.wait(second, timeout=30)) == {"echo": {"model": "b"}}
         assert client.result(client.wait(first, timeout=30)) == {"echo": {"model": "a"}}
+        # A collected reply closes the mailbox: nothing is kept for the id.
+        assert client.messages(first) == []
+        with pytest.raises(SDTexError, match="No open request"):
+            client.wait(first, timeout=1)
     finally:
         client.shutdown()
-    assert not client.alive
+    assert not client.alive and client.handshake is None
 
 
-def test_dead_worker_fails_open_requests_with_its_stderr_and_the_next_request_restarts_it(tmp_path):
-    client = fake_client("die_on_generate", tmp_path)
+def test_submit_returns_at_once_and_requests_queued_during_the_start_go_out_in_order(tmp_path):
+    client = fake_client("echo", tmp_path)
+    try:
+        began = time.monotonic()
+        ids = [client.submit("load_model", {"n": n}) for n in range(5)]
+        assert time.monotonic() - began < 0.5 and client.starting
+        replies = [client.result(client.wait(i, timeout=30)) for i in ids]
+        assert replies == [{"echo": {"n": n}} for n in range(5)]
+        assert client.alive and not client.starting
+    finally:
+        client.shutdown()
+
+
+def test_dead_worker_fails_open_requests_with_its_traceback_and_the_next_request_restarts_it(tmp_path):
+    client = fake_client("die_on_run", tmp_path)
     try:
         client.start(timeout=30)
         first_pid = client.pid
         events = []
-        reply = client.wait(client.submit("generate", {}), on_event=events.append, timeout=30)
+        reply = client.wait(client.submit(protocol.RUN, {"task": "txt2img"}), on_event=events.append, timeout=30)
         assert [e["event"] for e in events] == ["progress"]
         assert reply["error"]["code"] == BACKEND_STOPPED
-        assert "backend stopped (exit code 3)" in reply["error"]["message"]
-        assert "the fake worker fell over" in reply["error"]["message"]
         with pytest.raises(BackendError, match="exit code 3"):
             client.result(reply)
         assert not client.alive
@@ -73,17 +106,36 @@ def test_dead_worker_fails_open_requests_with_its_stderr_and_the_next_request_re
 
 
 def test_missing_interpreter_is_a_clear_error(tmp_path):
-    client = BackendClient([str(tmp_path / "no-such-python"), "-m", "backend", "serve"])
-    with pytest.raises(SDTexError, match="Cannot start the backend with .*no-such-python"):
-        client.start()
+    client = BackendClient([str(tmp_path / "no-such-python"), "serve"])
+    with pytest.raises(BackendError, match="Cannot start the backend with .*no-such-python") as info:
+        client.start(timeout=10)
+    assert info.value.code == BACKEND_START_FAILED
+    reply = client.wait(client.submit("load_model", {}), timeout=10)  # submit reports it as the reply
+    assert reply["error"]["code"] == BACKEND_START_FAILED
 
 
-def test_wait_times_out_with_a_clear_error(tmp_path):
+def test_wait_timeout_cancels_and_forgets_the_request(tmp_path):
+    client = fake_client("slow", tmp_path)
+    try:
+        request_id = client.submit(protocol.RUN, {"task": "txt2img"})
+        with pytest.raises(SDTexError, match="did not finish within 0.5 s; the request was cancelled"):
+            client.wait(request_id, timeout=0.5)
+        # The worker got the cancel (it is free for the next request) and the late reply was dropped.
+        assert client.request("load_model", {"model": "y"}, timeout=30) == {"echo": {"model": "y"}}
+        assert client.messages(request_id) == []
+        assert request_id not in client._rpc._mail
+    finally:
+        client.shutdown()
+
+
+def test_forget_drops_the_mailbox_and_later_messages(tmp_path):
     client = fake_client("echo", tmp_path)
     try:
         client.start(timeout=30)
-        with pytest.raises(SDTexError, match="did not finish within 0.01 s"):
-            client.wait("never-sent", timeout=0.01)
+        forgotten = client.submit("load_model", {"model": "a"})
+        client.forget(forgotten)
+        client.request("load_model", {"model": "b"}, timeout=30)  # the worker answers in order: a came first
+        assert client.messages(forgotten) == [] and client._rpc._mail == {}
     finally:
         client.shutdown()
 
@@ -92,44 +144,66 @@ def test_cancel_reaches_the_worker_while_it_runs_and_gets_a_cancelled_reply(tmp_
     client = fake_client("slow", tmp_path)
     try:
         client.start(timeout=30)
-        request_id = client.submit(protocol.GENERATE, {})
-        job = Job(request_id, {})
+        request_id = client.submit(protocol.RUN, {"task": "txt2img"})
+        steps = []
 
         def cancel_at_step_3(message: dict) -> None:
-            job.handle(message)
-            if job.step == 3:
+            steps.append(message["data"].get("step"))
+            if message["data"].get("step") == 3:
                 client.cancel(request_id)
 
-        job.handle(client.wait(request_id, on_event=cancel_at_step_3, timeout=30))
-        assert job.state == CANCELLED and job.status_text == "Cancelled"
-        assert 3 <= job.step < 500
+        reply = client.wait(request_id, on_event=cancel_at_step_3, timeout=30)
+        assert reply == {"id": request_id, "cancelled": True}
+        with pytest.raises(SDTexError, match="Cancelled"):
+            client.result(reply)
+        assert 3 <= max(s for s in steps if s) < 500
         assert client.alive  # a cancel stops the request, not the worker
-        assert client.request("load_model", {"model": "y"}, timeout=30) == {"echo": {"model": "y"}}
     finally:
         client.shutdown()
 
 
-# --- jobs, history, paths --------------------------------------------------------------------------------
+def test_cancel_before_the_worker_started_answers_at_once_and_never_sends(tmp_path):
+    client = fake_client("slow_handshake", tmp_path)
+    try:
+        request_id = client.submit(protocol.RUN, {"task": "txt2img"})
+        client.cancel(request_id)
+        assert client.wait(request_id, timeout=1) == {"id": request_id, "cancelled": True}
+    finally:
+        client.shutdown()
 
 
-def test_job_reports_steps_time_left_and_errors():
-    job = Job("r1", {})
-    job.handle({"id": "r1", "event": "status", "data": {"stage": "loading_model"}})
-    assert job.status_text == "Loading model…"
-    job.handle({"id": "r1", "event": "progress", "data": {"step": 2, "total": 10, "elapsed": 3.0}})
-    # 1.5 s per step, 8 steps to go
-    assert job.status_text == "Step 2/10 · ~12s left"
-    assert job.fraction == pytest.approx(0.2)
-    job.handle({"id": "r1", "error": {"code": "model_not_found", "message": "model not found: /x"}})
-    assert job.state == FAILED and job.finished and job.error_code == "model_not_found"
-    assert job.status_text == "Failed: model not found: /x"
+def test_upload_is_sent_once_per_worker_process(tmp_path):
+    client = fake_client("echo", tmp_path)
+    data = b"\x89PNG fake bytes" * 100
+    try:
+        digest = client.upload(data, timeout=30)
+        assert digest == hashlib.sha256(data).hexdigest()
+        assert client.upload(data, timeout=30) == digest
+        assert client.request("stats", timeout=30) == {"uploads": 1}
+        client.upload(b"other", timeout=30)
+        assert client.request("stats", timeout=30) == {"uploads": 2}
+
+        client.shutdown()  # a new worker process holds nothing: the bytes go again
+        assert client.upload(data, timeout=30) == digest
+        assert client.request("stats", timeout=30) == {"uploads": 1}
+    finally:
+        client.shutdown()
 
 
-def test_job_keeps_the_latest_preview():
-    job = Job("r1", {})
-    for step in (1, 2):
-        job.handle({"id": "r1", "event": "preview", "data": {"step": step, "width": 1, "height": 1, "rgb": "AAAA"}})
-    assert job.preview.step == 2 and job.preview_serial == 2
+def test_fetch_joins_the_chunks(tmp_path):
+    client = fake_client("echo", tmp_path)
+    artifact = tmp_path / "a.png"
+    artifact.write_bytes(bytes(range(256)) * 10)  # 2560 bytes: three chunks of at most 1000
+    try:
+        assert client.fetch(str(artifact), timeout=30) == artifact.read_bytes()
+        empty = tmp_path / "empty.png"
+        empty.write_bytes(b"")
+        assert client.fetch(str(empty), timeout=30) == b""
+    finally:
+        client.shutdown()
+
+
+# --- history, paths --------------------------------------------------------------------------------
 
 
 def test_history_record_survives_blender_fields_and_json_with_a_wide_seed():
@@ -180,12 +254,10 @@ def test_interpreter_discovery_order_and_errors(tmp_path, monkeypatch):
     assert paths.find_backend_python("", user_data, addon_dir) == sys.executable
 
 
-def test_backend_pythonpath_prefers_the_bundled_worker(tmp_path):
-    addon_dir = tmp_path / "blender_sd_addon"
-    addon_dir.mkdir()
-    assert paths.backend_pythonpath(addon_dir) == [str(tmp_path)]
-    (addon_dir / "worker").mkdir()
-    assert paths.backend_pythonpath(addon_dir) == [str(addon_dir / "worker"), str(tmp_path)]
+def test_worker_command_runs_the_launcher():
+    command = paths.worker_command("/py/bin/python")
+    assert command == ["/py/bin/python", str(paths.ADDON_DIR / "worker_launcher.py"), "serve"]
+    assert Path(command[1]).is_file()
 
 
 def test_output_folder_beside_the_blend_or_in_user_data(tmp_path):

@@ -325,10 +325,34 @@ def test_linked_duplicates_get_one_new_slot_not_two(maps):
     assert b.active_material == mat
 
 
-def test_objects_in_edit_mode_are_refused(maps):
-    cube = add_cube()
+def uvs_of(mesh) -> list[tuple[float, float]]:
+    return [tuple(round(c, 5) for c in d.uv) for d in mesh.uv_layers.active.data]
+
+
+def test_objects_in_edit_mode_keep_their_material_uvs_and_faces_after_leaving_it(maps):
+    """Edit Mode holds its own copy of the mesh and overwrites the mesh on leaving: the UV map and the face
+    assignments go into that copy, and come out the same as in Object Mode."""
+    reference = add_cube("Reference")
+    reference.data.uv_layers.remove(reference.data.uv_layers[0])
+    apply_images([reference], maps, ApplyOptions(), "InObjectMode")
+    cube = add_cube("Editing")
+    cube.data.uv_layers.remove(cube.data.uv_layers[0])
+    cube.data.materials.append(bpy.data.materials.new("Old"))
     bpy.ops.object.mode_set(mode="EDIT")
-    with pytest.raises(ValueError, match="Edit Mode"):
-        apply_images([cube], maps, ApplyOptions(), "Editing")
+
+    (mat,) = apply_images([cube], maps, ApplyOptions(), "InEditMode")
     bpy.ops.object.mode_set(mode="OBJECT")
-    assert not cube.material_slots
+
+    assert [slot.material for slot in cube.material_slots] == [bpy.data.materials["Old"], mat]
+    assert {p.material_index for p in cube.data.polygons} == {1}
+    assert uvs_of(cube.data) == uvs_of(reference.data)
+
+
+def test_an_image_datablock_is_used_as_it_is(maps):
+    artist = bpy.data.images.load(maps["albedo"])
+    artist.colorspace_settings.name = "Linear Rec.709"
+    cube = add_cube()
+    (mat,) = apply_images([cube], {"albedo": artist, "height": maps["height"]}, ApplyOptions(pack=True), "Mine")
+    assert source(principled(mat).inputs["Base Color"]).image == artist
+    assert artist.colorspace_settings.name == "Linear Rec.709" and artist.packed_file is None
+    assert mat.node_tree.nodes["Height"].image.packed_file is not None  # files this add-on wrote are packed

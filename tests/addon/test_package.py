@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from blender_sd_addon.protocol import PROTOCOL_VERSION
+
 REPO = Path(__file__).resolve().parents[2]
 ADDON = "blender_sd_addon"
 
@@ -43,7 +45,7 @@ print("RESULT " + json.dumps({
     "file": module.__file__,
     "generate": hasattr(bpy.ops.sdtex, "generate"),
     "install_backend": hasattr(bpy.ops.sdtex, "install_backend"),
-    "pythonpath": sys.modules[module_name + ".paths"].backend_pythonpath(),
+    "command": sys.modules[module_name + ".paths"].worker_command(sys.executable),
 }))
 """
 
@@ -148,23 +150,17 @@ def test_disagreeing_versions_stop_the_build(tmp_path):
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
 
 
-def check_worker_runs_from(installed: Path, pythonpath: list[str], cwd: Path) -> None:
-    """The installed worker/ and add-on import, and the worker answers a handshake."""
-    assert pythonpath[0] == str(installed / "worker")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath), "HF_HUB_OFFLINE": "1"}
-    code = "import backend, blender_sd_addon; print(backend.__file__); print(blender_sd_addon.__file__)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, check=True)
-    where = done.stdout.split()
-    assert where == [str(installed / "worker/backend/__init__.py"), str(installed / "__init__.py")]
-
-    request = json.dumps({"id": "h", "method": "handshake", "params": {"protocol_version": 1}})
+def check_worker_runs_from(installed: Path, command: list[str], cwd: Path) -> None:
+    """The installed add-on starts its worker through its own launcher, and the worker answers a handshake."""
+    assert command[1:] == [str(installed / "worker_launcher.py"), "serve"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    request = json.dumps({"id": "h", "method": "handshake", "params": {"protocol_version": PROTOCOL_VERSION}})
     shutdown = json.dumps({"id": "s", "method": "shutdown", "params": {}})
     done = subprocess.run(
-        [sys.executable, "-m", "backend", "serve"], input=f"{request}\n{shutdown}\n",
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=120,
+        command, input=f"{request}\n{shutdown}\n", capture_output=True, text=True, cwd=cwd, env=env, timeout=120,
     )  # fmt: skip
-    replies = {m["id"]: m for m in map(json.loads, done.stdout.splitlines())}
-    assert replies["h"]["result"]["protocol_version"] == 1, done.stderr
+    replies = {m["id"]: m for m in map(json.loads, filter(str.strip, done.stdout.splitlines()))}
+    assert replies["h"]["result"]["protocol_version"] == PROTOCOL_VERSION, done.stderr
 
 
 def test_installs_as_extension_in_blender_5(zip_path, tmp_path):
@@ -173,7 +169,7 @@ def test_installs_as_extension_in_blender_5(zip_path, tmp_path):
     assert report["outcome"] == ["FINISHED"] and report["enabled"]
     assert report["file"] == str(installed / "__init__.py")
     assert report["generate"] and report["install_backend"]
-    check_worker_runs_from(installed, report["pythonpath"], tmp_path)
+    check_worker_runs_from(installed, report["command"], tmp_path)
 
 
 def test_installs_as_legacy_addon(zip_path, tmp_path):

@@ -38,7 +38,7 @@ def example_value(p):
 
 def test_every_parameter_has_a_flag():
     parser = build_parser()
-    for p in GENERATE_PARAMS:
+    for p in GENERATE_PARAMS[1:]:  # the task is the command
         flag = "--" + p.name.replace("_", "-")
         argv = [flag] if p.kind is bool else [flag, str(example_value(p))]
         args = parser.parse_args(["generate", *argv])
@@ -105,3 +105,15 @@ def test_info_prints_versions():
     assert f"torch {torch.__version__}" in done.stdout
     assert f"diffusers {diffusers.__version__}" in done.stdout
     assert "devices " in done.stdout and "cpu" in done.stdout
+
+
+def test_pbr_command_derives_maps_of_a_file(tmp_path):
+    source = tmp_path / "albedo.png"
+    Image.effect_noise((64, 32), 40).convert("RGB").save(source)
+    done = run_cli("pbr", "--image", str(source), "--seamless", "x", "--out", "maps", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    paths = [Path(line) for line in done.stdout.splitlines()]
+    assert [p.name for p in paths] == [f"albedo_{m}.png" for m in ("height", "normal", "roughness", "ao")]
+    assert all(p.parent == tmp_path / "maps" and Image.open(p).size == (64, 32) for p in paths)
+    missing = run_cli("pbr", "--image", str(tmp_path / "nope.png"), "--out", "maps", cwd=tmp_path)
+    assert missing.returncode == 2 and "image: no such file" in missing.stderr

@@ -6,14 +6,24 @@ import gc
 import json
 import shutil
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from backend.models import ModelManager, is_sdxl_checkpoint, locate, pick_device, pick_dtype
+from backend.families import SD, SDXL
+from backend.models import (
+    PIPELINE_CLASSES,
+    ModelManager,
+    is_sdxl_checkpoint,
+    locate,
+    pick_device,
+    pick_dtype,
+    single_file_family,
+)
 from blender_sd_addon import protocol
-from blender_sd_addon.protocol import GenerateParams, ProtocolError
+from blender_sd_addon.protocol import MODEL_LOAD_FAILED, MODEL_NOT_FOUND, GenerateParams, ProtocolError
 
 
 def code_of(call) -> str:
@@ -66,6 +76,10 @@ def test_sdxl_detected_from_header_only(tmp_path):
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(sdxl))
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd15))
     assert is_sdxl_checkpoint(sdxl) and not is_sdxl_checkpoint(sd15)
+    assert single_file_family(locate(str(sdxl))) is SDXL and single_file_family(locate(str(sd15))) is SD
+    pickled = tmp_path / "v15.ckpt"
+    pickled.write_bytes(b"not loaded")  # a pickle is never opened to look: it is taken for SD 1.x/2.x
+    assert single_file_family(locate(str(pickled), allow_pickle=True)) is SD
 
 
 def test_devices_and_dtypes():
@@ -119,6 +133,32 @@ def test_per_request_options(tiny_model_dir):
         assert code_of(lambda: manager.get(params_for(tiny_model_dir, cpu_offload=True))) == protocol.INVALID_PARAMS
 
 
+def test_sdxl_folder_loads_through_the_manager(tiny_sdxl_model_dir):
+    assert set(PIPELINE_CLASSES) == {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+    model, seconds = ModelManager().get(params_for(tiny_sdxl_model_dir))
+    assert seconds > 0 and model.family is SDXL and type(model.pipe) is SDXL.txt2img
+    assert model.pipe.watermark is None  # it would alter pixels and break seamless tiling
+    assert model.dtype_name == "fp32"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_sdxl_model_dir"])
+def test_task_variants_share_the_warm_weights(request, fixture):
+    # bf16 on the CPU: from_pipe casts shared modules to fp32 unless told otherwise
+    model, _ = ModelManager().get(params_for(request.getfixturevalue(fixture), dtype="bf16"))
+    assert model.key.dtype == model.dtype_name == "bf16"
+    family = model.family
+    assert model.pipeline("txt2img") is model.pipe
+    for task in ("img2img", "inpaint"):
+        variant = model.pipeline(task)
+        assert type(variant) is family.pipelines[task]
+        assert model.pipeline(task) is variant  # built once
+        for name, component in model.pipe.components.items():
+            assert variant.components[name] is component, name
+        assert model.dtype_name == "bf16" and variant.vae.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="no 'upscale' pipeline"):
+        model.pipeline("upscale")
+
+
 def test_unsupported_pipeline_class(tiny_model_dir, tmp_path):
     folder = tmp_path / "flux"
     shutil.copytree(tiny_model_dir, folder)
@@ -139,3 +179,21 @@ def test_pickle_folder_loads_only_when_allowed(tiny_model_dir, tmp_path):
     assert code_of(lambda: ModelManager().get(params_for(folder))) == protocol.UNSAFE_CHECKPOINT
     model, _ = ModelManager().get(params_for(folder, allow_pickle=True))
     assert tuple(model.pipe.unet.config.block_out_channels) == (32, 64)
+
+
+@pytest.mark.parametrize(
+    ("model", "code"),
+    [
+        ("/tmp/" + "a" * 300 + "/model", MODEL_NOT_FOUND),  # a name longer than the file system allows
+        ("/tmp/" + "b" * 300 + ".safetensors", MODEL_NOT_FOUND),
+        ("renamed", MODEL_LOAD_FAILED),  # a pickle checkpoint renamed to .safetensors
+    ],
+)
+def test_unusable_model_paths_are_named_errors_not_crashes(tmp_path, model, code):
+    if model == "renamed":
+        model = str(tmp_path / "model.safetensors")
+        Path(model).write_bytes(b"\x80\x04\x95" + b"\0" * 64)  # pickle protocol 4 header, not safetensors
+    params = GenerateParams.from_dict({"model": model, "prompt": "x", "output_dir": str(tmp_path)})
+    with pytest.raises(ProtocolError) as info:
+        ModelManager().get(params)
+    assert info.value.code == code and info.value.data["param"] == "model"

@@ -25,7 +25,7 @@ def generate(model: str, out, **changes) -> tuple[dict, list[dict]]:
     worker = WorkerProcess(env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")})
     try:
         params = dict(model=model, prompt="weathered oak planks, texture", output_dir=str(out), seed=7, steps=20)
-        reply, events = worker.wait(worker.request(protocol.GENERATE, params | changes), timeout=1800)
+        reply, events = worker.wait(worker.request(protocol.RUN, {"task": "txt2img"} | params | changes), timeout=1800)
     finally:
         worker.close()
     assert "result" in reply, reply

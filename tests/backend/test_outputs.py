@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from backend.outputs import sanitise_prefix, save_images
-from blender_sd_addon.protocol import PROTOCOL_VERSION, GenerateParams, ProtocolError
+from backend.outputs import TEMP_PREFIX, sanitise_prefix, save_images
+from blender_sd_addon.protocol import OUTPUT_FAILED, PROTOCOL_VERSION, GenerateParams, ProtocolError
 
 
 def make_params(tmp_path, **changes) -> GenerateParams:
@@ -91,3 +94,51 @@ def test_pbr_maps_are_written_beside_the_albedo(tmp_path):
         assert path.endswith(f"{albedo_stem}_{name}.png")
         with Image.open(path) as image:
             assert image.size == (64, 64)
+            # Maps carry our settings but not the A1111 chunk: other tools must not list them as generations.
+            assert "parameters" not in image.text
+            assert json.loads(image.text["sdtex"])["role"] == name
+
+
+def test_artifacts_are_announced_complete_in_order(tmp_path):
+    announced = []
+
+    def announce(artifact):
+        assert os.path.isfile(artifact.path)  # complete under its final name when announced
+        with open(artifact.path, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == artifact.sha256 and f.tell() == artifact.size
+        announced.append(artifact)
+
+    records = save_images([noise_image(1), noise_image(2)], [5, 6], make_params(tmp_path, pbr=True), announce)
+    assert [(a.index, a.role) for a in announced] == [
+        (i, role) for i in (0, 1) for role in ("albedo", "height", "normal", "roughness", "ao")
+    ]
+    assert [a.path for a in announced if a.kind == "image"] == [r.path for r in records]
+    assert not list((tmp_path / "textures").glob(TEMP_PREFIX + "*"))  # no temporary file left behind
+
+
+def test_a_planted_symlink_is_skipped_not_followed(tmp_path):
+    params = make_params(tmp_path, filename_prefix="wall")
+    (first,) = save_images([noise_image(1)], [7], params)
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    # The next name the writer would pick: a symlink to a file outside the folder.
+    planted = Path(first.path).with_name(Path(first.path).stem + "_1.png")
+    planted.symlink_to(target)
+    (second,) = save_images([noise_image(2)], [7], params)
+    assert second.path not in (first.path, str(planted)) and target.read_text() == "keep me"
+
+
+def test_unwritable_output_dir_is_named_before_anything_is_written(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):  # root ignores permissions: use a path under a file instead
+            folder = tmp_path / "a-file" / "sub"
+            (tmp_path / "a-file").write_text("")
+        with pytest.raises(ProtocolError) as info:
+            save_images([noise_image(1)], [1], make_params(tmp_path, output_dir=str(folder)))
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+    assert info.value.code == OUTPUT_FAILED and str(folder) in info.value.message
+    assert info.value.data["param"] == "output_dir"

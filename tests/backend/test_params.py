@@ -12,12 +12,12 @@ VALID = {"model": "/models/tiny", "prompt": "mossy stone wall", "output_dir": "/
 # One or more bad values for every parameter that has any; each must be refused naming the parameter.
 BAD_VALUES = {
     "task": ["img2img", 3],
-    "model": ["", "   ", 7],
-    "prompt": ["", None],
-    "negative_prompt": [5],
+    "model": ["", "   ", 7, "/models/\x00tiny"],
+    "prompt": ["", None, "\ud800 lone surrogate", "x" * (protocol.TEXT_MAX + 1)],
+    "negative_prompt": [5, "\udfff"],
     "seed": [-1, 2**32, 1.5, "7", True],
     "steps": [0, 151, 2.0, True],
-    "guidance_scale": [-0.1, 30.5, float("nan"), float("inf"), "7"],
+    "guidance_scale": [-0.1, 30.5, float("nan"), float("inf"), "7", 10**400],
     "width": [63, 2056, 100, 512.0],
     "height": [56, 4096, 65],
     "batch_size": [0, 9],
@@ -29,7 +29,7 @@ BAD_VALUES = {
     "height_contrast": [-0.1, 4.5],
     "roughness_contrast": [-0.1, 4.5],
     "ao_strength": [-1.0, 10.5],
-    "output_dir": ["", 3],
+    "output_dir": ["", 3, "/tmp/\x00", "/" + "d" * protocol.PATH_MAX],
     "filename_prefix": [None, 4],
     "preview_every": [-1, 151],
     "device": ["tpu"],
@@ -68,13 +68,68 @@ def test_params_must_be_an_object():
 
 
 def test_wire_round_trip_and_errors():
-    message = protocol.request("r1", protocol.GENERATE, {"prompt": "ü"})
+    message = protocol.request("r1", protocol.RUN, {"prompt": "ü"})
     assert protocol.decode(protocol.encode(message)) == message
     assert protocol.encode(message).endswith(b"\n") and protocol.encode(message).count(b"\n") == 1
-    for line in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for line in (b"{not json", b"[1, 2]", b"\xff\xfe", b'{"id": NaN}', b'{"x": -Infinity}', deep):
         with pytest.raises(ProtocolError) as info:
             protocol.decode(line)
         assert info.value.code == protocol.PARSE_ERROR
     with pytest.raises(ProtocolError) as info:
         protocol.check_protocol_version(protocol.PROTOCOL_VERSION + 1)
     assert info.value.code == protocol.PROTOCOL_MISMATCH
+
+
+def test_error_replies_stay_short_and_encodable():
+    """A bad value is shown, not echoed: a 10 MB value or a lone surrogate must not make the reply huge or
+    unencodable (the worker used to die encoding such a reply)."""
+    for value in ("x" * 10_000_000, "\ud800", float("nan"), 10**400):
+        with pytest.raises(ProtocolError) as info:
+            GenerateParams.from_dict({**VALID, "prompt": value})
+        line = protocol.encode(protocol.error("r", info.value))
+        assert len(line) < 1000
+
+
+def test_each_task_has_its_generated_dataclass():
+    for task, table in protocol.TASK_PARAMS.items():
+        cls = protocol.PARAMS_CLASSES[task]
+        assert [f for f in cls.__dataclass_fields__] == [p.name for p in table]
+        assert all(cls.__dataclass_fields__[p.name].default == p.default for p in table)
+    pbr = protocol.task_params({"task": "pbr", "image": {"path": "/a.png"}, "output_dir": "/o"})
+    assert isinstance(pbr, protocol.PbrParams) and pbr.image == {"path": "/a.png"} and not hasattr(pbr, "prompt")
+    with pytest.raises(ProtocolError) as info:
+        protocol.task_params({"task": "paint"})
+    assert info.value.data["param"] == "task"
+
+
+@pytest.mark.parametrize(
+    ("value", "param"),
+    [
+        (None, "image"),
+        ("/a.png", "image"),
+        ({"path": "/a.png", "sha256": "0" * 64}, "image"),
+        ({"sha256": "ABC"}, "image.sha256"),
+        ({"path": ""}, "image.path"),
+        ({"path": "/a\x00.png"}, "image.path"),
+    ],
+)
+def test_bad_image_references_are_named(value, param):
+    with pytest.raises(ProtocolError) as info:
+        protocol.task_params({"task": "pbr", "image": value, "output_dir": "/o"})
+    assert info.value.data["param"] == param
+
+
+def test_array_references():
+    param = protocol.Param("depth", protocol.ArrayInput, None, "depth", required=True)
+    ok = param.check({"sha256": "a" * 64, "dtype": "float32", "shape": [64, 64]})
+    assert ok == {"sha256": "a" * 64, "dtype": "float32", "shape": [64, 64]}
+    for bad, name in [
+        ({"sha256": "a" * 64, "dtype": "float64", "shape": [4]}, "depth.dtype"),
+        ({"sha256": "a" * 64, "dtype": "float32", "shape": []}, "depth.shape"),
+        ({"sha256": "a" * 64, "dtype": "float32", "shape": [0, 4]}, "depth.shape"),
+        ({"sha256": "a" * 64, "dtype": "float32", "shape": [True]}, "depth.shape"),
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            param.check(bad)
+        assert info.value.data["param"] == name

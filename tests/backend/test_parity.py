@@ -1,28 +1,44 @@
-"""Our txt2img task gives exactly what the stock diffusers pipeline gives for the same settings."""
+"""Our txt2img task gives exactly what the stock diffusers pipeline gives for the same settings, for every
+model family (tiny SD 1.x and SDXL models: every family branch of the task runs here)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
-    StableDiffusionPipeline,
+    EulerDiscreteScheduler,
 )
 
-from backend.tasks.txt2img import Cancelled, run_txt2img
+from backend.families import SD, SDXL, Family
+from backend.tasks.txt2img import Cancelled, encode_prompt, run_txt2img
 from blender_sd_addon.protocol import INVALID_PARAMS, GenerateParams, ProtocolError
+
+
+def load_twice(folder: Path, family: Family, dtype: torch.dtype = torch.float32) -> list[DiffusionPipeline]:
+    """Two independent loads, with the worker's load options (no safety checker, no watermark): one for
+    our task, one for the reference pipeline call."""
+    loaded = [family.txt2img.from_pretrained(folder, dtype=dtype, **family.pipeline_kwargs) for _ in range(2)]
+    for pipe in loaded:
+        pipe.set_progress_bar_config(disable=True)
+    return loaded
 
 
 @pytest.fixture(scope="module")
 def pipes(tiny_model_dir):
-    """Two independent loads: one for our task, one for the reference pipeline call."""
-    loaded = [StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None) for _ in range(2)]
-    for pipe in loaded:
-        pipe.set_progress_bar_config(disable=True)
-    return loaded
+    return load_twice(tiny_model_dir, SD)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipes(tiny_sdxl_model_dir):
+    return load_twice(tiny_sdxl_model_dir, SDXL)
 
 
 def params(tiny_model_dir, **changes) -> GenerateParams:
@@ -38,6 +54,29 @@ def params(tiny_model_dir, **changes) -> GenerateParams:
     return GenerateParams(**{**values, **changes})
 
 
+def reference_image(reference: DiffusionPipeline, p: GenerateParams, scheduler: type, extra: dict) -> PIL.Image.Image:
+    """The stock pipeline called as its documentation shows, with the same sampler and settings."""
+    original = reference.scheduler
+    reference.scheduler = scheduler.from_config(original.config, **extra)
+    try:
+        return reference(
+            p.prompt,
+            negative_prompt=p.negative_prompt or None,  # a user without a negative prompt passes none
+            num_inference_steps=p.steps,
+            guidance_scale=p.guidance_scale,
+            height=p.height,
+            width=p.width,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+        ).images[0]
+    finally:
+        reference.scheduler = original
+
+
+def assert_same_image(image: PIL.Image.Image, expected: PIL.Image.Image) -> None:
+    assert image.size == expected.size == (64, 64)
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
 @pytest.mark.parametrize(
     ("name", "reference_scheduler", "extra"),
     [
@@ -50,24 +89,57 @@ def params(tiny_model_dir, **changes) -> GenerateParams:
 def test_matches_the_diffusers_pipeline(pipes, tiny_model_dir, name, reference_scheduler, extra, guidance):
     ours, reference = pipes
     p = params(tiny_model_dir, scheduler=name, seed=77, guidance_scale=guidance)
-    image = run_txt2img(ours, p).images[0]
+    assert_same_image(run_txt2img(ours, p).images[0], reference_image(reference, p, reference_scheduler, extra))
 
-    original = reference.scheduler
-    reference.scheduler = reference_scheduler.from_config(original.config, **extra)
-    try:
-        expected = reference(
-            p.prompt,
-            negative_prompt=p.negative_prompt,
-            num_inference_steps=p.steps,
-            guidance_scale=p.guidance_scale,
-            height=p.height,
-            width=p.width,
-            generator=torch.Generator("cpu").manual_seed(77),
-        ).images[0]
-    finally:
-        reference.scheduler = original
-    assert image.size == expected.size == (64, 64)
-    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+@pytest.mark.parametrize(
+    ("name", "reference_scheduler", "extra", "negative_prompt", "guidance"),
+    [
+        ("euler", EulerDiscreteScheduler, {}, "text, watermark", 5.0),
+        ("euler", EulerDiscreteScheduler, {}, "", 5.0),  # no negative prompt: SDXL zeroes its embeddings
+        ("euler_a", EulerAncestralDiscreteScheduler, {}, "text, watermark", 5.0),
+        ("dpmpp_2m_karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, "", 1.0),
+    ],
+)
+def test_sdxl_matches_the_diffusers_pipeline(
+    sdxl_pipes, tiny_sdxl_model_dir, name, reference_scheduler, extra, negative_prompt, guidance
+):
+    ours, reference = sdxl_pipes
+    config = ours.vae.config
+    # The decode's denormalising branch runs only when the VAE has both (SDXL base's has neither).
+    assert config.latents_mean is not None and config.latents_std is not None
+    assert list(config.latents_mean) != [0.0] * 4 and list(config.latents_std) != [1.0] * 4
+    p = params(tiny_sdxl_model_dir, scheduler=name, seed=78, guidance_scale=guidance, negative_prompt=negative_prompt)
+    assert_same_image(run_txt2img(ours, p).images[0], reference_image(reference, p, reference_scheduler, extra))
+
+
+@pytest.mark.filterwarnings("ignore:`upcast_vae` is deprecated:FutureWarning")  # the reference pipeline's own call
+def test_sdxl_fp16_decodes_in_fp32_and_matches(tiny_sdxl_model_dir, monkeypatch):
+    """The force_upcast branch: SDXL's fp16 VAE decodes in fp32 and is fp16 again afterwards (CPU fp16)."""
+    ours, reference = load_twice(tiny_sdxl_model_dir, SDXL, torch.float16)
+    assert ours.vae.config.force_upcast
+    decode, decoded_in = ours.vae.decode, []
+
+    def spy(latents: torch.Tensor, **kwargs):
+        decoded_in.append((latents.dtype, ours.vae.dtype))
+        return decode(latents, **kwargs)
+
+    monkeypatch.setattr(ours.vae, "decode", spy)
+    p = params(tiny_sdxl_model_dir, scheduler="euler", seed=79, steps=2, guidance_scale=5.0)
+    image = run_txt2img(ours, p).images[0]
+    assert decoded_in == [(torch.float32, torch.float32)] and ours.vae.dtype == torch.float16
+    assert_same_image(image, reference_image(reference, p, EulerDiscreteScheduler, {}))
+
+
+@pytest.mark.parametrize("negative_prompt", ["", "text, watermark"])
+def test_sdxl_zeroes_only_a_missing_negative_prompt(sdxl_pipes, tiny_sdxl_model_dir, negative_prompt):
+    ours, _ = sdxl_pipes
+    p = params(tiny_sdxl_model_dir, negative_prompt=negative_prompt)
+    embeds = encode_prompt(ours, p, guidance=True, device=torch.device("cpu"))
+    assert list(embeds) == list(SDXL.prompt_embeds)
+    assert embeds["prompt_embeds"].shape[-1] == ours.unet.config.cross_attention_dim  # both encoders, concatenated
+    negatives = (embeds["negative_prompt_embeds"], embeds["negative_pooled_prompt_embeds"])
+    assert all(bool((n == 0).all()) == (negative_prompt == "") for n in negatives)
 
 
 def test_each_image_of_a_batch_can_be_redone_alone(pipes, tiny_model_dir):
@@ -95,9 +167,10 @@ def test_cancel_stops_before_decoding(pipes, tiny_model_dir):
     assert len(run_txt2img(ours, params(tiny_model_dir, seed=1)).images) == 1  # the pipeline is usable again
 
 
-def test_size_must_suit_the_model(pipes, tiny_model_dir):
-    ours, _ = pipes
-    # The tiny model: VAE factor 2 times one U-Net downsampling = multiples of 4. GenerateParams built
+@pytest.mark.parametrize("family_pipes", ["pipes", "sdxl_pipes"])
+def test_size_must_suit_the_model(request, family_pipes, tiny_model_dir):
+    ours, _ = request.getfixturevalue(family_pipes)
+    # The tiny models: VAE factor 2 times one U-Net downsampling = multiples of 4. GenerateParams built
     # directly (as scripts may) skips the protocol's own multiple-of-8 check.
     with pytest.raises(ProtocolError) as info:
         run_txt2img(ours, params(tiny_model_dir, width=66))

@@ -5,24 +5,28 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import pytest
 import torch
 
-from backend.previews import SD_FACTORS, latents_to_rgb, preview_event
+from backend.families import FAMILIES, SD
+from backend.previews import latents_to_rgb, preview_event
 
 
-def test_zero_latents_are_mid_grey_and_channels_mix_linearly():
-    assert torch.equal(latents_to_rgb(torch.zeros(4, 2, 3)), torch.full((2, 3, 3), 127, dtype=torch.uint8))
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
+def test_zero_latents_are_mid_grey_and_channels_mix_linearly(family):
+    factors = family.preview_factors
+    assert torch.equal(latents_to_rgb(torch.zeros(4, 2, 3), factors), torch.full((2, 3, 3), 127, dtype=torch.uint8))
     one_channel = torch.zeros(4, 1, 1)
     one_channel[0] = 1.0
-    expected = [int((1 + f) * 127.5) for f in SD_FACTORS[0]]  # channel 0's row of the table
-    assert latents_to_rgb(one_channel)[0, 0].tolist() == expected
+    expected = [int((1 + f) * 127.5) for f in factors[0]]  # channel 0's row of the table
+    assert latents_to_rgb(one_channel, factors)[0, 0].tolist() == expected
 
 
 def test_preview_event_keeps_orientation_and_size():
     latents = torch.zeros(2, 4, 3, 5)  # a batch of two 3x5 latents; only the first is previewed
     latents[0, 0, 0, :] = 2.0  # top row bright
     latents[1] = -5.0
-    event = preview_event(7, latents)
+    event = preview_event(7, latents, SD.preview_factors)
     assert (event.step, event.width, event.height) == (7, 5, 3)
     rgb = np.frombuffer(base64.b64decode(event.rgb), dtype=np.uint8).reshape(event.height, event.width, 3)
     assert (rgb[0] > rgb[1]).all() and (rgb[1] == 127).all()

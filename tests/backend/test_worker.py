@@ -17,22 +17,12 @@ from blender_sd_addon import protocol
 
 
 @pytest.fixture
-def params(tiny_model_dir, tmp_path):
-    """A small valid generate request writing into this test's own folder."""
-    return {
-        "model": str(tiny_model_dir),
-        "prompt": "weathered oak planks",
-        "negative_prompt": "blurry",
-        "steps": 2,
-        "width": 64,
-        "height": 64,
-        "scheduler": "euler_a",
-        "output_dir": str(tmp_path / "out"),
-    }
+def params(run_params):
+    return {**run_params, "negative_prompt": "blurry", "scheduler": "euler_a"}
 
 
 def generate(worker: WorkerProcess, params: dict, **changes) -> tuple[dict, list[dict]]:
-    reply, events = worker.call(protocol.GENERATE, {**params, **changes})
+    reply, events = worker.call(protocol.RUN, {**params, **changes})
     assert "result" in reply, reply
     return reply["result"], events
 
@@ -47,7 +37,13 @@ def test_handshake(worker):
     result = protocol.HandshakeResult(**reply["result"])
     assert result.protocol_version == protocol.PROTOCOL_VERSION
     assert result.schedulers == list(protocol.SCHEDULERS)
-    assert result.tasks == list(protocol.TASKS)
+    assert set(result.capabilities) >= {"jobs", "upload", "artifacts", "fetch"}
+    # Each task lists its parameter specs, so clients can build controls and flags from them.
+    assert set(result.tasks) == {"txt2img", "pbr"}
+    txt2img = {spec["name"]: spec for spec in result.tasks["txt2img"]["params"]}
+    assert txt2img["width"]["range"] == {"low": 64, "high": 2048, "multiple": 8}
+    assert txt2img["scheduler"]["choices"] == list(protocol.SCHEDULERS) and txt2img["prompt"]["required"]
+    assert {spec["name"]: spec["type"] for spec in result.tasks["pbr"]["params"]}["image"] == "image"
     assert "cpu" in result.devices
     assert result.torch_version and result.diffusers_version and result.backend_version
 
@@ -55,7 +51,7 @@ def test_handshake(worker):
 def test_protocol_mismatch(worker):
     reply, _ = worker.call(protocol.HANDSHAKE, {"protocol_version": protocol.PROTOCOL_VERSION + 1})
     assert reply["error"]["code"] == protocol.PROTOCOL_MISMATCH
-    assert reply["error"]["data"] == {"expected": protocol.PROTOCOL_VERSION, "got": protocol.PROTOCOL_VERSION + 1}
+    assert reply["error"]["data"] == {"expected": protocol.PROTOCOL_VERSION, "got": str(protocol.PROTOCOL_VERSION + 1)}
 
 
 def test_generate_writes_pngs_with_events(worker, params):
@@ -98,7 +94,7 @@ def test_unset_seed_is_reported_and_reproducible(worker, params):
 
 
 def test_cancel_mid_run_then_next_request_works(worker, params):
-    request_id = worker.request(protocol.GENERATE, {**params, "steps": 50})
+    request_id = worker.request(protocol.RUN, {**params, "steps": 50})
     while True:  # wait until denoising has begun
         message = worker.recv()
         if message.get("event") == protocol.EVENT_PROGRESS:
@@ -117,8 +113,8 @@ def test_cancel_mid_run_then_next_request_works(worker, params):
 
 
 def test_cancel_of_a_queued_request(worker, params):
-    running = worker.request(protocol.GENERATE, {**params, "steps": 6})
-    queued = worker.request(protocol.GENERATE, {**params, "steps": 6})
+    running = worker.request(protocol.RUN, {**params, "steps": 6})
+    queued = worker.request(protocol.RUN, {**params, "steps": 6})
     worker.send(protocol.notification(protocol.CANCEL, {"id": queued}))
     reply, _ = worker.wait(running)
     assert "result" in reply
@@ -130,11 +126,11 @@ def test_cancel_of_a_queued_request(worker, params):
     ("line", "code", "reply_id"),
     [
         (b"{this is not json\n", protocol.PARSE_ERROR, None),
-        (b'["generate"]\n', protocol.PARSE_ERROR, None),
+        (b'["run"]\n', protocol.PARSE_ERROR, None),
         (b'{"id": "m1", "method": "paint", "params": {}}\n', protocol.METHOD_NOT_FOUND, "m1"),
-        (b'{"id": "m2", "method": "generate", "params": [1]}\n', protocol.INVALID_REQUEST, "m2"),
-        (b'{"method": "generate", "params": {}}\n', protocol.INVALID_REQUEST, None),
-        (b'{"id": {"x": 1}, "method": "generate", "params": {}}\n', protocol.INVALID_REQUEST, None),
+        (b'{"id": "m2", "method": "run", "params": [1]}\n', protocol.INVALID_REQUEST, "m2"),
+        (b'{"method": "run", "params": {}}\n', protocol.INVALID_REQUEST, None),
+        (b'{"id": {"x": 1}, "method": "run", "params": {}}\n', protocol.INVALID_REQUEST, None),
         (b'{"id": "m3", "params": {}}\n', protocol.INVALID_REQUEST, "m3"),
     ],
 )
@@ -161,7 +157,7 @@ def test_malformed_lines_get_errors_and_worker_stays(worker, line, code, reply_i
 def test_invalid_params_through_the_worker(worker, params, change, name):
     if name in ("device", "cpu_offload") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    reply, _ = worker.call(protocol.GENERATE, {**params, **change})
+    reply, _ = worker.call(protocol.RUN, {**params, **change})
     assert reply["error"]["code"] == protocol.INVALID_PARAMS
     assert reply["error"]["data"]["param"] == name and name in reply["error"]["message"]
     result, _ = generate(worker, params, seed=1)
@@ -170,11 +166,15 @@ def test_invalid_params_through_the_worker(worker, params, change, name):
 
 def test_filename_prefix_cannot_escape(worker, params, tmp_path):
     out = tmp_path / "out"
-    for prefix in ("../../escape", "/etc/passwd", "..", "a/../../b", "CON\x00x"):
+    for prefix in ("../../escape", "/etc/passwd", "..", "a/../../b", "CON:x?*"):
         result, _ = generate(worker, params, seed=2, filename_prefix=prefix)
         path = result["images"][0]["path"]
         assert Path(path).parent == out.resolve(), (prefix, path)
     assert not list(tmp_path.glob("escape*")) and not list(tmp_path.parent.glob("escape*"))
+    # NUL in any path-like text is refused by name before any work (it used to surface as internal_error).
+    for name in ("filename_prefix", "output_dir", "model"):
+        reply, _ = worker.call(protocol.RUN, {**params, name: "/tmp/a\x00b"})
+        assert reply["error"]["code"] == protocol.INVALID_PARAMS and reply["error"]["data"]["param"] == name
 
 
 def test_load_model(worker, tiny_model_dir, tmp_path):
@@ -190,7 +190,7 @@ def test_load_model(worker, tiny_model_dir, tmp_path):
     assert again["result"]["load_seconds"] > 0  # switched back
     again, _ = worker.call(protocol.LOAD_MODEL, {"model": str(tiny_model_dir), "dtype": "fp32"})
     assert again["result"]["load_seconds"] == 0 and again["result"]["warmup_seconds"] == 0  # warm: nothing to do
-    handshake, _ = worker.call(protocol.HANDSHAKE, {"protocol_version": 1})
+    handshake, _ = worker.call(protocol.HANDSHAKE, {"protocol_version": protocol.PROTOCOL_VERSION})
     assert handshake["result"]["loaded_model"] == str(tiny_model_dir)
     reply, _ = worker.call(protocol.LOAD_MODEL, {"model": ""})
     assert reply["error"]["code"] == protocol.INVALID_PARAMS and reply["error"]["data"]["param"] == "model"
@@ -210,10 +210,10 @@ def test_unsafe_and_missing_models(worker, params, tmp_path, tiny_model_dir):
         ("no-such-owner/no-such-model", protocol.MODEL_NOT_FOUND),  # HF_HUB_OFFLINE=1 and not cached
     ]
     for model, code in cases:
-        reply, _ = worker.call(protocol.GENERATE, {**params, "model": model})
+        reply, _ = worker.call(protocol.RUN, {**params, "model": model})
         assert reply["error"]["code"] == code, (model, reply)
         assert reply["error"]["data"]["param"] == "model"
-    reply, _ = worker.call(protocol.GENERATE, {**params, "model": "no-such-owner/no-such-model"})
+    reply, _ = worker.call(protocol.RUN, {**params, "model": "no-such-owner/no-such-model"})
     assert "hf download" in reply["error"]["message"]
     result, _ = generate(worker, params, seed=3)
     assert result["images"]

@@ -6,7 +6,8 @@ Arguments (JSON): zip (the built add-on), model (a diffusers folder), out (repor
 steps, size, timeout (seconds). The backend interpreter comes from $SDTEX_BACKEND_PYTHON.
 
 It does what a user does: install the zip (legacy add-on path), open the sidebar on the SD Textures tab,
-press Generate, watch the progress, look at the result in Material Preview, undo. Everything after
+select the cube and press Generate, select the plane and press Generate again while the first runs, watch
+both jobs' progress, look at the result in Material Preview, undo both. Everything after
 Generate runs from `bpy.app.timers` callbacks, so the report also shows that Blender kept running its
 event loop while the backend worked. Any exception ends the run with the traceback in the report.
 """
@@ -67,8 +68,8 @@ def screenshot(name: str) -> None:
     REPORT["screenshots"][name] = path
 
 
-def cube_state() -> dict:
-    cube = bpy.data.objects["Cube"]
+def object_state(name: str) -> dict:
+    cube = bpy.data.objects[name]
     material = cube.active_material
     images = []
     if material and material.node_tree:
@@ -78,6 +79,12 @@ def cube_state() -> dict:
         "images": [bpy.path.abspath(image.filepath) for image in images],
         "slots": [slot.material.name if slot.material else None for slot in cube.material_slots],
     }
+
+
+def select_only(name: str) -> None:
+    for obj in bpy.context.view_layer.objects:
+        obj.select_set(obj.name == name)
+    bpy.context.view_layer.objects.active = bpy.data.objects[name]
 
 
 def setup() -> None:
@@ -95,10 +102,15 @@ def setup() -> None:
     settings.width = settings.height = ARGS["size"]
     settings.random_seed = False
     settings.seed = 7
+    plane = bpy.data.objects.new("Plane", bpy.data.meshes.new("Plane"))
+    plane.data.from_pydata([(-1, -1, 0), (1, -1, 0), (1, 1, 0), (-1, 1, 0)], [], [(0, 1, 2, 3)])
+    plane.location = (3.5, 0, -1)
+    bpy.context.scene.collection.objects.link(plane)
     cube = bpy.data.objects["Cube"]
     bpy.context.view_layer.objects.active = cube
     cube.select_set(True)
-    REPORT["before"] = cube_state()
+    REPORT["before"] = object_state("Cube")
+    REPORT["plane_before"] = object_state("Plane")
 
     # 3. Open the sidebar
     _, area, _ = view3d()
@@ -122,17 +134,24 @@ def scenario():
     REPORT["tab_open"] = TabProbe.draws > 0
     mark("tab_open")
 
-    # 2. Press Generate (as a button press does: invoke, with an undo step); it must return at once
+    # 2. Press Generate on the cube, then on the plane while the first job runs (as a button press does:
+    # invoke, with an undo step); each must return at once
     mark("generate_pressed")
-    with override():
-        REPORT["generate"] = sorted(bpy.ops.sdtex.generate("INVOKE_DEFAULT", True))
+    REPORT["generate"] = []
+    for name, seed in (("Cube", 7), ("Plane", 8)):
+        select_only(name)
+        bpy.context.scene.sdtex.seed = seed
+        with override():
+            REPORT["generate"].append(sorted(bpy.ops.sdtex.generate("INVOKE_DEFAULT", True)))
     REPORT["returned_while_running"] = operators.STATE.running
+    REPORT["jobs_listed"] = len(operators.STATE.board.active)
+    first_job = operators.STATE.board.active[0]
     mark("generate_returned")
 
-    # 3. Follow the job from timer ticks; screenshot the panel once it shows progress
+    # 3. Follow the jobs from timer ticks (the first job's progress); screenshot the panel once it shows some
     while operators.STATE.running:
         REPORT["ticks_during_job"] += 1
-        fraction = operators.STATE.job.fraction
+        fraction = first_job.fraction
         if fraction and (not REPORT["progress_seen"] or REPORT["progress_seen"][-1] != fraction):
             REPORT["progress_seen"].append(fraction)
         if 0 < fraction < 1 and "progress.png" not in REPORT["screenshots"]:
@@ -145,7 +164,9 @@ def scenario():
     REPORT["message"] = operators.STATE.message
     REPORT["is_error"] = operators.STATE.is_error
     REPORT["backend_status"] = operators.backend_status()
-    REPORT["after"] = cube_state()
+    REPORT["after"] = object_state("Cube")
+    REPORT["plane_after"] = object_state("Plane")
+    select_only("Cube")
 
     # 4. Look at the result in Material Preview, the cube filling the view (EEVEE compiles its shaders first)
     area.spaces.active.shading.type = "MATERIAL"
@@ -157,15 +178,14 @@ def scenario():
     yield ARGS.get("preview_wait", 8.0)
     screenshot("material_preview.png")
 
-    # 5. Undo puts the cube's old material back; redo brings the texture again
-    with override():
-        REPORT["undo"] = sorted(bpy.ops.ed.undo())
-    yield 1.0
-    REPORT["after_undo"] = cube_state()
-    with override():
-        REPORT["redo"] = sorted(bpy.ops.ed.redo())
-    yield 1.0
-    REPORT["after_redo"] = cube_state()
+    # 5. Undo (once per applied job) puts the old materials back; redo brings the textures again
+    for step in ("undo", "redo"):
+        for _ in range(2):
+            with override():
+                REPORT.setdefault(step, []).append(sorted(getattr(bpy.ops.ed, step)()))
+            yield 1.0
+        REPORT[f"after_{step}"] = object_state("Cube")
+        REPORT[f"plane_after_{step}"] = object_state("Plane")
     mark("end")
 
 

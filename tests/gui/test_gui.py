@@ -125,7 +125,8 @@ def test_addon_installs_from_the_zip(gui_run):
 
 def test_generate_runs_without_blocking_blender(gui_run):
     assert gui_run["tab_open"], "the sidebar never showed the SD Textures tab"
-    assert gui_run["generate"] == ["FINISHED"] and gui_run["returned_while_running"]
+    assert gui_run["generate"] == [["FINISHED"], ["FINISHED"]] and gui_run["returned_while_running"]
+    assert gui_run["jobs_listed"] == 2  # the second click queued a job instead of being refused
     assert gui_run["ticks_during_job"] > 10  # Blender ran its timers all along (a blocked UI ticks once)
     progress = gui_run["progress_seen"]  # how many steps one tick sees depends on the machine's load
     assert progress == sorted(progress) and any(0 < f < 1 for f in progress), progress
@@ -133,17 +134,22 @@ def test_generate_runs_without_blocking_blender(gui_run):
     assert not gui_run["is_error"], gui_run["message"]
 
 
-def test_result_is_on_the_cube_and_undo_restores_the_old_material(gui_run):
+def test_each_result_is_on_its_own_object_and_undo_restores_the_old_materials(gui_run):
     before, after = gui_run["before"], gui_run["after"]
+    plane_before, plane_after = gui_run["plane_before"], gui_run["plane_after"]
     assert before["material"] == "Material" and not before["images"]
-    assert after["material"] != before["material"]
-    assert len(after["images"]) == 1
-    image = Path(after["images"][0])
-    assert image.is_file() and image.parent == Path(gui_run["work"]) / "textures"
-    assert Image.open(image).size == (SIZE, SIZE)
+    assert plane_before["material"] is None
+    assert after["material"] != before["material"] and plane_after["material"]
+    assert len(after["images"]) == 1 and len(plane_after["images"]) == 1
+    cube_image, plane_image = Path(after["images"][0]), Path(plane_after["images"][0])
+    for image, seed in ((cube_image, 7), (plane_image, 8)):  # seeds tell which job made which file
+        assert image.is_file() and image.parent == Path(gui_run["work"]) / "textures"
+        assert image.stem.endswith(f"_{seed}") and Image.open(image).size == (SIZE, SIZE)
 
-    assert gui_run["undo"] == ["FINISHED"] and gui_run["after_undo"] == before
-    assert gui_run["redo"] == ["FINISHED"] and gui_run["after_redo"] == after
+    assert gui_run["undo"] == [["FINISHED"], ["FINISHED"]]
+    assert gui_run["after_undo"] == before and gui_run["plane_after_undo"] == plane_before
+    assert gui_run["redo"] == [["FINISHED"], ["FINISHED"]]
+    assert gui_run["after_redo"] == after and gui_run["plane_after_redo"] == plane_after
 
 
 def test_screenshots_show_the_window(gui_run):
