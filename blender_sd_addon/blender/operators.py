@@ -253,7 +253,9 @@ class SDTEX_OT_generate(bpy.types.Operator):
 
     bl_idname = "sdtex.generate"
     bl_label = "Generate"
-    bl_options = {"REGISTER", "UNDO"}
+    # No undo step and no redo panel of its own: the result arrives later and its apply is the one undo
+    # step ("Apply SD texture"); a redo panel would re-run a whole generation.
+    bl_options = set()
 
     apply: BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
 
@@ -284,7 +286,9 @@ class SDTEX_OT_derive_pbr_maps(bpy.types.Operator):
 
     bl_idname = "sdtex.derive_pbr_maps"
     bl_label = "PBR Maps from Image"
-    bl_options = {"REGISTER", "UNDO"}
+    # No undo step and no redo panel of its own: the result arrives later and its apply is the one undo
+    # step ("Apply SD texture"); a redo panel would re-run a whole generation.
+    bl_options = set()
 
     apply: BoolProperty(name="Apply", description="Put the image and its maps on the selected meshes", default=True)
     image: StringProperty(name="Image", description="The image's name; empty uses the one the Image Editor shows")

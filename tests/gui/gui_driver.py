@@ -122,6 +122,9 @@ def scenario():
     """The steps after start-up; each `yield` gives Blender back its event loop for that many seconds."""
     window, area, region = view3d()
     operators = sys.modules[ADDON + ".blender.operators"]
+    yield 0.1
+    with override():  # what the user did so far is one undo step, as their clicks would have made it
+        bpy.ops.ed.undo_push(message="Scene set up")
 
     # 1. Switch the sidebar to the add-on's tab (Ctrl+Wheel over the sidebar cycles tabs; 3.4 has no API)
     for _ in range(12):
@@ -143,6 +146,9 @@ def scenario():
         bpy.context.scene.sdtex.seed = seed
         with override():
             REPORT["generate"].append(sorted(bpy.ops.sdtex.generate("INVOKE_DEFAULT", True)))
+    # The redo panel shows the last registered operator: Generate must not be one (it would re-run a job)
+    registered = bpy.context.window_manager.operators
+    REPORT["last_registered_operator"] = registered[-1].bl_idname if len(registered) else None
     REPORT["returned_while_running"] = operators.STATE.running
     REPORT["jobs_listed"] = len(operators.STATE.board.active)
     first_job = operators.STATE.board.active[0]
@@ -178,7 +184,7 @@ def scenario():
     yield ARGS.get("preview_wait", 8.0)
     screenshot("material_preview.png")
 
-    # 5. Undo (once per applied job) puts the old materials back; redo brings the textures again
+    # 5. Undo, once per applied job (and nothing else), puts the old materials back; redo brings them again
     for step in ("undo", "redo"):
         for _ in range(2):
             with override():

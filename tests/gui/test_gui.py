@@ -127,6 +127,7 @@ def test_generate_runs_without_blocking_blender(gui_run):
     assert gui_run["tab_open"], "the sidebar never showed the SD Textures tab"
     assert gui_run["generate"] == [["FINISHED"], ["FINISHED"]] and gui_run["returned_while_running"]
     assert gui_run["jobs_listed"] == 2  # the second click queued a job instead of being refused
+    assert gui_run["last_registered_operator"] != "SDTEX_OT_generate"  # no redo panel that re-runs a job
     assert gui_run["ticks_during_job"] > 10  # Blender ran its timers all along (a blocked UI ticks once)
     progress = gui_run["progress_seen"]  # how many steps one tick sees depends on the machine's load
     assert progress == sorted(progress) and any(0 < f < 1 for f in progress), progress
