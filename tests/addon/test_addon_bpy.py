@@ -48,7 +48,6 @@ def test_enable_and_disable_twice_leaves_nothing_behind():
         assert hasattr(bpy.types.Scene, "sdtex")
         assert all(cls.is_registered for cls in addon_blender.classes)
         assert addon_blender._on_load_pre in bpy.app.handlers.load_pre
-        assert bpy.types.SDTEX_OT_generate.bl_options == {"REGISTER", "UNDO"}
 
         addon_utils.disable(ADDON, default_set=True)
         assert not hasattr(bpy.types.Scene, "sdtex")
