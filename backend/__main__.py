@@ -1,7 +1,9 @@
-"""Command line: `python -m backend serve | generate | pbr | make-test-model | info` (also `sd-textures-backend`).
+"""Command line: `python -m backend serve | generate | pbr | img2img | inpaint | upscale | make-seamless |
+make-test-model | info` (also `sd-textures-backend`).
 
 Each task is a command (`generate` runs txt2img) with one flag per entry of its protocol.TASK_PARAMS
-table; values are validated exactly as the worker does, and the job runs through the same Worker.
+table (image inputs take file paths: `--image PATH`, `--mask PATH`); values are validated exactly as the
+worker does, and the job runs through the same Worker.
 """
 
 from __future__ import annotations
@@ -16,8 +18,19 @@ from blender_sd_addon.protocol import EVENT_PROGRESS, INVALID_PARAMS, ImageInput
 
 ALIASES = {"guidance_scale": ["--guidance"], "batch_size": ["--batch"], "output_dir": ["--out"]}
 CLI_DEFAULTS = {"output_dir": "./outputs"}
-COMMANDS = {"generate": "txt2img", "pbr": "pbr"}  # command -> task
-COMMAND_HELP = {"generate": "Generate textures and print the written paths.", "pbr": "Derive PBR maps of an image."}
+COMMANDS = {  # command -> task
+    "generate": "txt2img",
+    "pbr": "pbr",
+    "img2img": "img2img",
+    "inpaint": "inpaint",
+    "upscale": "upscale",
+    "make-seamless": "make_seamless",
+}
+COMMAND_HELP = {
+    "generate": "Generate textures and print the written paths.",
+    "pbr": "Derive PBR maps of an image.",
+    **{command: protocol.TASK_HELP[task] for command, task in COMMANDS.items() if task not in ("txt2img", "pbr")},
+}
 
 
 def _add_task_flags(parser: argparse.ArgumentParser, task: str) -> None:

@@ -102,10 +102,11 @@ def family_of(pipe: DiffusionPipeline) -> Family:
 
 
 def family_of_class_name(name: str | None) -> Family | None:
-    """The family whose txt2img pipeline is called `name` (a model_index.json `_class_name`), else None.
-    Only txt2img classes count: a folder saved as an img2img or inpainting pipeline may lack components
-    (SDXL's refiner has one text encoder) or expect other inputs (inpainting U-Nets take 9 channels)."""
-    return next((f for f in FAMILIES.values() if f.txt2img.__name__ == name), None)
+    """The family whose txt2img or inpainting pipeline is called `name` (a model_index.json `_class_name`),
+    else None. An inpainting folder has the txt2img components (its U-Net takes 9 channels: latents, mask,
+    masked image), so the family's txt2img class loads it and the inpaint task uses it as designed. A folder
+    saved as an img2img pipeline may lack components (SDXL's refiner has one text encoder): not loadable."""
+    return next((f for f in FAMILIES.values() if name in (f.txt2img.__name__, f.pipelines["inpaint"].__name__)), None)
 
 
 def size_multiple(pipe: DiffusionPipeline) -> int:

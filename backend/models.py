@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from backend.families import FAMILIES, SD, SDXL, Family, family_of, family_of_class_name
+from backend import single_file
+from backend.families import FAMILIES, Family, family_of, family_of_class_name
 from blender_sd_addon.protocol import (
     INVALID_PARAMS,
     MODEL_LOAD_FAILED,
@@ -36,7 +37,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_SDXL_KEY = "conditioner.embedders.1."  # SDXL single files carry a second text encoder
 
 
 @dataclass(frozen=True)
@@ -157,24 +157,36 @@ def locate(model: str, allow_pickle: bool = False) -> ModelSource:
     raise _not_found(model, "no such file or folder, and not a hub id like `owner/name`")
 
 
-def is_sdxl_checkpoint(path: str | Path) -> bool:
-    """Tell SDXL from SD 1.x/2.x single files by their tensor names (reads the header only)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(key.startswith(_SDXL_KEY) for key in f.keys())
-    except (SafetensorError, OSError) as exc:  # e.g. a pickle checkpoint renamed to .safetensors
-        raise ProtocolError(
-            MODEL_LOAD_FAILED,
-            f"{Path(path).name} is not a valid .safetensors file ({exc}); was it renamed from .ckpt?",
-            {"param": "model", "value": str(path)},
-        ) from None
+def single_file_kind(source: ModelSource) -> single_file.CheckpointKind:
+    """What a single-file checkpoint is, by diffusers' own checkpoint inference (backend/single_file.py)."""
+    return single_file.checkpoint_kind(source.location, source.use_safetensors)
 
 
 def single_file_family(source: ModelSource) -> Family:
-    """SDXL when the checkpoint's tensor names say so; pickle files cannot be inspected without loading."""
-    return SDXL if source.use_safetensors and is_sdxl_checkpoint(source.location) else SD
+    return single_file_kind(source).family
+
+
+def weights_variant(folder: Path, dtype: str) -> str | None:
+    """`fp16` when a diffusers folder's weights must or should load from their fp16 files: some component has
+    only `*.fp16.safetensors` (what download_model fetches), or both exist and half precision was asked for
+    (half the bytes to read). None loads the full-precision files."""
+    has_fp16 = has_full = False
+    for component in (part for part in folder.iterdir() if part.is_dir()):
+        names = [f.name for f in component.glob("*.safetensors")]
+        fp16 = any(".fp16." in name or ".fp16-" in name for name in names)
+        full = any(".fp16" not in name for name in names)
+        if fp16 and not full:
+            return "fp16"
+        has_fp16, has_full = has_fp16 or fp16, has_full or full
+    return "fp16" if has_fp16 and dtype != "fp32" else None
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub model (its model_index.json's folder), or None when not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _folder_family(model_index: dict, model: str) -> Family:
@@ -239,19 +251,25 @@ def load_pipeline(source: ModelSource, device: str, dtype: str, cpu_offload: boo
     on textures it mostly blacks out harmless images, the top complaint about SD add-ons, and the artist
     is the operator; no SDXL watermark)."""
     kwargs: dict = {"dtype": TORCH_DTYPES[dtype]}
+    kind = None
     if source.kind == "single_file":
-        family = single_file_family(source)
+        kind = single_file_kind(source)
+        family = kind.family
     else:
         if source.kind == "folder":
-            index = json.loads((Path(source.location) / "model_index.json").read_text(encoding="utf-8"))
+            folder: Path | None = Path(source.location)
+            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         else:
             index = _hub_model_index(source.location)
+            folder = _hub_snapshot(source.location)
         family = _folder_family(index, source.location)
         kwargs["use_safetensors"] = source.use_safetensors or None  # None: safetensors when present, else .bin
+        if folder is not None and source.use_safetensors:
+            kwargs["variant"] = weights_variant(folder, dtype)
     kwargs.update(family.pipeline_kwargs)
     try:
-        if source.kind == "single_file":
-            pipe = family.txt2img.from_single_file(source.location, **kwargs)
+        if kind is not None:  # offline: shipped configs, diffusers' own conversion of the original layout
+            pipe = single_file.load(source.location, kind, **kwargs)
         else:
             pipe = family.txt2img.from_pretrained(source.location, **kwargs)
     except (torch.OutOfMemoryError, MemoryError):
@@ -290,6 +308,20 @@ def configure(model: LoadedModel, params: GenerateParams) -> None:
         pipe.vae.disable_tiling()
 
 
+def model_key(model: str, params: GenerateParams) -> ModelKey:
+    """What a loaded pipeline of `model` is kept warm by, for these device and memory settings; refuses
+    missing or unsafe models and impossible placements before anything loads."""
+    source = locate(model, params.allow_pickle)
+    device = pick_device(params.device)
+    if params.cpu_offload and device != "cuda":
+        raise ProtocolError(
+            INVALID_PARAMS,
+            f"cpu_offload needs a CUDA device, this request runs on {device}",
+            {"param": "cpu_offload", "value": True},
+        )
+    return ModelKey(source, device, pick_dtype(params.dtype, device), params.cpu_offload)
+
+
 class ModelManager:
     """Keeps one pipeline warm; asking for another model, device, dtype or offload mode swaps it."""
 
@@ -298,15 +330,8 @@ class ModelManager:
 
     def get(self, params: GenerateParams) -> tuple[LoadedModel, float]:
         """The pipeline for these params and the seconds spent loading it (0 when it was warm)."""
-        source = locate(params.model, params.allow_pickle)
-        device = pick_device(params.device)
-        if params.cpu_offload and device != "cuda":
-            raise ProtocolError(
-                INVALID_PARAMS,
-                f"cpu_offload needs a CUDA device, this request runs on {device}",
-                {"param": "cpu_offload", "value": True},
-            )
-        key = ModelKey(source, device, pick_dtype(params.dtype, device), params.cpu_offload)
+        key = model_key(params.model, params)
+        source = key.source
         seconds = 0.0
         if self.loaded is None or self.loaded.key != key:
             self.release()

@@ -3,7 +3,10 @@
 The weights are random, so the images are noise, but every call runs the real diffusers pipeline:
 tokenizer, text encoder, U-Net, scheduler and VAE. "tiny" (SD 1.x layout) and "tiny-sdxl" (SDXL layout:
 two text encoders, size conditioning, a VAE with latents mean/std) are small enough for CPU tests;
-"sd15" is the real SD-1.5 architecture (about 1 B parameters) for speed and memory measurements.
+"tiny-inpaint" is "tiny" with a 9-channel inpainting U-Net (latents + mask + masked-image latents), saved
+as a StableDiffusionInpaintPipeline like real inpainting models; "sd15" is the real SD-1.5 architecture
+(about 1 B parameters) for speed and memory measurements; "tiny-upscaler" is a tiny SD x4 upscaler
+(StableDiffusionUpscalePipeline).
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-ARCHITECTURES = ("tiny", "tiny-sdxl", "sd15")
+ARCHITECTURES = ("tiny", "tiny-sdxl", "tiny-inpaint", "sd15", "tiny-upscaler")
 TINY_UNET = dict(
     block_out_channels=(32, 64),
     layers_per_block=2,
@@ -84,7 +91,8 @@ def _text_config(tokenizer: CLIPTokenizer, vocab_size: int, **kwargs) -> CLIPTex
 
 def _components(architecture: str, seed: int, tokenizer: CLIPTokenizer) -> dict:
     """An SD 1.x pipeline's components."""
-    if architecture == "tiny":
+    tiny = architecture in ("tiny", "tiny-inpaint")
+    if tiny:
         unet_kwargs = dict(TINY_UNET, cross_attention_dim=32)
         vae_kwargs = TINY_VAE
         text_kwargs = TINY_TEXT
@@ -106,11 +114,12 @@ def _components(architecture: str, seed: int, tokenizer: CLIPTokenizer) -> dict:
             hidden_act="quick_gelu",
         )
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_kwargs)
+    in_channels = 9 if architecture == "tiny-inpaint" else 4  # inpainting: latents + mask + masked image
+    unet = UNet2DConditionModel(in_channels=in_channels, out_channels=4, **unet_kwargs)
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **vae_kwargs)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config(tokenizer, 1000 if architecture == "tiny" else 49408, **text_kwargs))
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 1000 if tiny else 49408, **text_kwargs))
     # SD 1.5's own sampler config.
     scheduler = PNDMScheduler(**_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
@@ -165,19 +174,65 @@ def _tiny_sdxl_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
     )
 
 
+def _tiny_upscaler_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
+    """A tiny SD x4 upscaler ("tiny-upscaler"), laid out like stabilityai/stable-diffusion-x4-upscaler: a U-Net
+    taking 7 channels (4 latent + the 3-channel small image) with the image's noise level as a class
+    embedding, a 3-level VAE (scale factor 4) with scaling 0.08333, a DDPM scheduler that noises the small
+    image, and a v-prediction sampler."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        in_channels=7,
+        out_channels=4,
+        **TINY_UNET,
+        cross_attention_dim=TINY_TEXT["hidden_size"],
+        attention_head_dim=8,
+        use_linear_projection=True,
+        num_class_embeds=1000,  # noise levels 0..max_noise_level (350)
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        **dict(
+            TINY_VAE,
+            block_out_channels=[32, 32, 64],
+            down_block_types=["DownEncoderBlock2D"] * 3,
+            up_block_types=["UpDecoderBlock2D"] * 3,
+        ),
+        scaling_factor=0.08333,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 1000, **TINY_TEXT))
+    linear = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        low_res_scheduler=DDPMScheduler(**dict(linear, beta_schedule="linear")),
+        scheduler=DDIMScheduler(**linear, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False),
+    )
+
+
 def make_test_model(path: str | Path, *, seed: int = 0, architecture: str = "tiny") -> Path:
     """Write a random-weight pipeline folder (safetensors) to `path` and return it: a
-    StableDiffusionXLPipeline for "tiny-sdxl", a StableDiffusionPipeline otherwise."""
+    StableDiffusionXLPipeline for "tiny-sdxl", a StableDiffusionInpaintPipeline for "tiny-inpaint", a
+    StableDiffusionUpscalePipeline for "tiny-upscaler", a
+    StableDiffusionPipeline otherwise."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
     path = Path(path).resolve()
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _tokenizer(Path(scratch))
         pipe: DiffusionPipeline
-        if architecture == "tiny-sdxl":
+        if architecture == "tiny-upscaler":
+            pipe = StableDiffusionUpscalePipeline(**_tiny_upscaler_components(seed, tokenizer), max_noise_level=350)
+        elif architecture == "tiny-sdxl":
             pipe = StableDiffusionXLPipeline(**_tiny_sdxl_components(seed, tokenizer), add_watermarker=False)
         else:
-            pipe = StableDiffusionPipeline(
+            cls = StableDiffusionInpaintPipeline if architecture == "tiny-inpaint" else StableDiffusionPipeline
+            pipe = cls(
                 **_components(architecture, seed, tokenizer),
                 safety_checker=None,
                 feature_extractor=None,

@@ -304,7 +304,7 @@ class Worker:
         ctx.stage("loading_model")
         model, seconds = self.models.get(params)
         warmup = 0.0
-        if seconds:
+        if seconds and model.pipe.unet.config.in_channels == 4:  # an inpainting U-Net can't run txt2img: not warmed
             start = time.perf_counter()
             size = max(64, size_multiple(model.pipe))
             probe = protocol.GenerateParams.from_dict(

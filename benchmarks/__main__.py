@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks import cold, footprint, overhead, speed
+from benchmarks import cold, footprint, img2img, overhead, speed
 from benchmarks.common import CACHE, REPO, RESULTS, RUNS_FACTOR, Scenarios
 
 # name -> (module, architecture); the order is the order of the table.
@@ -30,8 +30,10 @@ MEASUREMENTS = {
     "cold_tiny": (cold, "tiny"),
     "cold_sd15": (cold, "sd15"),
     "footprint": (footprint, "tiny"),
+    "img2img_tiny": (img2img, "tiny"),
+    "img2img_sd15": (img2img, "sd15"),
 }
-QUICK = ("warm_tiny", "cold_tiny", "footprint")
+QUICK = ("warm_tiny", "cold_tiny", "footprint", "img2img_tiny")
 COLUMNS = ("bare", "backend", "addon", "ratio")
 
 

@@ -5,6 +5,9 @@
     result = generate_texture([bpy.data.objects["Cube"]], "rusty metal plate", seamless="xy", steps=20)
     print(result.files, result.materials)
     maps = derive_pbr_maps(bpy.data.images["bricks.png"], [bpy.data.objects["Wall"]], seamless="xy")
+    variation = img2img(bpy.data.images["bricks.png"], "mossy bricks", [bpy.data.objects["Wall"]], strength=0.5)
+    patched = inpaint("/textures/wall.png", "moss", mask=bpy.data.images["Wall Mask"], steps=20)
+    bigger = upscale(variation.images[0], scale=2, seamless="auto")
 
 Run it with `blender -b file.blend -P script.py` (an installed add-on is enabled from the preferences,
 also in background mode), or with Blender as a Python module (`import bpy`; enable the add-on first with
@@ -19,7 +22,7 @@ enabled it is also importable as `blender_sd_addon` (see blender/__init__.py), s
 the repository name.
 
 The operators use the same functions, so the panels, `bpy.ops.sdtex.generate()`,
-`bpy.ops.sdtex.derive_pbr_maps()` and this API behave alike.
+`bpy.ops.sdtex.derive_pbr_maps()`, `bpy.ops.sdtex.image_task()` and this API behave alike.
 """
 
 from __future__ import annotations
@@ -44,8 +47,12 @@ __all__ = [
     "TextureResult",
     "derive_pbr_maps",
     "generate_texture",
+    "img2img",
+    "inpaint",
     "load_model",
+    "make_seamless",
     "shutdown_backend",
+    "upscale",
 ]
 
 ADDON_ID = __package__
@@ -56,8 +63,8 @@ LOAD_MODEL_SETTINGS = ("model", "device", "dtype", "cpu_offload", "attention_sli
 _client: BackendClient | None = None
 
 
-def _default(name: str) -> Any:
-    return protocol.param(name).default
+def _default(name: str, task: str | None = None) -> Any:
+    return protocol.param(name, task).default
 
 
 @dataclass
@@ -192,6 +199,114 @@ def derive_pbr_maps(
     return finish(result, meshes, options, apply=bool(meshes), source=source.name)
 
 
+def img2img(
+    image, prompt: str, objects=None, *, strength: float = _default("strength", "img2img"), **options
+) -> TextureResult:
+    """Variations of `image`: it is noised as much as `strength` says (0: unchanged, 1: from noise), then
+    repainted following `prompt`. The results are new images; with objects (and apply=True) the first one
+    goes on the mesh objects among them as a material.
+    """
+    return image_task("img2img", {"image": image}, objects, prompt=prompt, strength=strength, **options)
+
+
+def inpaint(
+    image, prompt: str, mask=None, objects=None, *, mask_from: str = _default("mask_from", "inpaint"), **options
+) -> TextureResult:
+    """Repaint the masked part of `image` following `prompt`; every pixel farther than mask_blur from the
+    mask comes back unchanged. The mask comes from `mask` (white = repaint, the image's size; mask_from
+    "image"), the image's alpha ("alpha": transparent = repaint), a rectangle ("rect": mask_x, mask_y,
+    mask_width, mask_height) or nowhere ("none": outpaint only, with extend_left ... extend_bottom).
+    """
+    images = {"image": image} | ({"mask": mask} if mask is not None else {})
+    return image_task("inpaint", images, objects, prompt=prompt, mask_from=mask_from, **options)
+
+
+def upscale(image, objects=None, *, scale: int = _default("scale", "upscale"), **options) -> TextureResult:
+    """`image` enlarged `scale` times: by the SD x4 upscaler given as upscaler_model, else in tiles with
+    img2img on the model (strength 0: Lanczos alone). A texture that tiles still tiles (seamless, or "auto").
+    """
+    return image_task("upscale", {"image": image}, objects, scale=scale, **options)
+
+
+def make_seamless(
+    image, objects=None, *, prompt: str, seamless: str = _default("seamless", "make_seamless"), **options
+) -> TextureResult:
+    """`image` made to tile on the `seamless` axes: a band `band_width` pixels wide over each wrap-around seam
+    is repainted following `prompt`; the rest comes back unchanged."""
+    return image_task("make_seamless", {"image": image}, objects, prompt=prompt, seamless=seamless, **options)
+
+
+def image_task(
+    task: str,
+    images: dict,
+    objects=None,
+    *,
+    apply: bool = True,
+    shared_material: bool = True,
+    slot: str = "NEW",
+    projection: str = "UV",
+    texture_scale: float = 1.0,
+    displacement: str = "BUMP",
+    ao_multiply: bool = False,
+    pack: bool = False,
+    model: str | None = None,
+    output_dir: str | None = None,
+    timeout: float | None = None,
+    **settings,
+) -> TextureResult:
+    """Run any image task (protocol.TASK_PARAMS names its parameters) and apply its first result.
+
+    images: the task's image inputs by parameter name ("image", "mask"), each a bpy.types.Image (read,
+    never changed), a file path, or None (not given). settings: the task's other parameters; those left out
+    take the table's defaults. model and output_dir: None uses the preferences'. The other options are
+    derive_pbr_maps'.
+    """
+    # 1. Check inputs (before anything is sent)
+    options = apply_options(
+        shared_material, slot, projection, texture_scale, displacement=displacement, ao_multiply=ao_multiply, pack=pack
+    )
+    meshes = mesh_objects(objects) if apply and objects is not None else []
+    params = image_task_params(task, settings, model=model, output_dir=output_dir)
+    given = {name: image for name, image in images.items() if image is not None}
+    check_inputs(task, params, given)
+    sources = {name: source_image(image, name) for name, image in given.items()}
+
+    # 2. Send the images and run the task (blocks until the files are written)
+    references = {name: image_reference(source, name) for name, source in sources.items()}
+    result = run(params | references, task=task, timeout=timeout)
+
+    # 3. Load, apply and record
+    mask = sources.get("mask")
+    return finish(
+        result, meshes, options, apply=bool(meshes), source=sources["image"].name, mask=mask.name if mask else ""
+    )
+
+
+def _document(function, task: str) -> None:
+    """Append the task's parameters, from its protocol table, to the docstring of its function."""
+    table = protocol.TASK_PARAMS[task]
+    filled = {"task", "model", "output_dir", *(p.name for p in table if p.kind is protocol.ImageInput)}
+    lines = [
+        f"        {p.name} = {p.default!r}: {p.help} Accepts {p.accepted()}." for p in table if p.name not in filled
+    ]
+    function.__doc__ += (
+        "\n    image (and mask): a bpy.types.Image (file, packed, generated or painted and unsaved: read, never\n"
+        "    changed) or an image file path. Blocks until the files are written (and applied). Options:\n"
+        "        apply, shared_material, slot, projection, texture_scale, displacement, ao_multiply, pack: as\n"
+        "        derive_pbr_maps; model, output_dir: None uses the preferences'; timeout: seconds (None waits).\n"
+        f"    The {task} task's parameters (protocol.TASK_PARAMS[{task!r}]), as keywords:\n" + "\n".join(lines) + "\n"
+    )
+
+
+for _task, _function in {
+    "img2img": img2img,
+    "inpaint": inpaint,
+    "upscale": upscale,
+    "make_seamless": make_seamless,
+}.items():
+    _document(_function, _task)
+
+
 def load_model(model: str | None = None, timeout: float | None = None) -> dict:
     """Start the backend and load `model` (None: the preferences' model) so the next request starts warm.
 
@@ -298,6 +413,45 @@ def pbr_params(settings: dict, output_dir: str | None = None) -> dict:
         raise SDTexError(exc.message) from None
 
 
+def image_task_params(task: str, settings: dict, model: str | None = None, output_dir: str | None = None) -> dict:
+    """Checked parameters of an image task, all but its images (sent once the rest is known to be good):
+    `settings` plus the preferences' model, device and memory options; defaults for everything left out."""
+    table = protocol.TASK_PARAMS[task]
+    inputs = {p.name for p in table if p.kind is protocol.ImageInput}
+    known = {p.name for p in table} - inputs - {"task"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise SDTexError(f"{task} has no parameter {unknown[0]!r}; it takes {', '.join(sorted(known))}")
+    prefs = preferences()
+    params = {name: getattr(prefs, name) for name in BACKEND_SETTINGS if name in known} | settings
+    params["model"] = bpy.path.abspath(model or prefs.model)
+    params["output_dir"] = output_folder(output_dir)
+    # The images are checked by the worker once sent: stand-ins let the table check everything else now.
+    stand_ins = {p.name: {"path": "/"} for p in table if p.kind is protocol.ImageInput and p.required}
+    try:
+        checked = protocol.PARAMS_CLASSES[task].from_dict(params | stand_ins).to_dict()
+    except protocol.ProtocolError as exc:
+        raise SDTexError(exc.message) from None
+    return {name: value for name, value in checked.items() if name not in inputs}
+
+
+def check_inputs(task: str, params: dict, images: dict) -> None:
+    """`images` (input name -> image) are the task's, its required ones among them, and a mask is given when
+    the mask is to come from one (checked before the worker starts; the worker checks the pixels)."""
+    inputs = [p for p in protocol.TASK_PARAMS[task] if p.kind is protocol.ImageInput]
+    for name in images:
+        if name not in {p.name for p in inputs}:
+            raise SDTexError(f"{task} takes no image {name!r}; its images: {', '.join(p.name for p in inputs)}")
+    for p in inputs:
+        if p.required and images.get(p.name) is None:
+            raise SDTexError(f"{p.name} is required: {p.help}")
+    if params.get("mask_from") == "image" and images.get("mask") is None:
+        raise SDTexError(
+            "mask: mask_from is image but no mask image was given (white = repaint); give one, or set mask_from "
+            "to alpha, rect or none"
+        )
+
+
 def output_folder(output_dir: str | None) -> str:
     """The absolute folder files go to: `output_dir`, or the preferences' output folder when None."""
     if output_dir:
@@ -305,28 +459,28 @@ def output_folder(output_dir: str | None) -> str:
     return str(paths.resolve_output_dir(preferences().output_folder, bpy.data.filepath, user_data_dir()))
 
 
-def source_image(image) -> bpy.types.Image:
-    """The Image to derive maps of: `image` itself, or the image file at that path (loaded, or the datablock
-    already showing it)."""
+def source_image(image, name: str = "image") -> bpy.types.Image:
+    """The Image a task reads as its input `name`: `image` itself, or the image file at that path (loaded, or
+    the datablock already showing it)."""
     if isinstance(image, bpy.types.Image):
         return image
     if not isinstance(image, (str, os.PathLike)):
-        raise SDTexError(f"image must be a bpy.types.Image or an image file path, got {type(image).__name__}")
+        raise SDTexError(f"{name} must be a bpy.types.Image or an image file path, got {type(image).__name__}")
     path = os.path.abspath(bpy.path.abspath(os.fspath(image)))
     if not os.path.isfile(path):
-        raise SDTexError(f"image must be a bpy.types.Image or an image file path; no such file: {path}")
+        raise SDTexError(f"{name} must be a bpy.types.Image or an image file path; no such file: {path}")
     try:
         return bpy.data.images.load(path, check_existing=True)
     except RuntimeError as exc:  # Blender cannot read it
-        raise SDTexError(f"image: Blender cannot read {path} ({exc})") from None
+        raise SDTexError(f"{name}: Blender cannot read {path} ({exc})") from None
 
 
-def image_reference(image: bpy.types.Image) -> dict:
+def image_reference(image: bpy.types.Image, name: str = "image") -> dict:
     """`image` as a job input: its file's path, or its bytes uploaded to the worker (blocks while it starts)."""
     try:
         return images.image_reference(image, get_client())
     except ValueError as exc:
-        raise SDTexError(str(exc)) from None
+        raise SDTexError(str(exc) if name == "image" else f"{name}: {exc}") from None
 
 
 def load_model_params() -> dict:
@@ -346,11 +500,17 @@ def run(params: dict, task: str = "txt2img", timeout: float | None = None) -> pr
 
 
 def finish(
-    result: protocol.GenerateResult, meshes: list, options: materials.ApplyOptions, apply: bool, source: str = ""
+    result: protocol.GenerateResult,
+    meshes: list,
+    options: materials.ApplyOptions,
+    apply: bool,
+    source: str = "",
+    mask: str = "",
 ) -> TextureResult:
     """Load the written images, record the job, and apply its first image (with its maps) to the meshes.
 
-    source: the name of the image a pbr job derived its maps from (the material's albedo).
+    source: the name of the image a pbr job derived its maps from (the material's albedo), or an image task
+    started from (its results are new images: the source is never changed). mask: an inpaint job's mask.
     """
     files = written_files(result)
     missing = [path for path in files if not os.path.isfile(path)]
@@ -362,7 +522,7 @@ def finish(
         albedos = [bpy.data.images.load(i.path, check_existing=True) for i in result.images]
     maps = [{kind: materials.load_image(path, kind) for kind, path in i.maps.items()} for i in result.images]
     # Recorded before applying: if applying fails, the files are still found in the history.
-    record = HistoryRecord.from_result(result, source=source)
+    record = HistoryRecord.from_result(result, source=source, mask=mask)
     add_history(bpy.context.scene, record)
     made = apply_record(record, meshes, options) if apply else []
     return TextureResult(images=albedos, maps=maps, materials=made, files=files, seed=result.seed, result=result)
@@ -378,7 +538,7 @@ def apply_record(record: HistoryRecord, meshes: list, options: materials.ApplyOp
     """Put a record's first image, with its maps, on the meshes (Apply again). The albedo of a pbr record is
     its source image, found by name (or by its file, when it came from one)."""
     image = record.images()[0]
-    albedo, name = image.path, record.prompt
+    albedo, name = image.path, record.title
     if record.task == "pbr":
         source = bpy.data.images.get(record.source)
         if source is None and not os.path.isfile(image.path):

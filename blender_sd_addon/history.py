@@ -32,6 +32,14 @@ SETTINGS = (
     *PBR_CONTROLS,
 )
 PBR_SETTINGS = ("seamless", "normal_format", *PBR_CONTROLS)
+# Tasks that repaint a given image with a model (img2img, inpaint, make_seamless, upscale): their records
+# keep every parameter of the job but its image inputs, so "Use these settings" restores the task's own.
+IMAGE_TASKS = tuple(
+    task
+    for task, table in protocol.TASK_PARAMS.items()
+    if task != "pbr" and any(p.kind is protocol.ImageInput for p in table)
+)
+TASK_TITLES = {"img2img": "Variation of", "inpaint": "Inpainted", "make_seamless": "Seamless", "upscale": "Upscaled"}
 
 
 @dataclass
@@ -55,28 +63,51 @@ class HistoryRecord:
     roughness_contrast: float = protocol.param("roughness_contrast").default
     ao_strength: float = protocol.param("ao_strength").default
     task: str = "txt2img"  # or "pbr": maps derived from `source`, files[0]["path"] its file ("" when uploaded)
-    source: str = ""  # the pbr task's source image, by its name in the .blend
+    source: str = ""  # the source image of a pbr or image task, by its name in the .blend
+    mask: str = ""  # the mask image of an inpaint job, by its name in the .blend ("" when none)
+    params: dict = field(default_factory=dict)  # image tasks: the job's parameters, its image inputs left out
 
     @classmethod
-    def from_result(cls, result: GenerateResult, source: str = "") -> HistoryRecord:
-        """The record of a finished job; `source` names the image a pbr job derived its maps from."""
+    def from_result(cls, result: GenerateResult, source: str = "", mask: str = "") -> HistoryRecord:
+        """The record of a finished job; `source` (and `mask`) name the images a pbr or image task read."""
         # A pbr job has no prompt, steps...: those keep their defaults. Its size is the source image's.
         settings = {name: result.params.get(name, protocol.param(name).default) for name in SETTINGS}
         settings.update(width=result.width, height=result.height, pbr=any(i.maps for i in result.images))
         files = [asdict(i) for i in result.images]
-        return cls(**settings, seed=result.seed, model=result.model, files=files, task=result.task, source=source)
+        params = {}
+        if result.task in IMAGE_TASKS:
+            images = {p.name for p in protocol.TASK_PARAMS[result.task] if p.kind is protocol.ImageInput}
+            params = {name: value for name, value in result.params.items() if name not in images}
+        return cls(
+            **settings,
+            seed=result.seed,
+            model=result.model,
+            files=files,
+            task=result.task,
+            source=source,
+            mask=mask,
+            params=params,
+        )
 
     @property
     def title(self) -> str:
         """One line for the history list."""
         if self.task == "pbr":
             return f"Maps of {self.source or 'an image'}"
+        if self.task in IMAGE_TASKS:
+            of = f"{TASK_TITLES.get(self.task, self.task)} {self.source or 'image'}"
+            return f"{of}: {self.prompt}" if self.prompt else of
         return self.prompt or "(no prompt)"
 
     def settings(self) -> dict:
-        """The task parameters that repeat this record (a pbr record's image aside)."""
+        """The task parameters that repeat this record (a pbr or image task's images aside).
+
+        An image task's are its job's own parameters, with the seed the job used (its `seed` parameter may
+        have been unset) and the size it asked for (the record's width and height are the result's)."""
         if self.task == "pbr":
             return {name: getattr(self, name) for name in PBR_SETTINGS}
+        if self.task in IMAGE_TASKS:
+            return self.params | {"seed": self.seed}
         return {name: getattr(self, name) for name in SETTINGS} | {"seed": self.seed, "model": self.model}
 
     def images(self) -> list[ImageRecord]:
@@ -98,11 +129,12 @@ class HistoryRecord:
         return cls.from_dict(json.loads(text))
 
     # Blender's IntProperty is 32-bit signed while seeds go to 2**32 - 1, so the seed is kept as text
-    # ("" for none); the file list is kept as JSON text.
+    # ("" for none); the file list and the parameters are kept as JSON text.
     def to_fields(self) -> dict[str, Any]:
         values = self.to_dict()
         values["seed"] = "" if self.seed is None else str(self.seed)
         values["files"] = json.dumps(self.files)
+        values["params"] = json.dumps(self.params)
         return values
 
     @classmethod
@@ -111,4 +143,5 @@ class HistoryRecord:
         values = {f.name: getattr(item, f.name) for f in fields(cls)}
         values["seed"] = int(values["seed"]) if values["seed"] else None
         values["files"] = json.loads(values["files"] or "[]")
+        values["params"] = json.loads(values["params"] or "{}")
         return cls(**values)

@@ -1,34 +1,59 @@
-"""Install the backend: a venv in the user data folder with torch, diffusers and the rest.
+"""Install the backend: a venv in the user data folder with the right torch, diffusers and the rest.
 
 Stdlib only and Blender-free: the operators in blender/install_ops.py pass in the user data folder and
 the add-on's worker/ folder, and a timer redraws the preferences from `STATE` while a thread runs the
 phases. Every output line of pip goes to `STATE.log_lines` and to `<user data>/backend-install.log`.
 
-Torch comes first, on its own: the right build differs per machine (on Linux PyPI's `torch` includes
-CUDA; on Windows PyPI's is CPU only, so an NVIDIA GPU needs PyTorch's CUDA index). The user can set
-both the requirement and the index URL.
+1. The machine decides the torch build (`detect_machine`, `choose_torch`): an NVIDIA GPU (`nvidia-smi` runs) gets
+   PyTorch's CUDA wheel index, Linux and Windows without one get the CPU index (PyPI's Linux torch would pull
+   ~3 GB of CUDA libraries that nothing uses), macOS gets PyPI (Metal/MPS). The choice and its expected download
+   and disk size are known before anything starts, and the preferences' requirement and index URL override it.
+2. Free disk space is checked first, in the user data folder.
+3. Everything installs into a new folder (`backend-venv.new`); only when every phase succeeded does it replace
+   `backend-venv` (renames). A failed or cancelled installation deletes the new folder and leaves the previous
+   backend as it was.
+4. pip runs with `--progress-bar raw`: its "Progress X of Y" lines become MB of MB and a speed in STATE; phases
+   without them move the bar by phase.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paths
+from .model_catalog import size_text, transfer_text
 
 LOG_NAME = "backend-install.log"
 DEFAULT_TORCH_SPEC = "torch"
-WINDOWS_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
+PYPI = ""  # the index URL meaning "pip's default index"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+CUDA_INDEXES = (  # (lowest NVIDIA driver major version, index): the newest CUDA build the driver can run
+    (570, "https://download.pytorch.org/whl/cu128"),
+    (560, "https://download.pytorch.org/whl/cu126"),
+    (0, "https://download.pytorch.org/whl/cu118"),
+)
+NEW_SUFFIX = ".new"  # the folder an installation builds before it replaces the backend
+OLD_SUFFIX = ".old"  # the previous backend, for the moment of the switch
 SUPPORTED_PYTHON = ((3, 10), (3, 13))  # inclusive; what torch and diffusers publish wheels for
 CHECK_SCRIPT = "import diffusers, torch; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 LOG_LINES_KEPT = 1000  # in memory; the log file keeps everything
 TERMINATE_GRACE = 5.0  # seconds between terminate() and kill() on cancel
+MB = 10**6
+REQUIREMENTS_MB = 150  # diffusers, transformers, accelerate, scipy, numpy, pillow, safetensors, ... (download)
+SPEED_WINDOW = 3.0  # seconds the download speed is averaged over
+
+_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
+_DOWNLOADING = re.compile(r"^\s*Downloading (\S+)")
 
 
 class InstallError(Exception):
@@ -39,19 +64,150 @@ class Cancelled(Exception):
     pass
 
 
+# --- the machine and its torch ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the torch build depends on."""
+
+    system: str  # sys.platform: "linux", "win32", "darwin"
+    arch: str  # platform.machine(): "x86_64", "AMD64", "arm64", "aarch64"
+    nvidia_gpu: str = ""  # the GPU's name when nvidia-smi runs, else ""
+    nvidia_driver: str = ""  # e.g. "575.51.03"
+
+    @property
+    def has_nvidia(self) -> bool:
+        return bool(self.nvidia_gpu)
+
+
+def detect_machine(
+    system: str | None = None,
+    arch: str | None = None,
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    which: Callable[[str], str | None] = shutil.which,
+) -> Machine:
+    """This computer; each probe can be replaced (tests fake `run` and `which`). An NVIDIA GPU counts only when
+    `nvidia-smi` is found and exits 0 (a driver without a GPU, or a broken driver, fails)."""
+    system = system or sys.platform
+    arch = arch or platform.machine()
+    gpu = driver = ""
+    smi = which("nvidia-smi")
+    if smi and system != "darwin":
+        try:
+            done = run(
+                [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
+        except (OSError, subprocess.SubprocessError):
+            done = None
+        if done is not None and done.returncode == 0 and done.stdout.strip():
+            first = done.stdout.strip().splitlines()[0]
+            gpu, _, driver = (part.strip() for part in first.partition(","))
+    return Machine(system, arch, gpu, driver)
+
+
+_MACHINE: list[Machine] = []
+
+
+def this_machine() -> Machine:
+    """detect_machine() once per session (nvidia-smi takes a moment; dialogs redraw often)."""
+    if not _MACHINE:
+        _MACHINE.append(detect_machine())
+    return _MACHINE[0]
+
+
+@dataclass(frozen=True)
+class TorchChoice:
+    """The torch build to install, and what it costs; shown before the installation starts."""
+
+    requirement: str  # pip requirement(s), e.g. "torch" or "torch==2.5.1"
+    index_url: str  # "" = PyPI
+    label: str  # for people: "CUDA 12.8 build for NVIDIA GeForce RTX 4070"
+    download_mb: int  # expected download, torch and the other packages
+    disk_mb: int  # free space needed for the new environment (the old one stays until the switch)
+    overridden: bool = False  # the preferences' requirement or index URL replaced the machine's choice
+
+    @property
+    def summary(self) -> str:
+        download, disk = size_text(self.download_mb * MB), size_text(self.disk_mb * MB)
+        return f"{self.label}: about {download} to download, {disk} on disk"
+
+
+def _driver_major(driver: str) -> int:
+    match = re.match(r"(\d+)", driver)
+    return int(match[1]) if match else 0
+
+
+def cuda_index(driver: str) -> str:
+    """The newest CUDA wheel index the NVIDIA driver runs (an unknown driver gets the newest)."""
+    major = _driver_major(driver) or CUDA_INDEXES[0][0]
+    return next(index for low, index in CUDA_INDEXES if major >= low)
+
+
+def choose_torch(machine: Machine, requirement: str = "", index_url: str | None = None) -> TorchChoice:
+    """The torch build for `machine`; a non-empty `requirement` or a non-None `index_url` (the preferences)
+    overrides the machine's choice ("" = PyPI)."""
+    if machine.system == "darwin":
+        label, index, download, disk = "PyPI build (Metal on Apple Silicon)", PYPI, 80, 1200
+    elif machine.has_nvidia:
+        index = cuda_index(machine.nvidia_driver)
+        version = index.rsplit("/cu", 1)[1]
+        label = f"CUDA {version[:-1]}.{version[-1]} build for {machine.nvidia_gpu}"
+        download, disk = (3300, 7000) if machine.system == "win32" else (3000, 7000)
+    else:
+        label, index, download, disk = "CPU build (no NVIDIA GPU found)", CPU_INDEX, 200, 1500
+    overridden = bool(requirement.strip()) or (index_url is not None and index_url != index)
+    if index_url is not None:
+        index = index_url
+    if overridden:
+        label = f"{requirement.strip() or DEFAULT_TORCH_SPEC} from {index or 'PyPI'} (set in Preferences)"
+    return TorchChoice(
+        requirement.strip() or DEFAULT_TORCH_SPEC, index, label, download + REQUIREMENTS_MB, disk, overridden
+    )
+
+
+def check_free_space(folder: Path, needed_mb: int, disk_usage: Callable = shutil.disk_usage) -> None:
+    """InstallError naming the folder and the space needed when it lacks `needed_mb` megabytes."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = disk_usage(probe).free
+    if free < needed_mb * MB:
+        raise InstallError(
+            f"Not enough free space in {folder}: the backend needs about {size_text(needed_mb * MB)} and "
+            f"{size_text(free)} are free. Free some space, or set Preferences > Backend interpreter to a Python "
+            "that already has torch and diffusers."
+        )
+
+
+# --- state the UI draws -------------------------------------------------------------------------------------
+
+
 @dataclass
 class InstallState:
     """What the preferences show; written by the install thread, read by the UI timer."""
 
     running: bool = False
-    progress: float = 0.0  # 0..1, by phase
-    message: str = ""
+    progress: float = 0.0  # 0..1: finished phases by weight, plus the running phase's download share
+    message: str = ""  # the running phase, or the outcome
+    detail: str = ""  # the download now: "torch-2.5.1-….whl: 312 MB of 906 MB · 14 MB/s"
     error: bool = False  # the last run failed; `message` holds the reason and the log's tail
     cancelled: bool = False
+    succeeded: bool = False  # the last run installed and switched: start the backend now
+    choice: TorchChoice | None = None  # what this run installs
+    current_file: str = ""  # what pip downloads now
+    file_done: int = 0  # bytes of current_file so far
+    file_total: int = 0
+    downloaded: int = 0  # bytes downloaded by this run, all files
+    speed: float = 0.0  # bytes per second over the last few seconds
     log_lines: list[str] = field(default_factory=list)
     log_path: Path | None = None
     _process: subprocess.Popen | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
+    _samples: list[tuple[float, int]] = field(default_factory=list)
 
     def log(self, line: str) -> None:
         self.log_lines.append(line)
@@ -59,6 +215,13 @@ class InstallState:
         if self.log_path:
             with open(self.log_path, "a", encoding="utf-8") as log:
                 log.write(line + "\n")
+
+    def reset(self, log_path: Path | None = None, choice: TorchChoice | None = None) -> None:
+        self.running, self.progress, self.error, self.cancelled, self.succeeded = True, 0.0, False, False, False
+        self.message, self.detail, self.log_lines, self.log_path, self.choice = "Starting…", "", [], log_path, choice
+        self.current_file, self.file_done, self.file_total, self.downloaded, self.speed = "", 0, 0, 0, 0.0
+        self._samples = []
+        self._cancel.clear()
 
 
 STATE = InstallState()
@@ -69,10 +232,15 @@ class Phase:
     message: str  # shown while it runs
     command: list[str]
     weight: float = 1.0  # share of the progress bar
+    download_mb: int = 0  # what it is expected to download: its bar follows pip's bytes when it reports them
 
 
 def venv_dir(user_dir: Path) -> Path:
     return Path(user_dir) / paths.BACKEND_VENV
+
+
+def new_venv_dir(user_dir: Path) -> Path:
+    return Path(user_dir) / (paths.BACKEND_VENV + NEW_SUFFIX)
 
 
 def venv_python(user_dir: Path) -> Path:
@@ -130,42 +298,65 @@ def find_base_python(preferred: str | None = None) -> str:
     )
 
 
-def default_torch_index(platform: str = sys.platform, has_nvidia: bool | None = None) -> str:
-    """PyTorch's CUDA index on Windows with an NVIDIA GPU; elsewhere PyPI (empty string) has the right build."""
-    if has_nvidia is None:
-        has_nvidia = shutil.which("nvidia-smi") is not None
-    return WINDOWS_CUDA_INDEX if platform == "win32" and has_nvidia else ""
-
-
 def install_phases(
     user_dir: Path,
     worker_dir: Path,
     base_python: str,
     torch_spec: str = DEFAULT_TORCH_SPEC,
     index_url: str = "",
+    choice: TorchChoice | None = None,
 ) -> list[Phase]:
-    """The commands that install the backend; an existing venv is reused (a rerun upgrades it)."""
+    """The commands that build the backend in the new folder (new_venv_dir), from scratch each time (pip's
+    cache keeps a rerun's downloads short). `choice` gives the expected download of the torch phase."""
     requirements = Path(worker_dir) / "requirements.txt"
     if not requirements.is_file():
         raise InstallError(
             f"{requirements} is missing: install the add-on from its release zip (built by build_addon.py), "
-            "or set Preferences > Backend Interpreter to a Python that has the backend's packages"
+            "or set Preferences > Backend interpreter to a Python that has the backend's packages"
         )
-    python = str(venv_python(user_dir))
-    pip = [python, "-m", "pip", "install", "--upgrade"]
-    phases = []
-    if not venv_python(user_dir).is_file():
-        phases.append(Phase("Creating the backend environment", [base_python, "-m", "venv", str(venv_dir(user_dir))]))
+    new = new_venv_dir(user_dir)
+    python = str(paths.venv_python(new))
+    # --progress-bar raw (pip 24.1+) prints "Progress <bytes> of <bytes>" lines; venvs start with the Python's
+    # bundled pip, which may be older, so pip is upgraded first.
+    pip = [python, "-m", "pip", "install", "--upgrade", "--progress-bar", "raw"]
     torch_index = ["--index-url", index_url] if index_url else []
-    phases += [
-        Phase("Installing torch (a large download)", [*pip, *torch_spec.split(), *torch_index], weight=6),
-        Phase("Installing diffusers and the other packages", [*pip, "-r", str(requirements)], weight=3),
+    torch_mb = (choice.download_mb - REQUIREMENTS_MB) if choice else 0
+    return [
+        Phase("Creating the backend environment", [base_python, "-m", "venv", str(new)]),
+        Phase("Updating pip", [python, "-m", "pip", "install", "--upgrade", "pip"]),
+        Phase("Installing torch (a large download)", [*pip, *torch_spec.split(), *torch_index], 6, torch_mb),
+        Phase("Installing diffusers and the other packages", [*pip, "-r", str(requirements)], 3, REQUIREMENTS_MB),
         Phase("Checking the backend", [python, "-c", CHECK_SCRIPT]),
     ]
-    return phases
 
 
-def _run(phase: Phase) -> None:
+# --- running ------------------------------------------------------------------------------------------------
+
+
+def _read_progress(line: str) -> bool:
+    """Update STATE's download fields from one pip output line; True when it was a progress line (not logged)."""
+    if match := _PROGRESS.match(line):
+        done, total = int(match[1]), int(match[2])
+        if done < STATE.file_done:  # a new file started without a "Downloading" line
+            STATE.downloaded += STATE.file_done
+        STATE.file_done, STATE.file_total = done, total
+        now = time.monotonic()
+        current = STATE.downloaded + done
+        STATE._samples.append((now, current))
+        while len(STATE._samples) > 2 and now - STATE._samples[1][0] > SPEED_WINDOW:
+            del STATE._samples[0]
+        (then, before) = STATE._samples[0]
+        STATE.speed = (current - before) / (now - then) if now > then else 0.0
+        name = STATE.current_file or "download"
+        STATE.detail = f"{name}: {transfer_text(done, total, STATE.speed)}"
+        return True
+    if match := _DOWNLOADING.match(line):
+        STATE.downloaded += STATE.file_done  # the previous file is complete
+        STATE.current_file, STATE.file_done, STATE.file_total = match[1].rsplit("/", 1)[-1], 0, 0
+    return False
+
+
+def _run(phase: Phase, done_weight: float, total_weight: float) -> None:
     STATE.log(f"$ {subprocess.list2cmdline(phase.command)}")
     try:
         process = subprocess.Popen(
@@ -183,12 +374,23 @@ def _run(phase: Phase) -> None:
     STATE._process = process
     if STATE._cancel.is_set():  # cancelled while the command was starting
         process.terminate()
+    phase_start = STATE.downloaded
     try:
-        for line in process.stdout:
-            STATE.log(line.rstrip())
+        for raw in process.stdout:
+            line = raw.rstrip()
+            if _read_progress(line):
+                if phase.download_mb:  # the phase's share of the bar follows its bytes (at most 95 %)
+                    got = STATE.downloaded - phase_start + STATE.file_done
+                    share = min(got / (phase.download_mb * MB), 0.95)
+                    STATE.progress = (done_weight + phase.weight * share) / total_weight
+            else:
+                STATE.log(line)
         process.wait()
     finally:
         STATE._process = None
+    STATE.downloaded += STATE.file_done
+    STATE.file_done = STATE.file_total = 0
+    STATE.current_file, STATE.detail = "", ""
     if STATE._cancel.is_set():
         raise Cancelled
     if process.returncode:
@@ -196,9 +398,33 @@ def _run(phase: Phase) -> None:
         raise InstallError(f"{phase.message} failed (exit code {process.returncode}). Last lines:\n{tail}")
 
 
-def run_phases(phases: Sequence[Phase]) -> None:
-    """Run the phases one after another in this thread, updating STATE. Never raises: the outcome is
-    in STATE.message / STATE.error / STATE.cancelled."""
+def switch_to_new(user_dir: Path) -> None:
+    """Replace the backend venv by the freshly built one: two renames, the old folder deleted after.
+
+    A venv's own python works from its new path (console scripts keep the old path; the add-on runs only
+    `python`). If the old backend cannot be moved (Windows, while it runs), the new folder stays for the next run
+    to rebuild, and the old backend keeps working."""
+    current, new = venv_dir(user_dir), new_venv_dir(user_dir)
+    old = Path(str(current) + OLD_SUFFIX)
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if current.exists():
+            current.rename(old)
+        new.rename(current)
+    except OSError as exc:
+        if old.exists() and not current.exists():
+            old.rename(current)  # put the previous backend back
+        raise InstallError(
+            f"The new backend is built but could not replace {current} ({exc.strerror or exc}): stop the backend "
+            "(Preferences > Stop Backend) and install again"
+        ) from exc
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_phases(phases: Sequence[Phase], user_dir: Path | None = None) -> None:
+    """Run the phases one after another in this thread, updating STATE; with `user_dir`, switch to the new
+    venv on success and delete it on failure or cancel. Never raises: the outcome is in STATE.message /
+    STATE.error / STATE.cancelled / STATE.succeeded."""
     total = sum(phase.weight for phase in phases) or 1.0
     done = 0.0
     try:
@@ -206,31 +432,55 @@ def run_phases(phases: Sequence[Phase]) -> None:
             if STATE._cancel.is_set():
                 raise Cancelled
             STATE.message, STATE.progress = phase.message + "…", done / total
-            _run(phase)
+            _run(phase, done, total)
             done += phase.weight
-        STATE.progress, STATE.message = 1.0, "Backend installed"
+        if user_dir is not None:
+            if STATE._cancel.is_set():
+                raise Cancelled
+            STATE.message = "Switching to the new backend…"
+            switch_to_new(user_dir)
+        STATE.progress, STATE.message, STATE.succeeded = 1.0, "Backend installed", True
     except Cancelled:
-        STATE.cancelled, STATE.message = True, "Installation cancelled: press Install Backend to start again"
+        STATE.cancelled = True
+        STATE.message = "Installation cancelled; the previous backend is unchanged"
     except InstallError as exc:
         STATE.error, STATE.message = True, str(exc)
     finally:
+        if user_dir is not None and not STATE.succeeded:
+            shutil.rmtree(new_venv_dir(user_dir), ignore_errors=True)
         STATE.log(STATE.message)
         STATE.running = False
 
 
-def start_phases(phases: Sequence[Phase], log_path: Path | None = None) -> threading.Thread:
+def start_phases(
+    phases: Sequence[Phase],
+    log_path: Path | None = None,
+    user_dir: Path | None = None,
+    choice: TorchChoice | None = None,
+) -> threading.Thread:
     """Run the phases in a daemon thread (one installation at a time); returns the thread."""
     if STATE.running:
         raise InstallError("An installation is already running")
-    STATE.running, STATE.progress, STATE.error, STATE.cancelled = True, 0.0, False, False
-    STATE.message, STATE.log_lines, STATE.log_path = "Starting…", [], log_path
-    STATE._cancel.clear()
+    STATE.reset(log_path, choice)
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text("", encoding="utf-8")
-    thread = threading.Thread(target=run_phases, args=(phases,), daemon=True, name="sdtex-install")
+    if choice:
+        STATE.log(f"Installing: {choice.summary}")
+    thread = threading.Thread(target=run_phases, args=(phases, user_dir), daemon=True, name="sdtex-install")
     thread.start()
     return thread
+
+
+def plan_install(
+    user_dir: Path,
+    *,
+    torch_spec: str = "",
+    index_url: str | None = None,
+    machine: Machine | None = None,
+) -> TorchChoice:
+    """What an installation would install here, before starting it (the dialog shows `summary`)."""
+    return choose_torch(machine or this_machine(), torch_spec, index_url)
 
 
 def start_install(
@@ -238,21 +488,27 @@ def start_install(
     worker_dir: Path,
     *,
     base_python: str | None = None,
-    torch_spec: str = DEFAULT_TORCH_SPEC,
+    torch_spec: str = "",
     index_url: str | None = None,
+    machine: Machine | None = None,
+    disk_usage: Callable = shutil.disk_usage,
 ) -> threading.Thread:
-    """Install the backend into `<user_dir>/backend-venv` in a thread; returns the thread.
+    """Build a new backend venv beside `<user_dir>/backend-venv` in a thread and switch to it on success.
 
     base_python: creates the venv (None: Blender's Python, else a python3 on PATH).
-    torch_spec: the torch requirement(s), e.g. "torch==2.5.1".
+    torch_spec: the torch requirement(s), e.g. "torch==2.5.1" ("" = "torch").
     index_url: pip index for torch (None: chosen for this machine, "" : PyPI).
-    Raises InstallError at once when no base Python or no requirements file is found.
+    Raises InstallError at once when no base Python or no requirements file is found, or the disk is too full.
     """
+    if STATE.running:
+        raise InstallError("An installation is already running")
     user_dir = Path(user_dir)
-    base = "" if venv_python(user_dir).is_file() else find_base_python(base_python)  # only a new venv needs one
-    index = default_torch_index() if index_url is None else index_url
-    phases = install_phases(user_dir, worker_dir, base, torch_spec, index)
-    return start_phases(phases, user_dir / LOG_NAME)
+    choice = plan_install(user_dir, torch_spec=torch_spec, index_url=index_url, machine=machine)
+    base = find_base_python(base_python)
+    phases = install_phases(user_dir, worker_dir, base, choice.requirement, choice.index_url, choice)
+    shutil.rmtree(new_venv_dir(user_dir), ignore_errors=True)  # what an interrupted run (Blender killed) left
+    check_free_space(user_dir, choice.disk_mb, disk_usage)
+    return start_phases(phases, user_dir / LOG_NAME, user_dir, choice)
 
 
 def cancel_install() -> None:

@@ -31,7 +31,8 @@ class Job:
     preview: protocol.PreviewEvent | None = None  # the latest only: previews are large and superseded
     preview_serial: int = 0  # bumped on each new preview, so the UI knows when to copy pixels
     artifacts: list[protocol.Artifact] = field(default_factory=list)  # in the order the worker announced them
-    result: protocol.GenerateResult | None = None
+    result: protocol.GenerateResult | None = None  # image tasks
+    data: dict | None = None  # the raw result of any task
     error: str = ""
     error_code: str = ""  # a protocol error code, or client.BACKEND_STOPPED / BACKEND_START_FAILED
     finished_at: float | None = None  # time.monotonic() when the terminal reply was handled
@@ -80,10 +81,13 @@ class Job:
             if artifact is not None:
                 self.artifacts.append(artifact)
         elif "result" in message:
-            try:
-                self.result, self.state = protocol.GenerateResult.from_dict(message["result"]), DONE
-            except (KeyError, TypeError, AttributeError) as exc:
-                self.error, self.error_code, self.state = f"malformed result from the backend: {exc!r}", "", FAILED
+            self.data = message["result"] if isinstance(message["result"], dict) else {}
+            self.state = DONE
+            if "images" in self.data:  # image tasks answer a GenerateResult; others (downloads, listings) their own
+                try:
+                    self.result = protocol.GenerateResult.from_dict(self.data)
+                except (KeyError, TypeError, AttributeError) as exc:
+                    self.error, self.state = f"malformed result from the backend: {exc!r}", FAILED
         elif "error" in message:
             error = message["error"] if isinstance(message["error"], dict) else {}
             self.error = error.get("message") or "unknown backend error"

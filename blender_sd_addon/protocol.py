@@ -47,6 +47,7 @@ EVENT_STATUS = "status"  # data: {"stage": "loading_model" | "encoding" | "denoi
 EVENT_PROGRESS = "progress"  # data: ProgressEvent
 EVENT_PREVIEW = "preview"  # data: PreviewEvent
 EVENT_ARTIFACT = "artifact"  # data: Artifact; the file is complete under its final name
+EVENT_DOWNLOAD = "download"  # data: DownloadProgress (download_model; `progress` counts the same bytes)
 
 # Job states.
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -67,6 +68,8 @@ OUTPUT_FAILED = "output_failed"  # output_dir not writable, disk full; message n
 NOT_FOUND = "not_found"  # unknown job id or artifact
 SHUTTING_DOWN = "shutting_down"  # a request sent after shutdown (or after the input ended)
 INTERNAL_ERROR = "internal_error"  # data.traceback holds the worker's traceback
+DOWNLOAD_FAILED = "download_failed"  # the hub is unreachable or refuses, or the repository cannot be used
+NOT_ENOUGH_SPACE = "not_enough_space"  # message names the folder, the space needed and the space free
 
 SCHEDULERS = (
     "ddpm",
@@ -333,6 +336,122 @@ def replaced(table: tuple[Param, ...], *new: Param) -> tuple[Param, ...]:
     return tuple(by_name.get(p.name, p) for p in table)
 
 
+# Inpainting (and outpainting, and make_seamless, which inpaint too): where the mask comes from, its edge,
+# how much the masked area changes. Pixels outside the feathered mask come back unchanged, byte for byte.
+MASK_SOURCES = ("image", "alpha", "rect", "none")
+OUTPAINT_FILLS = ("edge", "noise")
+RESIZE_KEEP = Param(
+    "resize", str, "keep",
+    "How the image meets width and height: keep its own size (the default: every kept pixel comes back "
+    "unchanged), fit inside, fill and crop, or stretch.",
+    choices=RESIZE_MODES,
+)  # fmt: skip
+MASK_BLUR = Param(
+    "mask_blur", int, 4, "Feather radius of the mask's edge in pixels (0 = hard edge).", Range(0, 256)
+)  # fmt: skip
+STRENGTH = Param(
+    "strength", float, 1.0, "How much the masked area changes (1 = repainted from noise).", Range(0.0, 1.0)
+)  # fmt: skip
+INPAINT_PARAMS: tuple[Param, ...] = (
+    Param("mask", ImageInput, None, "The mask, white = repaint, the image's size (mask_from image)."),
+    Param(
+        "mask_from", str, "image",
+        "Where the mask comes from: the mask image, the image's alpha (transparent = repaint), a rectangle "
+        "(mask_x, mask_y, mask_width, mask_height), or none (outpainting only).",
+        choices=MASK_SOURCES,
+    ),
+    Param("mask_x", int, 0, "Rectangle mask: left edge, in pixels of the image.", Range(0, 8192)),
+    Param("mask_y", int, 0, "Rectangle mask: top edge, in pixels of the image.", Range(0, 8192)),
+    Param("mask_width", int, 0, "Rectangle mask: width in pixels (at least 1 for mask_from rect).", Range(0, 8192)),
+    Param("mask_height", int, 0, "Rectangle mask: height in pixels (at least 1 for mask_from rect).", Range(0, 8192)),
+    MASK_BLUR,
+    STRENGTH,
+    Param("extend_left", int, 0, "Outpainting: pixels added on the left.", Range(0, SIZE_MAX, SIZE_MULTIPLE)),
+    Param("extend_right", int, 0, "Outpainting: pixels added on the right.", Range(0, SIZE_MAX, SIZE_MULTIPLE)),
+    Param("extend_top", int, 0, "Outpainting: pixels added at the top.", Range(0, SIZE_MAX, SIZE_MULTIPLE)),
+    Param("extend_bottom", int, 0, "Outpainting: pixels added at the bottom.", Range(0, SIZE_MAX, SIZE_MULTIPLE)),
+    Param(
+        "outpaint_fill", str, "edge",
+        "What the added area starts from: its border pixels stretched out, or noise.", choices=OUTPAINT_FILLS,
+    ),
+)  # fmt: skip
+MAKE_SEAMLESS_PARAMS: tuple[Param, ...] = (
+    Param(
+        "band_width", int, 64, "Width of the band repainted across each wrap-around seam, in pixels.",
+        Range(8, SIZE_MAX, SIZE_MULTIPLE),
+    ),
+    MASK_BLUR,
+    STRENGTH,
+)  # fmt: skip
+
+
+# img2img / variations: the source picture noised to `strength`, then denoised with the prompt.
+IMG2IMG_STRENGTH = Param(
+    "strength", float, 0.6,
+    "How much of the image is repainted: 0 returns it unchanged (no model run), 1 starts from noise "
+    "(a faint trace of its colours stays). The denoising steps run are int(steps * strength).",
+    Range(0.0, 1.0),
+)  # fmt: skip
+# Upscaling: the SD x4 upscaler when given one, else tiled img2img ("hires fix") with `model`.
+UPSCALE_PARAMS: tuple[Param, ...] = (
+    Param(
+        "upscaler_model", str, "",
+        "An SD x4 upscaler (hub id, local diffusers folder or .safetensors file); empty: tiled img2img with model.",
+        max_length=PATH_MAX,
+    ),
+    Param("image", ImageInput, None, "The image to upscale.", required=True),
+    Param("scale", int, 2, "Upscaling factor: 2 or 4.", Range(2, 4, 2)),
+    Param(
+        "noise_level", int, 20, "x4 upscaler: noise added to the small image (more: more invented detail).",
+        Range(0, 350),
+    ),
+    Param(
+        "strength", float, 0.35, "Tiled upscaling: how much each tile is repainted (0 = Lanczos only, no model).",
+        Range(0.0, 1.0),
+    ),
+    Param(
+        "tile_size", int, 0, "Tiled upscaling: tile size in pixels (0 = the model's native size).",
+        Range(0, SIZE_MAX, SIZE_MULTIPLE),
+    ),
+    Param(
+        "tile_overlap", int, 64, "Tiled upscaling: pixels neighbouring tiles share, blended smoothly.",
+        Range(0, 1024, SIZE_MULTIPLE),
+    ),
+)  # fmt: skip
+UPSCALE_SAMPLING: tuple[Param, ...] = replaced(
+    tuple(p for p in SAMPLING_PARAMS if p.name not in ("width", "height", "batch_size", "vae_tiling")),
+    Param("prompt", str, "", "What the picture shows (guides the added detail; may be empty)."),
+    SEAMLESS_INPUT,
+)
+
+# Models: download a hub pipeline (only the files it needs), list what is on disk.
+WEIGHT_VARIANTS = ("fp16", "fp32")
+DOWNLOAD_MODEL_PARAMS: tuple[Param, ...] = (
+    Param(
+        "model", str, "", "Hub id of a diffusers pipeline, e.g. stabilityai/sd-turbo.", required=True, max_length=200
+    ),
+    Param("revision", str, "main", "Branch, tag or commit to download.", max_length=200),
+    Param(
+        "variant", str, "fp16",
+        "Weights to fetch: fp16 (half the size) where the repository has them, else full precision; or fp32.",
+        choices=WEIGHT_VARIANTS,
+    ),
+    Param(
+        "local_dir", str, "",
+        "Absolute folder to download into as a plain model folder; empty: the Hugging Face cache.",
+        max_length=PATH_MAX,
+    ),
+)  # fmt: skip
+LIST_MODELS_PARAMS: tuple[Param, ...] = (
+    Param(
+        "models_dir", str, "",
+        "Absolute folder of models to list too (diffusers folders and .safetensors files); empty: none.",
+        max_length=PATH_MAX,
+    ),
+    Param("include_cache", bool, True, "List the diffusers pipelines in the Hugging Face cache."),
+)  # fmt: skip
+
+
 def _task(name: str) -> Param:
     return Param("task", str, name, "What to run.", choices=(name,))
 
@@ -353,11 +472,68 @@ TASK_PARAMS: dict[str, tuple[Param, ...]] = {
         *PBR_MAP_PARAMS,
         *OUTPUT_PARAMS,
     ),
+    "inpaint": (
+        _task("inpaint"),
+        *MODEL_PARAMS,
+        *replaced(SAMPLING_PARAMS, SEAMLESS_INPUT),
+        *replaced(SOURCE_PARAMS, RESIZE_KEEP),
+        *INPAINT_PARAMS,
+        Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
+    "make_seamless": (
+        _task("make_seamless"),
+        *MODEL_PARAMS,
+        *replaced(
+            SAMPLING_PARAMS,
+            Param("seamless", str, "xy", "Axes on which the result must tile.", choices=SEAMLESS_AXES[1:]),
+        ),
+        *replaced(SOURCE_PARAMS, RESIZE_KEEP),
+        *MAKE_SEAMLESS_PARAMS,
+        Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
+    "img2img": (
+        _task("img2img"),
+        *MODEL_PARAMS,
+        *replaced(SAMPLING_PARAMS, SEAMLESS_INPUT),
+        *SOURCE_PARAMS,
+        IMG2IMG_STRENGTH,
+        Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
+    "upscale": (
+        _task("upscale"),
+        *replaced(
+            MODEL_PARAMS,
+            Param(
+                "model", str, "",
+                "Model for tiled upscaling (hub id, local diffusers folder or .safetensors); not used with "
+                "upscaler_model.",
+            ),
+        ),
+        *UPSCALE_PARAMS,
+        *UPSCALE_SAMPLING,
+        Param("pbr", bool, False, "Also write height, normal, roughness and AO maps."),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
+    "download_model": (_task("download_model"), *DOWNLOAD_MODEL_PARAMS),
+    "list_models": (_task("list_models"), *LIST_MODELS_PARAMS),
 }
 TASKS = tuple(TASK_PARAMS)
 TASK_HELP = {
     "txt2img": "Text to image: a texture from a prompt, optionally tiling, with PBR maps.",
     "pbr": "PBR maps (height, normal, roughness, AO) derived from a given image.",
+    "inpaint": "Repaint the masked part of an image (or outpaint: extend its canvas); the rest comes back unchanged.",
+    "make_seamless": "Repaint the wrap-around seams of an image so that it tiles; the rest comes back unchanged.",
+    "img2img": "Image to image: variations of a picture, repainted as much as strength says, optionally tiling.",
+    "upscale": "Upscale 2x or 4x: the SD x4 upscaler when given one, else tiled img2img; tiling stays tiling.",
+    "download_model": "Download a hub pipeline's needed files (configs, tokenizers, safetensors weights).",
+    "list_models": "The models on disk: diffusers pipelines in the Hugging Face cache, and a models folder's contents.",
 }
 
 
@@ -397,6 +573,12 @@ def params_class(task: str) -> type:
 PARAMS_CLASSES: dict[str, type] = {task: params_class(task) for task in TASKS}
 GenerateParams = Txt2ImgParams = PARAMS_CLASSES["txt2img"]
 PbrParams = PARAMS_CLASSES["pbr"]
+InpaintParams = PARAMS_CLASSES["inpaint"]
+MakeSeamlessParams = PARAMS_CLASSES["make_seamless"]
+Img2ImgParams = PARAMS_CLASSES["img2img"]
+UpscaleParams = PARAMS_CLASSES["upscale"]
+DownloadModelParams = PARAMS_CLASSES["download_model"]
+ListModelsParams = PARAMS_CLASSES["list_models"]
 GENERATE_PARAMS = TASK_PARAMS["txt2img"]
 def param(name: str, task: str | None = None) -> Param:
     """The spec of one parameter by name (for CLI flags and panel limits): in `task`'s table, or in the
@@ -488,6 +670,85 @@ class GenerateResult:
         images = [ImageRecord(**{k: v for k, v in i.items() if k in ("path", "seed", "maps")}) for i in data["images"]]
         known = {f.name for f in fields(cls)} - {"images"}
         return cls(images=images, **{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class DownloadProgress:
+    """download_model's `download` event: how far the download is."""
+
+    bytes_done: int
+    bytes_total: int  # what this job fetches; files already on disk are not counted
+    files_done: int
+    files_total: int
+    speed: float  # bytes per second over the last few seconds
+    elapsed: float  # seconds since the transfer began
+
+
+def _from_known(cls: type, data: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class DownloadResult:
+    """download_model's result."""
+
+    model: str  # what to pass as `model` from now on: the hub id (cache) or the folder (local_dir)
+    path: str  # the folder holding the files (the cache snapshot, or local_dir)
+    revision: str  # the commit downloaded
+    files: list[str]  # repository paths of the files the model needs, all on disk now
+    size: int  # bytes of those files
+    downloaded: int  # bytes this job fetched (0 when everything was there)
+    family: str  # "sd" | "sdxl"
+    variant: str  # "fp16" when any weights are the fp16 files, else "fp32"
+    seconds: float
+    task: str = "download_model"
+    artifacts: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DownloadResult:
+        return _from_known(cls, data)
+
+
+@dataclass
+class ModelEntry:
+    """One model on disk, as list_models reports it."""
+
+    model: str  # the value for `model`: hub id, folder or file path
+    kind: str  # "hub" (Hugging Face cache) | "folder" (diffusers folder) | "single_file"
+    name: str  # for people: the hub id or the file/folder name
+    path: str  # where it is on disk
+    size: int  # bytes on disk
+    family: str = ""  # "sd" | "sdxl"; "" when not usable
+    base: str = ""  # "sd1" | "sd2" | "sdxl": the architecture it was trained as
+    native_size: int = 0  # training resolution in pixels (0: unknown)
+    inpainting: bool = False  # a 9-channel inpainting U-Net
+    usable: bool = True
+    problem: str = ""  # why it cannot be used, for people
+    defaults: dict = field(default_factory=dict)  # settings that suit it (blender_sd_addon.model_catalog)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelEntry:
+        return _from_known(cls, data)
+
+
+@dataclass
+class ModelList:
+    """list_models' result."""
+
+    models: list[dict]  # ModelEntry, hub models first, then the models folder's, each sorted by name
+    cache_dir: str  # the Hugging Face cache that was scanned ("" when include_cache was false)
+    models_dir: str
+    seconds: float
+    task: str = "list_models"
+    artifacts: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelList:
+        return _from_known(cls, data)
+
+    def entries(self) -> list[ModelEntry]:
+        return [ModelEntry.from_dict(entry) for entry in self.models]
 
 
 @dataclass

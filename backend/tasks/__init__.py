@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backend.tasks import pbr, txt2img
+from backend.tasks import download_model, img2img, inpaint, list_models, pbr, txt2img, upscale
 
 TASKS: dict[str, Callable] = {
     "txt2img": txt2img.run,
     "pbr": pbr.run,
+    "inpaint": inpaint.run,
+    "make_seamless": inpaint.run_make_seamless,
+    "img2img": img2img.run,
+    "upscale": upscale.run,
+    "download_model": download_model.run,
+    "list_models": list_models.run,
 }

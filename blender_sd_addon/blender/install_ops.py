@@ -31,23 +31,30 @@ backend packages into it (downloads several GB)"""
 
     torch_spec: StringProperty(
         name="Torch",
-        description="pip requirement for torch, e.g. torch==2.5.1",
-        default=installer.DEFAULT_TORCH_SPEC,
+        description="pip requirement for torch, e.g. torch==2.5.1; empty installs the latest torch",
+        default="",
     )
     index_url: StringProperty(
         name="Torch Index URL",
-        description="pip index to get torch from; empty picks one for this machine "
-        "(PyTorch's CUDA index on Windows with an NVIDIA GPU, PyPI elsewhere)",
+        description="pip index to get torch from; empty picks one for this computer "
+        "(CUDA with an NVIDIA GPU, the CPU build without one, PyPI on macOS)",
     )
 
     @classmethod
     def poll(cls, context) -> bool:
         return not installer.STATE.running
 
+    def choice(self) -> installer.TorchChoice:
+        return installer.plan_install(api.user_data_dir(), torch_spec=self.torch_spec, index_url=self.index_url or None)
+
     def invoke(self, context, event):
-        if not self.index_url:
-            self.index_url = installer.default_torch_index()
         return context.window_manager.invoke_props_dialog(self, width=520)
+
+    def draw(self, context):
+        layout = self.layout
+        layout.label(text=self.choice().summary, icon="INFO")
+        layout.prop(self, "torch_spec")
+        layout.prop(self, "index_url")
 
     def execute(self, context):
         try:

@@ -1,7 +1,8 @@
 """Operators: read properties into plain values, call api.py, turn SDTexError into a report.
 
-In the UI `sdtex.generate` and `sdtex.derive_pbr_maps` return at once and a `bpy.app.timers` callback
-follows the job; in background mode (`blender -b`) they block until the material is applied.
+In the UI `sdtex.generate`, `sdtex.derive_pbr_maps` and `sdtex.image_task` return at once and a
+`bpy.app.timers` callback follows the job; in background mode (`blender -b`) they block until the material
+is applied.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from bpy.props import BoolProperty, EnumProperty, StringProperty
 
 from .. import api, protocol
 from ..client import BackendClient, SDTexError
-from ..history import HistoryRecord
+from ..history import IMAGE_TASKS, HistoryRecord
 from ..jobs import CANCELLED, DONE, Job, JobBoard
 from . import images, materials, preview
 from .properties import INT32_MAX
@@ -35,13 +36,14 @@ class Target:
     object_names: tuple[str, ...]
     options: materials.ApplyOptions | None
     apply: bool
-    source: str = ""  # the pbr task's source image, by name (the material's albedo)
+    source: str = ""  # the input image, by name: a pbr job's albedo, an image task's source
+    mask: str = ""  # an inpaint job's mask image, by name
 
 
 @dataclass(eq=False)
 class Upload:
-    """A job whose input image is on its way to the worker. Uploading waits for the worker to start, so it
-    runs on a thread; the timer submits the job (main thread) once the bytes are there."""
+    """A job whose input images are on their way to the worker. Uploading waits for the worker to start, so
+    it runs on a thread; the timer submits the job (main thread) once the bytes are there."""
 
     client: BackendClient
     task: str
@@ -51,9 +53,10 @@ class Upload:
     error: str = ""  # set by the thread: plain Python only, never bpy
     cancelled: bool = False
 
-    def send(self, data: bytes) -> None:
+    def send(self, uploads: list[bytes]) -> None:
         try:
-            self.client.upload(data)
+            for data in uploads:
+                self.client.upload(data)
         except SDTexError as exc:
             self.error = f"Could not send the image: {exc}"
         finally:
@@ -130,17 +133,39 @@ def start_ui_job(params: dict, meshes: list, options: materials.ApplyOptions, ap
 def start_ui_pbr_job(
     image: bpy.types.Image, params: dict, meshes: list, options: materials.ApplyOptions, apply: bool
 ) -> Job | Upload:
-    """Queue a pbr job for `image` like start_ui_job; an image that is not a file is uploaded first, on a
-    thread, and the job follows once its bytes are there."""
-    source = images.image_source(image)  # reads pixels: main thread
+    """Queue a pbr job for `image` (start_ui_input_job)."""
+    return start_ui_input_job("pbr", {"image": image}, params, meshes, options, apply)
+
+
+def start_ui_input_job(
+    task: str, inputs: dict, params: dict, meshes: list, options: materials.ApplyOptions, apply: bool
+) -> Job | Upload:
+    """Queue a job whose image inputs (name -> bpy Image, "image" among them) are Blender images, like
+    start_ui_job; images that are not files are uploaded first, on a thread, and the job follows once their
+    bytes are there."""
+    sources = {}
+    for name, image in inputs.items():  # reads pixels: main thread
+        try:
+            sources[name] = images.image_source(image)
+        except ValueError as exc:
+            raise SDTexError(str(exc) if name == "image" else f"{name}: {exc}") from None
     client = api.get_client()
-    target = Target(tuple(obj.name for obj in meshes), options, apply, source=image.name)
-    if isinstance(source, str):
-        started = _submit(client, "pbr", params | {"image": {"path": source}}, target)
-    else:  # named by the bytes' digest, as the worker will store them
-        started = Upload(client, "pbr", params | {"image": {"sha256": hashlib.sha256(source).hexdigest()}}, target)
+    mask = inputs.get("mask")
+    target = Target(
+        tuple(obj.name for obj in meshes), options, apply, source=inputs["image"].name, mask=mask.name if mask else ""
+    )
+    # Bytes are named by their digest, as the worker will store them.
+    references = {
+        name: {"path": source} if isinstance(source, str) else {"sha256": hashlib.sha256(source).hexdigest()}
+        for name, source in sources.items()
+    }
+    uploads = [source for source in sources.values() if isinstance(source, bytes)]
+    if not uploads:
+        started = _submit(client, task, params | references, target)
+    else:
+        started = Upload(client, task, params | references, target)
         STATE.uploads.append(started)
-        threading.Thread(target=started.send, args=(source,), daemon=True, name="sdtex-upload").start()
+        threading.Thread(target=started.send, args=(uploads,), daemon=True, name="sdtex-upload").start()
     _follow()
     return started
 
@@ -215,7 +240,9 @@ def _finish(job: Job, target: Target) -> None:
     meshes = [bpy.data.objects[n] for n in target.object_names if n in bpy.data.objects]
     try:
         apply = target.apply and bool(meshes)
-        texture = api.finish(job.result, meshes, target.options, apply=apply, source=target.source)
+        texture = api.finish(job.result, meshes, target.options, apply=apply, source=target.source, mask=target.mask)
+        if job.result.task in IMAGE_TASKS:
+            show_result(target.source, texture.images[0])
         if target.apply and not meshes:
             raise SDTexError("The objects were deleted while generating; the images are in the history")
         if target.apply and bpy.ops.ed.undo_push.poll():  # no undo stack without a window
@@ -228,6 +255,15 @@ def _finish(job: Job, target: Target) -> None:
 def saved_message(texture: api.TextureResult) -> str:
     seed = "" if texture.seed is None else f" (seed {texture.seed})"
     return f"Saved {len(texture.files)} file(s) in {os.path.dirname(texture.files[0])}{seed}"
+
+
+def show_result(source: str, image: bpy.types.Image) -> None:
+    """Show an image task's result in the Image Editors that still show its source (unpinned ones)."""
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            space = area.spaces.active
+            if area.type == "IMAGE_EDITOR" and not space.use_image_pin and space.image and space.image.name == source:
+                space.image = image
 
 
 def _redraw() -> None:
@@ -296,7 +332,7 @@ class SDTEX_OT_derive_pbr_maps(bpy.types.Operator):
     def execute(self, context):
         settings = context.scene.sdtex
         try:
-            image = self._image(context)
+            image = editor_image(context, self.image, "No image to make maps of: show one in the Image Editor")
             meshes = api.mesh_objects(context.selected_objects) if self.apply else []
             if bpy.app.background:
                 texture = api.derive_pbr_maps(
@@ -313,17 +349,60 @@ class SDTEX_OT_derive_pbr_maps(bpy.types.Operator):
             return {"CANCELLED"}
         return {"FINISHED"}
 
-    def _image(self, context) -> bpy.types.Image:
-        if self.image:
-            image = bpy.data.images.get(self.image)
-            if image is None:
-                raise SDTexError(f"image must name an image of this file; there is none called {self.image!r}")
-            return image
-        space = context.space_data
-        image = space.image if space is not None and space.type == "IMAGE_EDITOR" else None
+
+def editor_image(context, name: str, missing: str) -> bpy.types.Image:
+    """The image called `name`, or (no name) the one the Image Editor shows; SDTexError `missing` when none."""
+    if name:
+        image = bpy.data.images.get(name)
         if image is None:
-            raise SDTexError("No image to make maps of: show one in the Image Editor")
+            raise SDTexError(f"image must name an image of this file; there is none called {name!r}")
         return image
+    space = context.space_data
+    image = space.image if space is not None and space.type == "IMAGE_EDITOR" else None
+    if image is None:
+        raise SDTexError(missing)
+    return image
+
+
+class SDTEX_OT_image_task(bpy.types.Operator):
+    """Run the chosen task (variations, inpaint, outpaint, upscale, make seamless) on the image in the Image
+    Editor; the results are new images, the image itself is never changed"""
+
+    bl_idname = "sdtex.image_task"
+    bl_label = "Run Image Task"
+    # No undo step and no redo panel of its own: the result arrives later and its apply is the one undo
+    # step ("Apply SD texture"); a redo panel would re-run a whole generation.
+    bl_options = set()
+
+    apply: BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
+    image: StringProperty(name="Image", description="The image's name; empty uses the one the Image Editor shows")
+
+    def execute(self, context):
+        settings = context.scene.sdtex
+        try:
+            image = editor_image(context, self.image, "No image to start from: show one in the Image Editor")
+            options = api.apply_options(**settings.apply_settings())  # checked first, in both modes
+            meshes = api.mesh_objects(context.selected_objects) if self.apply else []
+            # A seed the panel can show again (IntProperty is 32-bit) instead of the backend's wider pick.
+            seed = random.randint(0, INT32_MAX) if settings.random_seed else settings.seed
+            task, values, inputs = settings.image_task_settings(seed)
+            if "preview_every" in (p.name for p in protocol.TASK_PARAMS[task]):
+                values["preview_every"] = 0 if bpy.app.background else 1
+            inputs = {"image": image, **inputs}
+            model = settings.model or None
+            if bpy.app.background:
+                apply = {"apply": self.apply, **settings.apply_settings()}
+                texture = api.image_task(task, inputs, meshes, model=model, **apply, **values)
+                self.report({"INFO"}, saved_message(texture))
+            else:
+                params = api.image_task_params(task, values, model=model)
+                api.check_inputs(task, params, inputs)
+                start_ui_input_job(task, inputs, params, meshes, options, self.apply)
+        except SDTexError as exc:
+            STATE.say(str(exc), is_error=True)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
 
 
 class SDTEX_OT_cancel(bpy.types.Operator):
@@ -385,7 +464,11 @@ class SDTEX_OT_use_history_settings(bpy.types.Operator):
             return {"CANCELLED"}
         # A pbr record's seamless says whether its image tiles: the pbr section's own choice.
         panel_names = {"seamless": "pbr_seamless"} if record.task == "pbr" else {}
-        for name, value in record.settings().items():
+        # An image task's own settings go to its section; the rest (prompt, seed...) to the main panel.
+        values = settings.restore_image_task(record) if record.task in IMAGE_TASKS else record.settings()
+        for name, value in values.items():
+            if name == "seed" and value is None:  # a job that sampled nothing (strength 0)
+                continue
             if name == "seed":
                 settings.random_seed = value > INT32_MAX
                 settings.seed = value if value <= INT32_MAX else settings.seed
@@ -478,6 +561,7 @@ class SDTEX_OT_browse_model(bpy.types.Operator):
 classes = (
     SDTEX_OT_generate,
     SDTEX_OT_derive_pbr_maps,
+    SDTEX_OT_image_task,
     SDTEX_OT_cancel,
     SDTEX_OT_apply_history,
     SDTEX_OT_use_history_settings,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import bpy
 
+from .. import protocol
 from ..history import PBR_CONTROLS, HistoryRecord
 from . import operators, preview
+from .properties import IMAGE_MODES, shown_params
 
 SPACES = ("VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR")
 
@@ -122,6 +124,36 @@ class SDTEX_PT_pbr_image_editor(SidebarPanel, bpy.types.Panel):
         row.operator("sdtex.derive_pbr_maps", icon="NODE_MATERIAL").apply = settings.apply
 
 
+class SDTEX_PT_image_tasks(SidebarPanel, bpy.types.Panel):
+    """Variations, inpainting, outpainting, upscaling and seam repair of the image the Image Editor shows.
+
+    The controls are the chosen task's own parameters, drawn from its protocol table; the prompt, seed,
+    steps and PBR maps come from the main panel. Results are new images: the image shown is never changed."""
+
+    bl_space_type = "IMAGE_EDITOR"
+    bl_label = "Image Tasks"
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdtex
+        image = context.space_data.image
+        layout.label(text=image.name if image else "No image shown", icon="IMAGE_DATA")
+        layout.prop(settings, "image_task", text="")
+        mode = IMAGE_MODES[settings.image_task]
+        if any(p.name == "prompt" for p in protocol.TASK_PARAMS[mode.task]):
+            layout.prop(settings, "prompt", text="")  # the main panel's prompt, here too
+        group = getattr(settings, mode.task)
+        col = layout.column(align=True)
+        for p in shown_params(mode, group):
+            if p.kind is protocol.ImageInput:  # the mask: any image of the file, e.g. one painted here
+                layout.prop_search(group, p.name, bpy.data, "images")
+            else:
+                col.prop(group, p.name)
+        row = layout.row()
+        row.enabled = image is not None
+        row.operator("sdtex.image_task", text=mode.label, icon="IMAGE").apply = settings.apply
+
+
 class SDTEX_UL_history(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         record = HistoryRecord.from_fields(item)
@@ -166,5 +198,6 @@ classes = (
     *_for_each_space(MainPanel),
     *_for_each_space(ApplyPanel, parent="mainpanel"),
     *_for_each_space(HistoryPanel, parent="mainpanel"),
+    SDTEX_PT_image_tasks,
     SDTEX_PT_pbr_image_editor,
 )

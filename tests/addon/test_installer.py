@@ -1,7 +1,10 @@
-"""The backend installer's phase runner, with real subprocesses standing in for pip (no network)."""
+"""The backend installer: machine detection and the torch choice (faked probes), the phase runner with real
+subprocesses standing in for pip (no network), pip's download progress, the disk check, and the switch to the new
+venv only on success."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from blender_sd_addon import installer
-from blender_sd_addon.installer import STATE, Phase
+from blender_sd_addon.installer import CPU_INDEX, MB, STATE, Machine, Phase
 
 
 def python_phase(message: str, code: str, weight: float = 1.0) -> Phase:
@@ -105,22 +108,21 @@ def test_venv_phase_creates_a_working_python(tmp_path):
     phases = installer.install_phases(
         user, worker, installer.find_base_python(), "torch==2.5.1", "https://example.test/whl"
     )
-    assert [p.message.split()[0] for p in phases] == ["Creating", "Installing", "Installing", "Checking"]
-    assert phases[1].command[-3:] == ["torch==2.5.1", "--index-url", "https://example.test/whl"]
-    assert phases[2].command[-2:] == ["-r", str(worker / "requirements.txt")]
+    assert [p.message.split()[0] for p in phases] == ["Creating", "Updating", "Installing", "Installing", "Checking"]
+    assert phases[2].command[-3:] == ["torch==2.5.1", "--index-url", "https://example.test/whl"]
+    assert phases[3].command[-2:] == ["-r", str(worker / "requirements.txt")]
+    new = installer.new_venv_dir(user)
+    assert phases[0].command[-1] == str(new)  # always a new folder: the backend in use is never touched
 
     installer.start_phases(phases[:1]).join(timeout=180)
     assert not STATE.error, STATE.message
-    python = installer.venv_python(user)
     done = subprocess.run(
-        [str(python), "-c", "import sys, pip; print(sys.prefix)"], capture_output=True, text=True, check=True
+        [str(installer.paths.venv_python(new)), "-c", "import sys, pip; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    assert Path(done.stdout.strip()) == user / "backend-venv"
-
-    # A second run reuses the venv and installs from PyPI when no index is given.
-    again = installer.install_phases(user, worker, "", "torch")
-    assert [p.message.split()[0] for p in again] == ["Installing", "Installing", "Checking"]
-    assert "--index-url" not in again[0].command
+    assert Path(done.stdout.strip()) == new
 
 
 def test_missing_requirements_is_a_clear_error(tmp_path):
@@ -137,11 +139,156 @@ def test_unusable_base_python_is_named(tmp_path):
         installer.find_base_python(str(blender))
 
 
-def test_torch_index_by_platform():
-    assert installer.default_torch_index("win32", has_nvidia=True).startswith("https://download.pytorch.org/whl/cu")
-    assert installer.default_torch_index("win32", has_nvidia=False) == ""
-    assert installer.default_torch_index("linux", has_nvidia=True) == ""  # PyPI's Linux torch has CUDA
-    assert installer.default_torch_index("darwin", has_nvidia=False) == ""
+def fake_probes(smi_output: str | None, exit_code: int = 0):
+    """`which` and `run` for detect_machine: nvidia-smi absent (None) or present, printing `smi_output`."""
+    calls = []
+
+    def which(name):
+        return "/usr/bin/nvidia-smi" if smi_output is not None and name == "nvidia-smi" else None
+
+    def run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, exit_code, stdout=smi_output or "", stderr="")
+
+    return which, run, calls
+
+
+@pytest.mark.parametrize(
+    ("system", "arch", "smi", "exit_code", "index", "label"),
+    [
+        ("linux", "x86_64", "NVIDIA GeForce RTX 4070, 575.51.03", 0, "https://download.pytorch.org/whl/cu128",
+         "CUDA 12.8 build for NVIDIA GeForce RTX 4070"),
+        ("win32", "AMD64", "NVIDIA RTX A2000, 561.09", 0, "https://download.pytorch.org/whl/cu126", "CUDA 12.6"),
+        ("linux", "x86_64", "Tesla T4, 535.104.05", 0, "https://download.pytorch.org/whl/cu118", "CUDA 11.8"),
+        ("linux", "x86_64", None, 0, CPU_INDEX, "CPU build"),  # no nvidia-smi
+        ("linux", "x86_64", "", 9, CPU_INDEX, "CPU build"),  # nvidia-smi fails: a driver without a GPU
+        ("win32", "AMD64", None, 0, CPU_INDEX, "CPU build"),
+        ("linux", "aarch64", None, 0, CPU_INDEX, "CPU build"),
+        ("darwin", "arm64", None, 0, "", "Metal"),
+    ],
+)  # fmt: skip
+def test_torch_choice_and_pip_command_per_machine(tmp_path, system, arch, smi, exit_code, index, label):
+    which, run, calls = fake_probes(smi, exit_code)
+    machine = installer.detect_machine(system=system, arch=arch, run=run, which=which)
+    assert machine.has_nvidia == (smi is not None and exit_code == 0 and bool(smi))
+    if smi is not None:
+        assert calls and calls[0][0] == "/usr/bin/nvidia-smi"
+    choice = installer.choose_torch(machine)
+    assert choice.index_url == index and label in choice.label and not choice.overridden
+    assert choice.download_mb > installer.REQUIREMENTS_MB and choice.disk_mb > choice.download_mb
+    if machine.has_nvidia:
+        assert choice.download_mb >= 3000  # the CUDA build is large: said before starting
+    elif system != "darwin":
+        assert choice.download_mb < 500
+
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    (worker / "requirements.txt").write_text("diffusers\n")
+    phases = installer.install_phases(tmp_path, worker, sys.executable, choice.requirement, choice.index_url, choice)
+    torch_phase = phases[2]
+    python = str(installer.paths.venv_python(installer.new_venv_dir(tmp_path)))
+    expected = [python, "-m", "pip", "install", "--upgrade", "--progress-bar", "raw", "torch"]
+    assert torch_phase.command == expected + (["--index-url", index] if index else [])
+    assert torch_phase.download_mb == choice.download_mb - installer.REQUIREMENTS_MB
+
+
+def test_preferences_override_the_choice():
+    machine = Machine("linux", "x86_64", "NVIDIA GeForce RTX 3060", "550.54")
+    pinned = installer.choose_torch(machine, "torch==2.5.1")
+    assert pinned.requirement == "torch==2.5.1" and pinned.index_url.endswith("/cu118") and pinned.overridden
+    pypi = installer.choose_torch(machine, "", "")
+    assert pypi.index_url == "" and pypi.overridden and "PyPI" in pypi.label
+    same = installer.choose_torch(machine, "", "https://download.pytorch.org/whl/cu118")
+    assert not same.overridden
+
+
+def test_disk_space_is_checked_first(tmp_path):
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    (worker / "requirements.txt").write_text("diffusers\n")
+    full = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 300 * MB, 300 * MB)  # noqa: E731
+    user = tmp_path / "user data"
+    with pytest.raises(installer.InstallError, match="Not enough free space") as info:
+        installer.start_install(user, worker, machine=Machine("linux", "x86_64"), disk_usage=full)
+    message = str(info.value)
+    assert str(user) in message and "1.5 GB" in message and "300 MB are free" in message
+    assert not STATE.running and not installer.new_venv_dir(user).exists()
+
+
+def test_pip_download_progress_becomes_mb_of_mb_and_speed(tmp_path):
+    lines = [
+        "Collecting torch",
+        "  Downloading torch-2.5.1-cp311-cp311-linux_x86_64.whl (200.0 MB)",
+        *[f"Progress {n * 20 * MB} of {200 * MB}" for n in range(11)],
+        "  Downloading numpy-2.1.0-cp311-cp311-linux_x86_64.whl (16.0 MB)",
+        f"Progress {8 * MB} of {16 * MB}",
+    ]
+    script = "\n".join(
+        [
+            "import os, sys, time",
+            f"for line in {lines!r}:",
+            "    print(line, flush=True); time.sleep(0.01)",
+            f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)",
+            f"print('Progress {16 * MB} of {16 * MB}', flush=True)",
+            "print('Successfully installed numpy torch')",
+        ]
+    )
+    phases = [python_phase("Installing torch", script, weight=4)]
+    phases[0] = Phase(phases[0].message, phases[0].command, 4, download_mb=400)
+    thread = installer.start_phases(phases + [python_phase("Checking", "print('ok')")])
+    deadline = time.monotonic() + 30
+    while STATE.file_done != 8 * MB:
+        assert time.monotonic() < deadline and STATE.running, STATE.log_lines
+        time.sleep(0.02)
+    assert STATE.current_file == "numpy-2.1.0-cp311-cp311-linux_x86_64.whl"
+    assert STATE.downloaded == 200 * MB and STATE.file_total == 16 * MB
+    assert STATE.detail.startswith("numpy-2.1.0-cp311-cp311-linux_x86_64.whl: 8.0 MB of 16 MB")
+    assert "/s" in STATE.detail and STATE.speed > 0
+    assert STATE.progress == pytest.approx(4 / 5 * 208 / 400, abs=0.01)  # the phase's share follows its bytes
+    assert not any(line.startswith("Progress") for line in STATE.log_lines)  # the log keeps pip's words only
+    (tmp_path / "go").touch()
+    thread.join(timeout=30)
+    assert STATE.succeeded and STATE.downloaded == 216 * MB and STATE.detail == ""
+
+
+def fake_install(user: Path, marker: str, fail: str | None = None) -> list[Phase]:
+    """Phases that build a fake venv in the new folder (its python a copy of ours), and optionally fail."""
+    new = installer.new_venv_dir(user)
+    build = (
+        f"import os, shutil; os.makedirs({str(new)!r} + '/bin', exist_ok=True); "
+        f"open({str(new / 'marker')!r}, 'w').write({marker!r}); print('built')"
+    )
+    phases = [python_phase("Creating the backend environment", build)]
+    if fail == "fail":
+        phases.append(python_phase("Installing torch", "import sys; print('ERROR: no space'); sys.exit(3)"))
+    elif fail == "hang":
+        phases.append(python_phase("Installing torch", "import time; print('slow', 'download'); time.sleep(60)"))
+    phases.append(python_phase("Checking the backend", "print('ok')"))
+    return phases
+
+
+def test_switches_to_the_new_venv_only_on_success(tmp_path):
+    user = tmp_path / "user data"
+    old = installer.venv_dir(user)
+    old.mkdir(parents=True)
+    (old / "marker").write_text("old")
+
+    installer.start_phases(fake_install(user, "new", fail="fail"), user_dir=user).join(timeout=60)
+    assert STATE.error and "Installing torch failed (exit code 3)" in STATE.message and not STATE.succeeded
+    assert (old / "marker").read_text() == "old" and not installer.new_venv_dir(user).exists()
+
+    thread = installer.start_phases(fake_install(user, "new", fail="hang"), user_dir=user)
+    wait_for_line("slow download")
+    assert installer.new_venv_dir(user).exists() and (old / "marker").read_text() == "old"
+    installer.cancel_install()
+    thread.join(timeout=20)
+    assert STATE.cancelled and "previous backend is unchanged" in STATE.message
+    assert (old / "marker").read_text() == "old" and not installer.new_venv_dir(user).exists()
+
+    installer.start_phases(fake_install(user, "new"), user_dir=user).join(timeout=60)
+    assert STATE.succeeded and STATE.message == "Backend installed" and STATE.progress == 1.0
+    assert (old / "marker").read_text() == "new"
+    assert sorted(p.name for p in user.iterdir()) == ["backend-venv"]  # no .new, no .old left
 
 
 def test_operators_in_blender():

@@ -88,6 +88,12 @@ def test_a_malformed_result_fails_the_job_instead_of_raising():
     assert job.state == FAILED and "malformed result" in job.error
 
 
+def test_a_task_without_images_keeps_its_own_result():
+    job = stub_job()
+    job.handle({"id": "r1", "result": {"model": "owner/name", "files": 12}})  # e.g. a finished download
+    assert job.state == DONE and job.result is None and job.data == {"model": "owner/name", "files": 12}
+
+
 def test_job_on_a_fake_worker_from_submit_to_result(tmp_path):
     client = fake_client("echo", tmp_path)
     try:

@@ -93,8 +93,11 @@ def test_zip_layout(zip_path, pyproject):
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/tests/" in n]
     for required in ("__init__.py", "blender_manifest.toml", "installer.py", "worker/backend/__main__.py"):
         assert f"{ADDON}/{required}" in names
-    backend_sources = {p.relative_to(REPO).as_posix() for p in (REPO / "backend").rglob("*.py")}
-    assert backend_sources == {n.removeprefix(f"{ADDON}/worker/") for n in names if "/worker/backend/" in n}
+    # Every source file of the backend, data included (the single-file configs load with no network).
+    files = [p for p in (REPO / "backend").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    backend_files = {p.relative_to(REPO).as_posix() for p in files}
+    assert backend_files == {n.removeprefix(f"{ADDON}/worker/") for n in names if "/worker/backend/" in n}
+    assert f"{ADDON}/worker/backend/configs/sdxl/unet/config.json" in names
 
     requirements = zipfile.ZipFile(zip_path).read(f"{ADDON}/worker/requirements.txt").decode()
     listed = [line for line in requirements.splitlines() if line and not line.startswith("#")]

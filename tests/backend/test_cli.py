@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -117,3 +118,48 @@ def test_pbr_command_derives_maps_of_a_file(tmp_path):
     assert all(p.parent == tmp_path / "maps" and Image.open(p).size == (64, 32) for p in paths)
     missing = run_cli("pbr", "--image", str(tmp_path / "nope.png"), "--out", "maps", cwd=tmp_path)
     assert missing.returncode == 2 and "image: no such file" in missing.stderr
+
+
+def test_every_image_task_command_has_a_flag_per_parameter():
+    from backend.__main__ import COMMANDS
+    from blender_sd_addon.protocol import TASK_PARAMS, ImageInput
+
+    parser = build_parser()
+    for command in ("img2img", "inpaint", "upscale", "make-seamless"):
+        table = TASK_PARAMS[COMMANDS[command]]
+        images = ["--image", "in.png"]
+        for p in table[1:]:
+            flag = "--" + p.name.replace("_", "-")
+            value = "path.png" if p.kind is ImageInput else example_value(p)
+            argv = [flag] if p.kind is bool else [flag, str(value)]
+            args = parser.parse_args([command, *images, *argv])
+            assert getattr(args, p.name) == (True if p.kind is bool else value), (command, p.name)
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "size"),
+    [
+        ("img2img", ["--strength", "0.5", "--resize", "keep"], (64, 64)),
+        ("inpaint", ["--mask", "mask.png", "--mask-blur", "2"], (64, 64)),
+        ("upscale", ["--scale", "2", "--strength", "0"], (128, 128)),
+        ("make-seamless", ["--seamless", "x", "--band-width", "16"], (64, 64)),
+    ],
+)
+def test_image_task_commands_write_files(tiny_model_dir, tmp_path, command, flags, size):
+    y, x = np.mgrid[0:64, 0:64]
+    source = np.stack([x * 4, y * 4, np.full_like(x, 90)], -1).astype(np.uint8)
+    Image.fromarray(source).save(tmp_path / "wall.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:24, 16:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--model", str(tiny_model_dir), "--prompt", "plaster", "--steps", "2", "--seed", "1", "--out", "out"]
+
+    done = run_cli(command, "--image", "wall.png", *common, *flags, cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    (path,) = [Path(line) for line in done.stdout.splitlines()]
+    assert path.parent == tmp_path / "out" and path.is_file()
+    with Image.open(path) as image:
+        assert image.size == size
+        if command == "inpaint":  # the source's own pixels, far from what was painted
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB"))[:, :8], source[:, :8])

@@ -16,7 +16,6 @@ from backend.families import SD, SDXL
 from backend.models import (
     PIPELINE_CLASSES,
     ModelManager,
-    is_sdxl_checkpoint,
     locate,
     pick_device,
     pick_dtype,
@@ -71,15 +70,20 @@ def test_folder_with_pickle_weights_needs_allow_pickle(tiny_model_dir, tmp_path)
     assert not locate(str(folder), allow_pickle=True).use_safetensors
 
 
-def test_sdxl_detected_from_header_only(tmp_path):
+def test_single_file_family_from_header_only(tmp_path):
+    """diffusers' checkpoint inference on the header's names and shapes (tests/backend/test_single_file.py loads)."""
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)}
     sdxl, sd15 = tmp_path / "xl.safetensors", tmp_path / "v15.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(sdxl))
-    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd15))
-    assert is_sdxl_checkpoint(sdxl) and not is_sdxl_checkpoint(sd15)
+    xl_key = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"  # SDXL's second encoder
+    save_file({**unet, xl_key: torch.zeros(2)}, str(sdxl))
+    save_file(unet, str(sd15))
     assert single_file_family(locate(str(sdxl))) is SDXL and single_file_family(locate(str(sd15))) is SD
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2)}, str(lora))
+    assert code_of(lambda: single_file_family(locate(str(lora)))) == MODEL_LOAD_FAILED
     pickled = tmp_path / "v15.ckpt"
-    pickled.write_bytes(b"not loaded")  # a pickle is never opened to look: it is taken for SD 1.x/2.x
-    assert single_file_family(locate(str(pickled), allow_pickle=True)) is SD
+    pickled.write_bytes(b"not loaded")  # allowed pickles are loaded to look: this one cannot be
+    assert code_of(lambda: single_file_family(locate(str(pickled), allow_pickle=True))) == MODEL_LOAD_FAILED
 
 
 def test_devices_and_dtypes():

@@ -43,7 +43,7 @@ RAW_LINES = [
 
 
 def fuzz_lines(rng: random.Random, count: int) -> list[bytes]:
-    """Lines that must each get exactly one reply (no notifications, no shutdown, no valid job)."""
+    """Lines that must each get exactly one terminal reply (no notifications, no shutdown, no slow job)."""
     params_names = [p.name for table in protocol.TASK_PARAMS.values() for p in table] + ["image", "data", "path"]
     methods = [m for m in protocol.METHODS if m != protocol.SHUTDOWN] + ["paint", 3, None]
     lines = []
@@ -74,15 +74,17 @@ def test_fuzz_every_line_is_answered_and_the_worker_serves_afterwards(params):
     try:
         writer = __import__("threading").Thread(target=lambda: [worker.send_raw(line) for line in lines])
         writer.start()
-        replies = [worker.recv(timeout=120) for _ in lines]
+        # Every line gets exactly one terminal reply; jobs (a list_models job can be valid) also send events.
+        replies = []
+        while len(replies) < len(lines):
+            message = worker.recv(timeout=120)
+            if "event" not in message:
+                replies.append(message)
         writer.join()
-        assert all(protocol.is_terminal(r) or "error" in r for r in replies)
+        assert all(protocol.is_terminal(r) for r in replies)
         assert all(len(json.dumps(r)) < 20_000 for r in replies)  # errors show values, never echo them
         codes = {r["error"]["code"] for r in replies if "error" in r}
-        assert codes <= {
-            protocol.PARSE_ERROR, protocol.INVALID_REQUEST, protocol.METHOD_NOT_FOUND, protocol.INVALID_PARAMS,
-            protocol.PROTOCOL_MISMATCH, protocol.NOT_FOUND,
-        }, codes  # fmt: skip
+        assert protocol.INTERNAL_ERROR not in codes, codes  # every refusal is a named error, never a crash
         assert protocol.PARSE_ERROR in codes and protocol.INVALID_PARAMS in codes
         # Still serving: a real job after all that.
         reply, _ = worker.call(protocol.RUN, params)

@@ -39,7 +39,7 @@ def test_handshake(worker):
     assert result.schedulers == list(protocol.SCHEDULERS)
     assert set(result.capabilities) >= {"jobs", "upload", "artifacts", "fetch"}
     # Each task lists its parameter specs, so clients can build controls and flags from them.
-    assert set(result.tasks) == {"txt2img", "pbr"}
+    assert set(result.tasks) == set(protocol.TASKS) and {"txt2img", "pbr"} <= set(result.tasks)
     txt2img = {spec["name"]: spec for spec in result.tasks["txt2img"]["params"]}
     assert txt2img["width"]["range"] == {"low": 64, "high": 2048, "multiple": 8}
     assert txt2img["scheduler"]["choices"] == list(protocol.SCHEDULERS) and txt2img["prompt"]["required"]
