@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
 
-from .. import api, protocol
+from .. import api, model_catalog, protocol
 from ..client import BackendClient, SDTexError
 from ..history import IMAGE_TASKS, HistoryRecord
 from ..jobs import CANCELLED, DONE, Job, JobBoard
@@ -97,22 +97,29 @@ def backend_status() -> str:
     return f"Backend: running ({details}) {STATE.backend_message}".rstrip()
 
 
-def start_backend_async() -> None:
-    """Start the worker and load the model in a thread, so Blender stays responsive meanwhile."""
+def start_backend_async() -> threading.Thread:
+    """Start the worker and load the model in a thread, so Blender stays responsive meanwhile. Only a model
+    that is on disk is warmed: a missing one would only make the first Generate wait behind hub look-ups."""
     client = api.get_client()
     params = api.load_model_params()
+    on_disk = model_catalog.local_status(params["model"]) in ("file", "folder", "cached")
 
     def warm_up() -> None:  # runs off the main thread: touches the client and plain strings only
         try:
             STATE.backend_message = "starting…"
             client.start()
+            if not on_disk:
+                STATE.backend_message = f"ready; the model is not on disk: {params['model']}"
+                return
             STATE.backend_message = "loading model…"
             client.request(protocol.LOAD_MODEL, params)
             STATE.backend_message = "model loaded"
         except SDTexError as exc:
             STATE.backend_message = f"error: {exc}"
 
-    threading.Thread(target=warm_up, daemon=True, name="sdtex-start").start()
+    thread = threading.Thread(target=warm_up, daemon=True, name="sdtex-start")
+    thread.start()
+    return thread
 
 
 # --- the UI job timer --------------------------------------------------------------------------------

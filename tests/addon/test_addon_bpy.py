@@ -20,7 +20,7 @@ import pytest
 bpy = pytest.importorskip("bpy")
 import addon_utils  # noqa: E402
 
-from blender_sd_addon import api, jobs  # noqa: E402
+from blender_sd_addon import api, jobs, protocol  # noqa: E402
 from blender_sd_addon.history import HISTORY_LIMIT, HistoryRecord  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -304,3 +304,24 @@ print("RESULT " + json.dumps({{"torch": "torch" in sys.modules, "material": mate
     assert facts["torch"] is False
     assert facts["material"] == "SD cracked clay"
     assert facts["images"] and all(Path(p).is_file() and Path(p).parent == tmp_path for p in facts["images"])
+
+
+def test_early_start_warms_only_a_model_that_is_on_disk(addon, monkeypatch):
+    """A hub id that is not downloaded is not loaded at start (the first Generate used to wait ~20 s
+    behind failed hub look-ups); a model folder on disk is loaded and warmed."""
+    from blender_sd_addon.blender import operators
+
+    requests = []
+    client = api.get_client()
+    submit = client.submit
+    monkeypatch.setattr(client, "submit", lambda method, params=None: requests.append(method) or submit(method, params))
+    model = addon.model
+    try:
+        addon.model = "nobody/not-downloaded"
+        operators.start_backend_async().join(120)
+        assert "not on disk: nobody/not-downloaded" in operators.STATE.backend_message
+        assert protocol.LOAD_MODEL not in requests and client.alive
+    finally:
+        addon.model = model
+    operators.start_backend_async().join(120)
+    assert operators.STATE.backend_message == "model loaded" and protocol.LOAD_MODEL in requests
