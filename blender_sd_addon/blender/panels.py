@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import bpy
 
 from .. import protocol
@@ -72,7 +74,21 @@ class MainPanel(SidebarPanel):
             draw_progress(row, job.fraction, f"{label}: {job.status_text}")
             row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
         if state.message:
-            layout.label(text=state.message, icon="ERROR" if state.is_error else "INFO")
+            draw_message(layout, state.message, state.is_error, context.region.width)
+
+
+def message_lines(text: str, width: int, ui_scale: float = 1.0) -> list[str]:
+    """A message broken into lines that fit `width` pixels of sidebar (a label never wraps by itself, so a
+    long error used to be cut off in the middle of the instruction)."""
+    chars = max(16, int(width / (7 * ui_scale)))  # about 7 px per character at scale 1
+    return [line for paragraph in text.splitlines() for line in textwrap.wrap(paragraph, chars) or [""]]
+
+
+def draw_message(layout, text: str, is_error: bool, width: int) -> None:
+    column = layout.column(align=True)
+    scale = bpy.context.preferences.system.ui_scale or 1.0  # 0 without a window (background mode)
+    for i, line in enumerate(message_lines(text, width, scale)):
+        column.label(text=line, icon=("ERROR" if is_error else "INFO") if i == 0 else "BLANK1")
 
 
 def job_label(target: operators.Target | None, task: str) -> str:

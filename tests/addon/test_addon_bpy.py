@@ -325,3 +325,32 @@ def test_early_start_warms_only_a_model_that_is_on_disk(addon, monkeypatch):
         addon.model = model
     operators.start_backend_async().join(120)
     assert operators.STATE.backend_message == "model loaded" and protocol.LOAD_MODEL in requests
+
+
+def test_a_long_error_is_drawn_whole_over_several_lines(scene):
+    """At the default sidebar width a label cuts text off; the panel's message wraps instead."""
+    from blender_sd_addon.blender import operators, panels
+
+    message = (
+        "The backend interpreter set in Preferences > Backend interpreter does not exist: "
+        "/home/artist/venvs/sd/bin/python. Press Install backend, or choose another interpreter."
+    )
+    operators.STATE.say(message, is_error=True)
+    labels: list = []
+
+    class Layout:
+        def __getattr__(self, name):  # rows, columns, props and operators: accept and ignore
+            return lambda *args, **kwargs: self
+
+        def label(self, text="", icon="NONE", **kwargs):
+            labels.append((text, icon))
+
+    context = type("Context", (), {"scene": scene, "region": type("Region", (), {"width": 280})()})()
+    try:
+        panels.MainPanel.draw(type("Panel", (), {"layout": Layout()})(), context)
+    finally:
+        operators.STATE.say("")
+    lines = [text for text, _ in labels if text]
+    assert len(lines) > 2 and all(len(line) <= 280 / 7 for line in lines)
+    assert " ".join(lines) == message  # nothing cut off
+    assert labels[0][1] == "ERROR"
