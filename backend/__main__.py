@@ -9,6 +9,7 @@ worker does, and the job runs through the same Worker.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ def _add_task_flags(parser: argparse.ArgumentParser, task: str) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif p.kind is ImageInput:
             kwargs.update(metavar="PATH", required=p.required, help=f"{p.help} An image file.")
+        elif p.kind is list:
+            kwargs.update(type=json.loads, metavar="JSON", help=f"{p.help} Accepts JSON: {p.accepted()}.")
         else:
             kwargs["type"] = p.kind
             kwargs["metavar"] = p.name.upper()

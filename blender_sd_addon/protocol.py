@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from typing import Any
 
 # The major version: a different one is refused. Additions within a major are announced as capabilities.
@@ -205,7 +205,10 @@ class Range:
         return text + (f" in multiples of {self.multiple}" if self.multiple else "")
 
 
-KIND_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", ImageInput: "image", ArrayInput: "array"}
+KIND_NAMES = {
+    str: "string", int: "integer", float: "number", bool: "boolean", ImageInput: "image", ArrayInput: "array",
+    list: "list",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -225,8 +228,14 @@ class Param:
     optional: bool = False  # None is accepted (meaning "pick for me", e.g. a random seed)
     required: bool = False  # a string that must not be empty, or an input that must be given
     max_length: int = TEXT_MAX
+    # kind list: a list of at most max_items objects, each checked against this table (LoRAs, keyframes).
+    items: tuple[Param, ...] = ()
+    max_items: int = 0
 
     def accepted(self) -> str:
+        if self.kind is list:
+            fields = ", ".join(p.name for p in self.items)
+            return f"a list of at most {self.max_items} objects with {fields}"
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.range:
@@ -244,6 +253,8 @@ class Param:
             if value is None and not self.required:
                 return None
             return check_reference(self.name, value, array=self.kind is ArrayInput)
+        if self.kind is list:
+            return self._check_items(value)
         # bool is an int subclass in Python; never let True pass as 1.
         if isinstance(value, bool) != (self.kind is bool):
             raise invalid(self.name, self.accepted(), value)
@@ -268,6 +279,29 @@ class Param:
             raise invalid(self.name, self.accepted(), value)
         return value
 
+    def _check_items(self, value: Any) -> list[dict]:
+        """Each entry through the item table (defaults filled in); a bad one is named by its position,
+        e.g. `loras[1].weight`."""
+        if not isinstance(value, (list, tuple)) or len(value) > self.max_items:
+            raise invalid(self.name, self.accepted(), value)
+        checked = []
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                raise invalid(f"{self.name}[{i}]", "an object with " + ", ".join(p.name for p in self.items), entry)
+            unknown = set(entry) - {p.name for p in self.items}
+            if unknown:
+                raise invalid(f"{self.name}[{i}]", "only the fields " + ", ".join(p.name for p in self.items), entry)
+            item = {}
+            for p in self.items:
+                if p.name in entry:
+                    item[p.name] = replace(p, name=f"{self.name}[{i}].{p.name}").check(entry[p.name])
+                elif p.required:
+                    raise invalid(f"{self.name}[{i}].{p.name}", p.accepted(), None)
+                else:
+                    item[p.name] = p.default
+            checked.append(item)
+        return checked
+
     def to_wire(self) -> dict:
         """The spec as JSON, for the handshake (clients build controls and flags from it)."""
         spec = {"name": self.name, "type": KIND_NAMES[self.kind], "default": self.default, "help": self.help}
@@ -276,6 +310,8 @@ class Param:
             spec["range"] = asdict(self.range)
         if self.choices:
             spec["choices"] = list(self.choices)
+        if self.kind is list:
+            spec.update(items=[p.to_wire() for p in self.items], max_items=self.max_items, default=list(self.default))
         return spec
 
 
@@ -555,7 +591,7 @@ class TaskParams:
             elif p.required:
                 raise invalid(p.name, p.accepted(), None)
             else:
-                values[p.name] = p.default
+                values[p.name] = list(p.default) if p.kind is list else p.default
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -133,3 +133,46 @@ def test_array_references():
         with pytest.raises(ProtocolError) as info:
             param.check(bad)
         assert info.value.data["param"] == name
+
+
+# --- list parameters (LoRAs, keyframes): each entry checked against its own table ----------------------
+
+LIST_PARAM = protocol.Param(
+    "loras", list, (), "LoRAs to apply.",
+    items=(
+        protocol.Param("model", str, "", "File, folder or hub id.", required=True),
+        protocol.Param("weight", float, 1.0, "Strength.", protocol.Range(-4.0, 4.0)),
+    ),
+    max_items=3,
+)  # fmt: skip
+
+
+def test_list_param_fills_item_defaults_and_converts_ints():
+    assert LIST_PARAM.check([{"model": "a"}, {"model": "b", "weight": 2}]) == [
+        {"model": "a", "weight": 1.0},
+        {"model": "b", "weight": 2.0},
+    ]
+
+
+@pytest.mark.parametrize(
+    "value, named",
+    [
+        ({"model": "a"}, "loras must be a list of at most 3"),
+        ([{"model": "a"}] * 4, "loras must be a list of at most 3"),
+        ([{"model": "a"}, "b"], "loras[1] must be an object with model, weight"),
+        ([{"model": "a", "scale": 1}], "loras[0] must be only the fields model, weight"),
+        ([{"weight": 1.0}], "loras[0].model must be a non-empty string"),
+        ([{"model": "a"}, {"model": "b", "weight": 9.0}], "loras[1].weight must be a number from -4 to 4"),
+    ],
+)
+def test_list_param_names_the_bad_entry(value, named):
+    with pytest.raises(protocol.ProtocolError) as err:
+        LIST_PARAM.check(value)
+    assert err.value.message.startswith(named)
+
+
+def test_list_param_spec_lists_its_item_specs():
+    spec = LIST_PARAM.to_wire()
+    assert (spec["type"], spec["max_items"], spec["default"]) == ("list", 3, [])
+    assert [item["name"] for item in spec["items"]] == ["model", "weight"]
+    assert spec["items"][1]["range"] == {"low": -4.0, "high": 4.0, "multiple": 0}
