@@ -1,5 +1,5 @@
 """Command line: `python -m backend serve | generate | pbr | img2img | inpaint | upscale | make-seamless |
-make-test-model | info` (also `sd-textures-backend`).
+travel | train | make-test-model | info` (also `sd-textures-backend`).
 
 Each task is a command (`generate` runs txt2img) with one flag per entry of its protocol.TASK_PARAMS
 table (image inputs take file paths: `--image PATH`, `--mask PATH`); values are validated exactly as the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ COMMANDS = {  # command -> task
     "inpaint": "inpaint",
     "upscale": "upscale",
     "make-seamless": "make_seamless",
+    "travel": "travel",
+    "train": "train_lora",
 }
 COMMAND_HELP = {
     "generate": "Generate textures and print the written paths.",
@@ -58,11 +61,14 @@ def _add_task_flags(parser: argparse.ArgumentParser, task: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from backend.batch import add_arguments as add_batch_arguments
+    from backend.server import add_arguments as add_server_arguments
     from backend.tiny_model import ARCHITECTURES
 
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="Serve JSON lines on stdin/stdout (what the add-on starts).")
+    serve = commands.add_parser("serve", help="Serve JSON lines on stdin/stdout (what the add-on starts), or TCP.")
+    add_server_arguments(serve)
     for command, task in COMMANDS.items():
         _add_task_flags(commands.add_parser(command, help=COMMAND_HELP[command]), task)
     make = commands.add_parser("make-test-model", help="Write a seeded random-weight model folder (tests).")
@@ -70,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--architecture", choices=ARCHITECTURES, default="tiny")
     commands.add_parser("info", help="Print versions, devices and the Hugging Face cache folder.")
+    add_batch_arguments(commands.add_parser("batch", help="Run a manifest of jobs, here or on a Ray cluster."))
     return parser
 
 
@@ -81,12 +88,18 @@ class _Console:
     def __call__(self, message: dict) -> None:
         if protocol.is_terminal(message):
             self.reply = message
+        elif message.get("event") == protocol.EVENT_ARTIFACT and message["data"]["kind"] == "checkpoint":
+            print(f"\ncheckpoint: {message['data']['path']}", file=sys.stderr)
         elif message.get("event") == EVENT_PROGRESS:
             data = message["data"]
             done = 30 * data["step"] // data["total"]
             bar = "#" * done + "." * (30 - done)
             end = "\n" if data["step"] == data["total"] else ""
-            print(f"\rstep {data['step']}/{data['total']} [{bar}] {data['elapsed']:.1f}s", end=end, file=sys.stderr)
+            frame = f"frame {data['image_index'] + 1}/{data['frames']}, " if data.get("frames") else ""
+            line = f"\r{frame}step {data['step']}/{data['total']} [{bar}] {data['elapsed']:.1f}s"
+            if "loss" in data:  # train_lora
+                line += f" loss {data['loss']:.4f} ~{data['seconds_left']:.0f}s left"
+            print(line, end=end, file=sys.stderr)
 
 
 def run_task(args: argparse.Namespace) -> int:
@@ -94,6 +107,9 @@ def run_task(args: argparse.Namespace) -> int:
     values = {p.name: getattr(args, p.name) for p in protocol.TASK_PARAMS[task] if p.name != "task"}
     values["task"] = task
     values["output_dir"] = os.path.abspath(values["output_dir"])
+    for name in ("photos_dir", "resume_from", "class_images_dir"):  # train: folders and files given relative here
+        if values.get(name):
+            values[name] = os.path.abspath(values[name])
     for p in protocol.TASK_PARAMS[task]:
         if p.kind is ImageInput and values[p.name] is not None:
             values[p.name] = {"path": os.path.abspath(values[p.name])}
@@ -107,10 +123,23 @@ def run_task(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     console = _Console()
+    worker = Worker(console)
+
+    def cancel(signum, frame) -> None:  # the first Ctrl-C cancels as a client would (train saves a checkpoint)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one aborts at once
+        print("\ncancelling (Ctrl-C again to abort) ...", file=sys.stderr)
+        worker.cancel_all()
+
+    previous = signal.signal(signal.SIGINT, cancel)
     try:
-        Worker(console).handle(protocol.request("cli", protocol.RUN, values))
+        worker.handle(protocol.request("cli", protocol.RUN, values))
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if console.reply.get("cancelled"):
+        print("cancelled", file=sys.stderr)
         return 130
     if "error" in console.reply:
         error = console.reply["error"]
@@ -140,6 +169,14 @@ def info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "batch":
+        from backend.batch import main as batch_main
+
+        return batch_main(args)
+    if args.command == "serve" and args.listen:
+        from backend.server import serve_tcp
+
+        return serve_tcp(args)
     if args.command == "serve":
         from backend.worker import serve
 

@@ -13,9 +13,13 @@ from typing import Any
 
 from diffusers import (
     DiffusionPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -51,6 +55,9 @@ SD = Family(
             "txt2img": StableDiffusionPipeline,
             "img2img": StableDiffusionImg2ImgPipeline,
             "inpaint": StableDiffusionInpaintPipeline,
+            # Built with a ControlNet by backend.controlnets (LoadedModel.pipeline cannot: it has none).
+            "controlnet": StableDiffusionControlNetPipeline,
+            "controlnet_inpaint": StableDiffusionControlNetInpaintPipeline,
         }
     ),
     pipeline_kwargs=MappingProxyType({"safety_checker": None, "requires_safety_checker": False}),
@@ -72,6 +79,8 @@ SDXL = Family(
             "txt2img": StableDiffusionXLPipeline,
             "img2img": StableDiffusionXLImg2ImgPipeline,
             "inpaint": StableDiffusionXLInpaintPipeline,
+            "controlnet": StableDiffusionXLControlNetPipeline,
+            "controlnet_inpaint": StableDiffusionXLControlNetInpaintPipeline,
         }
     ),
     pipeline_kwargs=MappingProxyType({"add_watermarker": False}),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from backend import single_file
+from backend import loras, single_file
 from backend.families import FAMILIES, Family, family_of, family_of_class_name
 from blender_sd_addon.protocol import (
     INVALID_PARAMS,
@@ -331,6 +331,7 @@ class ModelManager:
     def get(self, params: GenerateParams) -> tuple[LoadedModel, float]:
         """The pipeline for these params and the seconds spent loading it (0 when it was warm)."""
         key = model_key(params.model, params)
+        lora_files = loras.locate(params.loras, params.allow_pickle)  # missing or unsafe files: before loading
         source = key.source
         seconds = 0.0
         if self.loaded is None or self.loaded.key != key:
@@ -341,6 +342,7 @@ class ModelManager:
             self.loaded = LoadedModel(pipe, key, pipe._execution_device)
             seconds = time.perf_counter() - start
         configure(self.loaded, params)
+        loras.apply(self.loaded.pipe, lora_files)  # also when none: switches off the last request's
         return self.loaded, seconds
 
     def release(self) -> None:

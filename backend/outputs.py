@@ -120,11 +120,11 @@ def png_info(params: TaskParams, seed: int | None, role: str = "albedo", source:
     return info
 
 
-def publish(temporary: Path, folder: Path, stem: str) -> Path:
-    """Give a complete file the name `<stem>.png` (or `<stem>_N.png` when taken) without ever replacing
+def publish(temporary: Path, folder: Path, stem: str, suffix: str = ".png") -> Path:
+    """Give a complete file the name `<stem><suffix>` (or `<stem>_N<suffix>` when taken) without ever replacing
     anything there: a hard link fails on any existing name, a planted symlink included."""
     for n in range(10_000):
-        final = folder / f"{stem}{f'_{n}' if n else ''}.png"
+        final = folder / f"{stem}{f'_{n}' if n else ''}{suffix}"
         try:
             os.link(temporary, final)
         except FileExistsError:
@@ -136,7 +136,7 @@ def publish(temporary: Path, folder: Path, stem: str) -> Path:
             return final
         os.unlink(temporary)
         return final
-    raise ProtocolError(INVALID_PARAMS, f"too many files named {stem}_N.png in {folder}", {"param": "output_dir"})
+    raise ProtocolError(INVALID_PARAMS, f"too many files named {stem}_N{suffix} in {folder}", {"param": "output_dir"})
 
 
 def write_png(image: PIL.Image.Image, folder: Path, stem: str, info: PngInfo) -> tuple[Path, int, str]:

@@ -240,3 +240,24 @@ def make_test_model(path: str | Path, *, seed: int = 0, architecture: str = "tin
             )
         pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_test_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) -> Path:
+    """Write a random-weight ControlNet for the pipeline folder `model` to `path` (safetensors): built from its
+    U-Net by ControlNetModel.from_unet, with a conditioning embedding that downsamples as much as the VAE
+    does, and its zero-initialised output convolutions given seeded random weights, so the control image
+    changes the result (a fresh ControlNet adds exactly nothing)."""
+    from diffusers import ControlNetModel
+
+    path, model = Path(path).resolve(), Path(model)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    vae_levels = len(json.loads((model / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"])
+    channels = (16, 32, 96, 256)[:vae_levels]  # one stride-2 block per VAE downsampling
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out):  # fmt: skip
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(path, safe_serialization=True)
+    return path

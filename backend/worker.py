@@ -1,10 +1,14 @@
 """The worker: protocol 2 (blender_sd_addon.protocol) over JSON lines, jobs run one at a time.
 
-Two threads. The reader thread reads each line, checks it, and answers at once everything that is
-cheap (handshake, upload, fetch, jobs, job, cancel, and every malformed line), so a 10-minute job never
-delays a cancel or a job list. `run` and `load_model` become jobs queued for the main thread, which runs
-them in order. Every request gets exactly one terminal reply; nothing a client sends can stop either
-thread. End of input (the client is gone) cancels running and queued work and exits within seconds.
+One Worker serves one or more peers (clients): stdio serves one, backend/server.py one per TCP connection.
+Each peer has its own `emit` and its own job ids; every peer's jobs share one queue and the main thread.
+
+Two threads (the reader: one per peer). The reader thread reads each line, checks it, and answers at once
+everything that is cheap (handshake, upload, fetch, jobs, job, cancel, and every malformed line), so a
+10-minute job never delays a cancel or a job list. `run` and `load_model` become jobs queued for the main
+thread, which runs them in order. Every request gets exactly one terminal reply; nothing a client sends can
+stop either thread. End of input (the client is gone) cancels running and queued work and exits within
+seconds.
 """
 
 from __future__ import annotations
@@ -66,12 +70,21 @@ OOM_ADVICE = (
 assert set(TASKS) == set(protocol.TASKS), "backend.tasks and protocol.TASK_PARAMS list different tasks"
 
 
+@dataclass(eq=False)
+class Peer:
+    """One client: its replies go to `emit`; its job ids are its own (two clients may both use "r1")."""
+
+    emit: Emit
+    name: str = "local"
+
+
 @dataclass
 class Job:
     """The worker's record of one `run` or `load_model` request."""
 
     id: Any
     task: str
+    peer: Peer | None = None
     state: str = QUEUED
     stage: str = ""
     step: int = 0
@@ -93,6 +106,7 @@ class Work:
     id: Any
     method: str
     params: Any  # validated TaskParams for run/load_model
+    peer: Peer | None = None  # who asked (None: the worker's own peer)
 
 
 class Worker:
@@ -100,23 +114,25 @@ class Worker:
 
     def __init__(self, emit: Emit, inputs: InputStore | None = None):
         self.emit = emit
+        self.peer = Peer(emit)  # the stdio client, the CLI, tests
         self.models = ModelManager()
         self.inputs = inputs or InputStore()
         self.closing = False
         self._lock = threading.Lock()
-        self._jobs: OrderedDict[Any, Job] = OrderedDict()
+        self._jobs: OrderedDict[tuple[Peer, Any], Job] = OrderedDict()  # (peer, id): one queue for all peers
         self._artifacts: set[str] = set()  # paths `fetch` may read: only files this worker announced
 
     # --- the reader thread: checks every message, answers the cheap ones ---------------------------
 
-    def receive(self, message: dict) -> Work | None:
+    def receive(self, message: dict, peer: Peer | None = None) -> Work | None:
         """Answer a message now, or return the Work the main thread must do for it."""
+        peer = peer or self.peer
         request_id = protocol.request_id_of(message)
         method = message.get("method")
         params = message.get("params", {})
         if method == protocol.CANCEL and "id" not in message:  # a notification: no reply, ever
             if isinstance(params, dict):
-                self.cancel(params.get("id"))
+                self.cancel(params.get("id"), peer)
             return None
         try:
             if request_id is None:
@@ -131,30 +147,31 @@ class Worker:
             if self.closing:
                 raise ProtocolError(SHUTTING_DOWN, "the backend is shutting down")
             if method in QUEUED_METHODS:
-                return self._enqueue(request_id, method, params)
-            self.emit(protocol.result(request_id, self._answer(method, params)))
+                return self._enqueue(request_id, method, params, peer)
+            peer.emit(protocol.result(request_id, self._answer(method, params, peer)))
         except ProtocolError as exc:
-            self.emit(protocol.error(request_id, exc))
+            peer.emit(protocol.error(request_id, exc))
         except Exception as exc:  # a bug in an answer must not kill the reader: report it
             log.exception("message %s failed", protocol.shown(request_id))
-            self.emit(protocol.error(request_id, _internal(exc)))
+            peer.emit(protocol.error(request_id, _internal(exc)))
         return None
 
-    def _enqueue(self, request_id: Any, method: str, params: dict) -> Work:
+    def _enqueue(self, request_id: Any, method: str, params: dict, peer: Peer) -> Work:
         if method == protocol.SHUTDOWN:
             self.closing = True
             self.cancel_all()  # stop what runs; what is queued answers `cancelled` without running
-            return Work(request_id, method, None)
+            return Work(request_id, method, None, peer)
         # Parameters are checked now, so a bad request is answered before the jobs queued ahead of it.
         checked = protocol.task_params(params) if method == protocol.RUN else protocol.model_params(params)
+        key = (peer, request_id)
         with self._lock:
-            if request_id in self._jobs and self._jobs[request_id].state not in FINISHED_STATES:
+            if key in self._jobs and self._jobs[key].state not in FINISHED_STATES:
                 raise ProtocolError(INVALID_REQUEST, f"id {protocol.shown(request_id)} is already in use by a job")
-            self._jobs.pop(request_id, None)
-            self._jobs[request_id] = Job(request_id, checked.task if method == protocol.RUN else method)
-        return Work(request_id, method, checked)
+            self._jobs.pop(key, None)
+            self._jobs[key] = Job(request_id, checked.task if method == protocol.RUN else method, peer)
+        return Work(request_id, method, checked, peer)
 
-    def _answer(self, method: str, params: dict) -> dict:
+    def _answer(self, method: str, params: dict, peer: Peer) -> dict:
         if method == protocol.HANDSHAKE:
             return self.handshake(params)
         if method == protocol.UPLOAD:
@@ -162,8 +179,8 @@ class Worker:
         if method == protocol.FETCH:
             return self.fetch(params)
         if method == protocol.JOBS:
-            return {"jobs": self.job_list()}
-        return self.job_info(params.get("id"), cancel=method == protocol.CANCEL)  # job, cancel
+            return {"jobs": self.job_list(peer)}
+        return self.job_info(params.get("id"), cancel=method == protocol.CANCEL, peer=peer)  # job, cancel
 
     def handshake(self, params: dict) -> dict:
         protocol.check_protocol_version(params.get("protocol_version"))
@@ -215,46 +232,56 @@ class Worker:
 
     # --- jobs ---------------------------------------------------------------------------------------
 
-    def job_list(self) -> list[dict]:
+    def job_list(self, peer: Peer | None = None) -> list[dict]:
+        """The peer's jobs; `queued_ahead` counts every peer's jobs (they share the queue)."""
+        peer = peer or self.peer
         with self._lock:
             queued = 0
             infos = []
             for job in self._jobs.values():
-                infos.append(job.info(queued_ahead=queued if job.state == QUEUED else 0))
+                if job.peer is peer:
+                    infos.append(job.info(queued_ahead=queued if job.state == QUEUED else 0))
                 queued += job.state in (QUEUED, RUNNING)
             return infos
 
-    def job_info(self, job_id: Any, cancel: bool = False) -> dict:
+    def job_info(self, job_id: Any, cancel: bool = False, peer: Peer | None = None) -> dict:
         if cancel:
-            self.cancel(job_id)
-        for info in self.job_list():
+            self.cancel(job_id, peer)
+        for info in self.job_list(peer):
             if info["id"] == job_id and type(info["id"]) is type(job_id):
                 return info
         raise ProtocolError(NOT_FOUND, f"no job with id {protocol.shown(job_id)}", {"param": "id"})
 
-    def cancel(self, job_id: Any) -> None:
+    def cancel(self, job_id: Any, peer: Peer | None = None) -> None:
         """Ask a job to stop (any thread); unknown, finished or unhashable ids are ignored."""
         if not isinstance(job_id, (str, int)):
             return
         with self._lock:
-            job = self._jobs.get(job_id)
+            job = self._jobs.get((peer or self.peer, job_id))
             if job and job.state not in FINISHED_STATES:
                 job.cancel_requested = True
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, peer: Peer | None = None) -> None:
+        """Ask every unfinished job to stop: all peers' (None), or one peer's (its connection closed)."""
         with self._lock:
             for job in self._jobs.values():
-                if job.state not in FINISHED_STATES:
+                if job.state not in FINISHED_STATES and peer in (None, job.peer):
                     job.cancel_requested = True
+
+    def unfinished(self, peer: Peer) -> int:
+        """How many of the peer's jobs are queued or running."""
+        with self._lock:
+            return sum(job.peer is peer and job.state not in FINISHED_STATES for job in self._jobs.values())
 
     # --- the main thread: runs jobs in order ---------------------------------------------------------
 
     def execute(self, work: Work) -> bool:
         """Run one piece of work to its terminal reply. False once the worker should exit."""
+        peer = work.peer or self.peer
         if work.method == protocol.SHUTDOWN:
-            self.emit(protocol.result(work.id, {}))
+            peer.emit(protocol.result(work.id, {}))
             return False
-        job = self._jobs[work.id]
+        job = self._jobs[(peer, work.id)]
         reply, state = None, FAILED
         try:
             if job.cancel_requested:
@@ -290,7 +317,7 @@ class Worker:
             job.state = state
             job.error = reply.get("error")
             self._forget_old_jobs()
-        self.emit(reply)
+        peer.emit(reply)
         return True
 
     def handle(self, message: dict) -> bool:
@@ -332,7 +359,7 @@ class Worker:
             with self._lock:
                 job.artifacts.append(data)
                 self._artifacts.add(data["path"])
-        self.emit(protocol.event(job.id, kind, data))
+        job.peer.emit(protocol.event(job.id, kind, data))
 
     def _forget_old_jobs(self) -> None:
         finished = [key for key, job in self._jobs.items() if job.state in FINISHED_STATES]
@@ -405,6 +432,13 @@ def _read(stdin: BinaryIO, worker: Worker, work: queue.Queue) -> None:
     threading.Timer(EXIT_GRACE, _exit_now).start()
 
 
+def run_jobs(worker: Worker, work: queue.Queue) -> None:
+    """The main thread of every server (stdio or TCP): run the queued work in order until None or shutdown."""
+    while (item := work.get()) is not None:
+        if not worker.execute(item):
+            return
+
+
 def _exit_now() -> None:
     log.warning("the client went away and the running job did not stop within %.0f s: exiting", EXIT_GRACE)
     os._exit(0)
@@ -437,9 +471,7 @@ def serve() -> int:
     threading.Thread(target=_read, args=(stdin, worker, work), daemon=True, name="reader").start()
     log.info("backend %s ready (protocol %d)", __version__, protocol.PROTOCOL_VERSION)
     try:
-        while (item := work.get()) is not None:
-            if not worker.execute(item):
-                break
+        run_jobs(worker, work)
     finally:
         worker.inputs.close()
         out.close()

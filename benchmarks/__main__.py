@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks import cold, footprint, img2img, overhead, speed
+from benchmarks import batch, cold, footprint, img2img, overhead, project, remote, speed, train, travel
 from benchmarks.common import CACHE, REPO, RESULTS, RUNS_FACTOR, Scenarios
 
 # name -> (module, architecture); the order is the order of the table.
@@ -32,6 +32,15 @@ MEASUREMENTS = {
     "footprint": (footprint, "tiny"),
     "img2img_tiny": (img2img, "tiny"),
     "img2img_sd15": (img2img, "sd15"),
+    "travel_tiny": (travel, "tiny"),
+    "travel_sd15": (travel, "sd15"),
+    "project_tiny": (project, "tiny"),
+    "project_sd15": (project, "sd15"),
+    "train_tiny": (train, "tiny"),
+    "train_sd15": (train, "sd15"),
+    "remote_tiny": (remote, "tiny"),
+    "remote_sd15": (remote, "sd15"),
+    "batch_tiny": (batch, "tiny"),
 }
 QUICK = ("warm_tiny", "cold_tiny", "footprint", "img2img_tiny")
 COLUMNS = ("bare", "backend", "addon", "ratio")

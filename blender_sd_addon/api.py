@@ -8,6 +8,14 @@
     variation = img2img(bpy.data.images["bricks.png"], "mossy bricks", [bpy.data.objects["Wall"]], strength=0.5)
     patched = inpaint("/textures/wall.png", "moss", mask=bpy.data.images["Wall Mask"], steps=20)
     bigger = upscale(variation.images[0], scale=2, seamless="auto")
+    lava = travel_texture([bpy.data.objects["Floor"]], [{"prompt": "lava", "seed": 1}, {"prompt": "basalt", "seed": 2}],
+                          frames=24, loop=True, seamless="xy")
+    statue = project_texture([bpy.data.objects["Statue"]], "bronze statue",
+                             controlnet="lllyasviel/control_v11f1p_sd15_depth", views_per_ring=8)
+
+A backend on another machine (`python -m backend serve --listen HOST:PORT` there): call
+`configure_remote("gpu-box:7860", token)` first, or set SDTEX_REMOTE / SDTEX_REMOTE_TOKEN; every call then
+works the same, with the files fetched into the output folder.
 
 Run it with `blender -b file.blend -P script.py` (an installed add-on is enabled from the preferences,
 also in background mode), or with Blender as a Python module (`import bpy`; enable the add-on first with
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,22 +45,28 @@ from typing import Any
 import bpy
 
 from . import paths, protocol
-from .blender import images, materials
+from .blender import geometry, images, materials
 from .client import BackendClient, BackendError, SDTexError
 from .history import HISTORY_LIMIT, HistoryRecord
 from .jobs import DONE, Job
+from .remote import RemoteSettings
 
 __all__ = [
     "BackendError",
     "SDTexError",
     "TextureResult",
+    "configure_remote",
     "derive_pbr_maps",
     "generate_texture",
     "img2img",
     "inpaint",
+    "list_loras",
     "load_model",
     "make_seamless",
+    "project_texture",
     "shutdown_backend",
+    "train_lora",
+    "travel_texture",
     "upscale",
 ]
 
@@ -61,6 +76,7 @@ BACKEND_SETTINGS = ("device", "dtype", "cpu_offload", "attention_slicing", "vae_
 LOAD_MODEL_SETTINGS = ("model", "device", "dtype", "cpu_offload", "attention_slicing", "allow_pickle")
 
 _client: BackendClient | None = None
+_remote: RemoteSettings | None = None  # configure_remote()
 
 
 def _default(name: str, task: str | None = None) -> Any:
@@ -97,6 +113,7 @@ def generate_texture(
     height_contrast: float = _default("height_contrast"),
     roughness_contrast: float = _default("roughness_contrast"),
     ao_strength: float = _default("ao_strength"),
+    loras: list[dict] = (),
     apply: bool = True,
     shared_material: bool = True,
     slot: str = "NEW",
@@ -111,6 +128,7 @@ def generate_texture(
     """Generate images from `prompt` and (apply=True) put them on the mesh objects as a material.
 
     model: hub id, diffusers folder or .safetensors file; None uses the add-on preferences.
+    loras: LoRAs to apply, each {"model": .safetensors file, folder or hub id, "weight": 1.0} (train_lora makes them).
     seed: None picks one (reported in the result). output_dir: None uses the preferences' output folder.
     shared_material ... pack: how the material is built and assigned (see apply_options).
     timeout: seconds before the request is cancelled and SDTexError raised (None waits).
@@ -137,6 +155,7 @@ def generate_texture(
         height_contrast=height_contrast,
         roughness_contrast=roughness_contrast,
         ao_strength=ao_strength,
+        loras=[{**lora, "model": bpy.path.abspath(lora.get("model", ""))} for lora in loras],  # "//" blend-relative
     )
     params = generate_params(settings, model=model, output_dir=output_dir)
 
@@ -282,6 +301,85 @@ def image_task(
     )
 
 
+def travel_texture(
+    objects,
+    keyframes: list[dict],
+    *,
+    frames: int = _default("frames", "travel"),
+    loop: bool = False,
+    easing: str = _default("easing", "travel"),
+    apply: bool = True,
+    shared_material: bool = True,
+    slot: str = "NEW",
+    projection: str = "UV",
+    texture_scale: float = 1.0,
+    displacement: str = "BUMP",
+    ao_multiply: bool = False,
+    model: str | None = None,
+    output_dir: str | None = None,
+    timeout: float | None = None,
+    **settings,
+) -> TextureResult:
+    """An animated texture morphing through `keyframes` and (apply=True) put on the mesh objects as image
+    sequences (albedo and PBR maps) that play with the timeline from the scene's first frame, cycling when
+    `loop` is on.
+
+    keyframes: two or more {"prompt", "negative_prompt" (optional), "seed" (optional: None picks one)}.
+    frames: frames per transition, from one keyframe (included) to the next. Frames already made by a run
+    with the same settings are reused. result.images[0] is the albedo sequence, result.files every frame.
+    settings: the travel task's other parameters (protocol.TASK_PARAMS["travel"]: steps, guidance_scale,
+    width, height, scheduler, seamless, pbr and the map settings, embedding_interpolation, export, fps...);
+    the apply options, model, output_dir and timeout are generate_texture's.
+    """
+    # 1. Check inputs (before anything is sent)
+    options = apply_options(shared_material, slot, projection, texture_scale, displacement, ao_multiply)
+    meshes = mesh_objects(objects) if apply else []
+    values = {"keyframes": keyframes, "frames": frames, "loop": loop, "easing": easing, **settings}
+    params = image_task_params("travel", values, model=model, output_dir=output_dir)
+
+    # 2. Generate the frames (blocks until they are written)
+    result = run(params, task="travel", timeout=timeout)
+
+    # 3. Load as sequences and apply
+    return finish(result, meshes, options, apply=apply)
+
+
+def train_lora(
+    photos: str | list[str],
+    instance_prompt: str,
+    *,
+    token: str = _default("token", "train_lora"),
+    model: str | None = None,
+    output_dir: str | None = None,
+    timeout: float | None = None,
+    **settings,
+) -> protocol.TrainResult:
+    """Train a LoRA (DreamBooth) on photos of a subject or a style and return the TrainResult; `result.lora` is
+    the .safetensors file, ready for any generating call's `loras=[{"model": result.lora, "weight": 0.8}]`.
+
+    photos: a folder of photos (JPEG, PNG, WebP) or a list of photo files. instance_prompt must contain the
+    token (e.g. "a photo of sks wood"). settings: the train_lora task's other parameters
+    (protocol.TASK_PARAMS["train_lora"]): steps, learning_rate, rank, resolution, batch_size,
+    train_text_encoder, class_prompt (prior preservation), sample_prompt, sample_every, checkpoint_every,
+    resume_from, seed, ... model and output_dir: None uses the preferences'. Blocks until the LoRA is written;
+    a cancelled run leaves a checkpoint to pass as resume_from.
+    """
+    if isinstance(photos, (list, tuple)):
+        settings["photo_files"] = [{"path": bpy.path.abspath(str(path))} for path in photos]
+    else:
+        settings["photos_dir"] = bpy.path.abspath(str(photos))
+    values = {"instance_prompt": instance_prompt, "token": token, **settings}
+    params = image_task_params("train_lora", values, model=model, output_dir=output_dir)
+    return protocol.TrainResult.from_dict(run_job(params, "train_lora", timeout).data)
+
+
+def list_loras(folder: str, timeout: float | None = None) -> list[dict]:
+    """The LoRA files in a folder (and one level down), each {"model", "name", "size", "base" ("sd1" | "sdxl")};
+    pass `model` in a generating call's `loras`."""
+    params = {"models_dir": bpy.path.abspath(folder), "include_cache": False}
+    return run_job(params, "list_models", timeout).data["loras"]
+
+
 def _document(function, task: str) -> None:
     """Append the task's parameters, from its protocol table, to the docstring of its function."""
     table = protocol.TASK_PARAMS[task]
@@ -305,6 +403,167 @@ for _task, _function in {
     "make_seamless": make_seamless,
 }.items():
     _document(_function, _task)
+
+
+@dataclass
+class ProjectedTexture:
+    """project_texture's outcome, per object in the order given."""
+
+    images: list  # bpy.types.Image: the baked texture of each object
+    materials: list  # bpy.types.Material made for each object (empty when not applied)
+    uv_maps: list[str]  # the UV map each texture is baked into
+    coverage: dict[str, float]  # object name -> fraction of its texels some view saw (the rest was filled)
+    warnings: list[str]  # e.g. overlapping UV islands (allow_uv_overlap)
+    files: list[str]  # every file written: textures, maps, and each view's image, mask, depth and normals
+    result: protocol.ProjectResult
+
+
+def project_texture(
+    objects,
+    prompt: str,
+    *,
+    views=("ORBIT",),
+    controlnet: str | None = None,
+    views_per_ring: int = 8,
+    elevations=(20.0, -20.0),
+    fov: float = 40.0,
+    occlude: bool = True,
+    uv_map: str = "ACTIVE",
+    apply: bool = True,
+    slot: str = "NEW",
+    pack: bool = False,
+    model: str | None = None,
+    output_dir: str | None = None,
+    timeout: float | None = None,
+    **settings,
+) -> ProjectedTexture:
+    """Texture the mesh `objects` themselves: views generated one after another with depth guidance (a depth
+    ControlNet), projected back and baked into each object's UV texture, then (apply=True) one material per
+    object showing it.
+
+    views: "ORBIT" (views_per_ring views on a ring at each of `elevations`, degrees, round the objects'
+    bounding sphere, `fov` degrees wide), "CAMERA" (the scene camera), camera objects, or a list of these,
+    run in that order. controlnet: a depth ControlNet for the model (hub id, folder or .safetensors).
+    occlude: the other visible meshes hide what they cover. uv_map: "ACTIVE" bakes into each object's active
+    UV map (an object without one gets a Smart UV Project map), "NEW" always makes a fresh one. The task's
+    other parameters (steps, width, height, texture_size, margin, refine_below, controlnet_scale, pbr, ...;
+    protocol.TASK_PARAMS["project"]) go as keywords. Problems raise SDTexError (or BackendError) before
+    anything is applied; UV maps made for the request are removed again then.
+    """
+    request = prepare_projection(
+        objects, prompt, views=views, controlnet=controlnet, views_per_ring=views_per_ring, elevations=elevations,
+        fov=fov, occlude=occlude, uv_map=uv_map, model=model, output_dir=output_dir, **settings,
+    )  # fmt: skip
+    try:
+        job = run_job(request.params, task="project", timeout=timeout)
+    except SDTexError as exc:
+        raise request.failed(exc) from None
+    return finish_projection(job.data, request, apply=apply, slot=slot, pack=pack)
+
+
+@dataclass
+class ProjectionRequest:
+    """A project job ready to run: its parameters (arrays uploaded) and what it will be applied to."""
+
+    params: dict
+    geometry: geometry.Geometry
+    prompt: str
+
+    @property
+    def names(self) -> list[str]:
+        return [obj.name for obj in self.geometry.objects]
+
+    def named(self, text: str) -> str:
+        """The worker numbers the objects; people know their names."""
+        names = self.names
+        return re.sub(r"object (\d+)", lambda m: names[int(m[1])] if int(m[1]) < len(names) else m[0], text)
+
+    def failed(self, exc: SDTexError) -> SDTexError:
+        """The job failed: undo the request's UV maps and name the objects in the message."""
+        self.geometry.undo_unwraps()
+        if isinstance(exc, BackendError):
+            return BackendError(exc.code, self.named(str(exc)), exc.data)
+        return SDTexError(self.named(str(exc)))
+
+
+def prepare_projection(
+    objects, prompt: str, *, views, controlnet, views_per_ring, elevations, fov, occlude, uv_map, model, output_dir,
+    **settings,
+) -> ProjectionRequest:  # fmt: skip
+    """Check a project_texture request, collect the geometry and views, and upload them (starts the backend)."""
+    # 1. Parameters, checked with stand-ins for the arrays
+    if not controlnet:
+        raise SDTexError("controlnet: give a depth ControlNet (hub id, e.g. lllyasviel/control_v11f1p_sd15_depth, "
+                         "a folder or a .safetensors file)")  # fmt: skip
+    table = {p.name: p for p in protocol.TASK_PARAMS["project"]}
+    arrays = [name for name, p in table.items() if p.kind is protocol.ArrayInput]
+    unknown = sorted(set(settings) - set(table) - {"task", "model", "output_dir", "controlnet", *arrays})
+    if unknown:
+        raise SDTexError(f"project has no parameter {unknown[0]!r}; it takes {', '.join(sorted(table))}")
+    prefs = preferences()
+    values = {name: getattr(prefs, name) for name in BACKEND_SETTINGS if name in table} | settings
+    values.update(prompt=prompt, controlnet=bpy.path.abspath(controlnet), model=bpy.path.abspath(model or prefs.model))
+    values["output_dir"] = output_folder(output_dir)
+    stand_in = {"path": "/", "dtype": "float32", "shape": [1]}
+    try:
+        checked = protocol.ProjectParams.from_dict(values | dict.fromkeys(arrays, stand_in)).to_dict()
+    except protocol.ProtocolError as exc:
+        raise SDTexError(exc.message) from None
+    params = {name: value for name, value in checked.items() if name not in arrays}
+
+    # 2. Geometry (objects without UVs are unwrapped) and views
+    scene = bpy.context.scene
+    others = [o for o in scene.objects if o.type == "MESH" and o.visible_get()] if occlude else []
+    try:
+        found = geometry.collect(objects, occluders=others, uv_map=uv_map)
+    except geometry.GeometryError as exc:
+        raise SDTexError(str(exc)) from None
+    request = ProjectionRequest(params, found, prompt)
+    items = [views] if isinstance(views, str) or not isinstance(views, (list, tuple)) else list(views)
+    try:
+        cameras = geometry.views_for(
+            items, scene, found, params["width"], params["height"], per_ring=views_per_ring, elevations=elevations,
+            fov=fov, context=bpy.context,
+        )  # fmt: skip
+
+        # 3. Upload the arrays (the worker starts if needed)
+        client = get_client()
+        for name, (data, dtype, shape) in (found.arrays() | {"cameras": geometry.cameras_bytes(cameras)}).items():
+            params[name] = {"sha256": client.upload(data), "dtype": dtype, "shape": shape}
+    except (geometry.GeometryError, SDTexError) as exc:
+        raise request.failed(SDTexError(str(exc)) if isinstance(exc, geometry.GeometryError) else exc) from None
+    return request
+
+
+def finish_projection(
+    data: dict, request: ProjectionRequest, *, apply: bool = True, slot: str = "NEW", pack: bool = False
+) -> ProjectedTexture:
+    """Load a finished project job's textures and give each object its material on the UV map baked into."""
+    options = apply_options(shared_material=False, slot=slot, pack=pack)
+    result = protocol.ProjectResult.from_dict(data)
+    found = request.geometry
+    textures = [materials.load_image(record.path, "albedo", pack) for record in result.images]
+    made = []
+    if apply:
+        for obj, uv_name, record in zip(found.objects, found.uv_maps, result.images, strict=True):
+            maps = {"albedo": record.path, **record.maps}
+            try:
+                made += materials.apply_images([obj], maps, options, f"{material_name(request.prompt)}.{obj.name}")
+            except (ValueError, ReferenceError) as exc:  # ReferenceError: the object was deleted meanwhile
+                raise SDTexError(str(exc)) from None
+            for node in made[-1].node_tree.nodes:
+                if node.type in ("UVMAP", "NORMAL_MAP"):
+                    node.uv_map = uv_name  # the map the texture was baked into, which need not be the active one
+    views_files = [v[role] for v in result.views for role in ("image", "mask", "depth", "normal") if v[role]]
+    return ProjectedTexture(
+        images=textures,
+        materials=made,
+        uv_maps=list(found.uv_maps),
+        coverage=dict(zip(request.names, result.coverage, strict=True)),
+        warnings=[request.named(w) for w in result.warnings],
+        files=written_files(result) + views_files,
+        result=result,
+    )
 
 
 def load_model(model: str | None = None, timeout: float | None = None) -> dict:
@@ -342,13 +601,42 @@ def user_data_dir() -> Path:
         return Path(bpy.utils.user_resource("DATAFILES", path="sd_textures", create=True))
 
 
+def configure_remote(address: str | None, token: str = "", *, tls: bool = False, cafile: str = "") -> None:
+    """Use the backend served by `python -m backend serve --listen HOST:PORT` on another machine from now on
+    (None: back to the preferences). Every call works as with the local worker: inputs are uploaded, result
+    files are fetched into the output folder. cafile: the server's certificate when it is self-signed (tls).
+    Without code: $SDTEX_REMOTE=HOST:PORT, $SDTEX_REMOTE_TOKEN, $SDTEX_REMOTE_TLS=1, $SDTEX_REMOTE_CAFILE, or
+    the preferences' Backend: Remote."""
+    global _remote
+    _remote = RemoteSettings(address, token, tls, cafile) if address else None
+
+
+def remote_settings() -> RemoteSettings | None:
+    """The remote backend to use: configure_remote(), else the environment, else the preferences; or None."""
+    if _remote is not None:
+        return _remote
+    if (from_env := RemoteSettings.from_env()) is not None:
+        return from_env
+    prefs = preferences()
+    if getattr(prefs, "backend_mode", "LOCAL") != "REMOTE":
+        return None
+    cafile = bpy.path.abspath(prefs.remote_cafile) if prefs.remote_cafile else ""
+    return RemoteSettings(prefs.remote_address, prefs.remote_token, prefs.remote_tls, cafile)
+
+
 def get_client() -> BackendClient:
-    """The client for the configured interpreter (a new one when the preference changed)."""
+    """The client for the configured backend: remote (remote_settings) or the local interpreter's worker; a new
+    one when the setting changed."""
     global _client
+    if (remote := remote_settings()) is not None:
+        if _client is None or _client.remote != remote:
+            shutdown_backend()
+            _client = BackendClient.connect_remote(remote)
+        return _client
     data = user_data_dir()
     python = paths.find_backend_python(bpy.path.abspath(preferences().backend_python), data)
     command = paths.worker_command(python)
-    if _client is None or _client.command != command:
+    if _client is None or _client.remote is not None or _client.command != command:
         # Jobs keep the client that took them, so they finish (or fail) on the old worker by themselves.
         shutdown_backend()
         _client = BackendClient(command, log_path=data / "backend.log")
@@ -492,11 +780,16 @@ def load_model_params() -> dict:
 
 def run(params: dict, task: str = "txt2img", timeout: float | None = None) -> protocol.GenerateResult:
     """Run a job and wait for it (background mode and scripts)."""
+    return run_job(params, task, timeout).result
+
+
+def run_job(params: dict, task: str, timeout: float | None = None) -> Job:
+    """Run a job, wait for it and return it done (its `data` is the task's whole result); raise otherwise."""
     job = Job.submit(get_client(), task, params)
     job.handle(job.client.wait(job.request_id, on_event=job.handle, timeout=timeout))
     if job.state != DONE:
         raise BackendError(job.error_code, job.error) if job.error_code else SDTexError(job.error)
-    return job.result
+    return job
 
 
 def finish(
@@ -511,7 +804,12 @@ def finish(
 
     source: the name of the image a pbr job derived its maps from (the material's albedo), or an image task
     started from (its results are new images: the source is never changed). mask: an inpaint job's mask.
+    A travel job's frames become image sequences instead (blender/travel.py).
     """
+    if result.task == "travel":
+        from .blender import travel  # its panel imports the operators, which import this module
+
+        return travel.finish(result, meshes, options, apply)
     files = written_files(result)
     missing = [path for path in files if not os.path.isfile(path)]
     if missing:

@@ -2,7 +2,8 @@
 
 Stdlib only and free of bpy, so it can be tested with plain pytest. Three layers:
 
-- transport.py  a Connection moves JSON lines (StdioConnection: the worker as a child process);
+- transport.py  a Connection moves JSON lines (StdioConnection: the worker as a child process; TcpConnection:
+                a remote worker, whose files remote.RemoteFiles moves so that it looks local);
 - rpc.py        request ids, a mailbox per request, exactly one terminal reply each;
 - this module   supervision: start (spawn + handshake) on a thread, restart on the next request after the
                 worker died, shutdown -> wait -> terminate -> kill; and the facade the add-on calls.
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol
+from .remote import RemoteFiles, RemoteSettings
 from .rpc import BACKEND_START_FAILED, BACKEND_STOPPED, BackendError, RequestTimeout, Rpc, SDTexError, Session
-from .transport import Connection, LogFile, StdioConnection
+from .transport import Connection, LogFile, StdioConnection, TcpConnection
 
 __all__ = ["BACKEND_START_FAILED", "BACKEND_STOPPED", "BackendClient", "BackendError", "SDTexError"]
 
@@ -73,6 +75,26 @@ class BackendClient:
         self._session: Session | None = None
         self._starting: _Start | None = None
         self._queued: list[tuple[str, bytes]] = []  # (id, encoded request) waiting for the start
+        self.remote: RemoteSettings | None = None
+        self._files: RemoteFiles | None = None
+
+    @classmethod
+    def connect_remote(
+        cls, settings: RemoteSettings, *, capabilities: Sequence[str] = protocol.CAPABILITIES, timeout: float = 10.0
+    ) -> BackendClient:
+        """A client of a remote worker (`python -m backend serve --listen`): inputs are uploaded, and result
+        files are fetched into the request's output_dir, so callers cannot tell it from a local worker."""
+
+        def connect() -> Connection:
+            tls = dict(tls=settings.tls, cafile=settings.cafile or None)
+            return TcpConnection(settings.address, settings.token, timeout=timeout, **tls)
+
+        address = f"{'tls' if settings.tls else 'tcp'}://{settings.address}"
+        client = cls([address], capabilities=capabilities, connect=connect)
+        client.remote = settings
+        client._files = RemoteFiles(client)
+        client._rpc.hold = client._files.take
+        return client
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -191,9 +213,8 @@ class BackendClient:
         try:
             connection = self._connect()
         except OSError as exc:
-            raise protocol.ProtocolError(
-                BACKEND_START_FAILED, f"Cannot start the backend with {self.command[0]!r}: {exc}"
-            ) from None
+            what = "reach the remote backend at" if self.remote else "start the backend with"
+            raise protocol.ProtocolError(BACKEND_START_FAILED, f"Cannot {what} {self.command[0]!r}: {exc}") from None
         session = Session(self._rpc, connection)
         with self._lock:
             attempt.session = session
@@ -201,6 +222,7 @@ class BackendClient:
                 raise _stopped_while_starting()
         request_id = self._rpc.open()
         params = {"protocol_version": protocol.PROTOCOL_VERSION, "capabilities": list(protocol.CAPABILITIES)}
+        params.update(connection.handshake_params)
         session.send(request_id, protocol.encode(protocol.request(request_id, protocol.HANDSHAKE, params)))
         try:
             reply = Rpc.result(self._rpc.wait(request_id, timeout=self.start_timeout))
@@ -237,10 +259,15 @@ class BackendClient:
         """
         request_id = self._rpc.open()
         try:
+            if self._files is not None and method == protocol.RUN and isinstance(params, dict):
+                params = self._files.prepare(request_id, params)  # blocks while input files are uploaded
             data = protocol.encode(protocol.request(request_id, method, params))
         except ValueError as exc:  # NaN or text that is not UTF-8: a bug in the caller, worth a clear message
             self._rpc.forget(request_id)
             raise SDTexError(f"Cannot send {method!r}: {exc}") from None
+        except SDTexError:
+            self._rpc.forget(request_id)
+            raise
         with self._lock:
             session = self._usable_session()
             if session is None:
@@ -291,6 +318,10 @@ class BackendClient:
         return self.result(self.wait(self.submit(method, params), timeout=timeout))
 
     result = staticmethod(Rpc.result)
+
+    def pass_on(self, request_id: str, message: dict) -> None:
+        """Deliver a message the remote file mover held back (with local paths now)."""
+        self._rpc.pass_on(request_id, message)
 
     def upload(self, data: bytes, timeout: float | None = None) -> str:
         """Hand bytes to the worker (an input image, an array); return their sha256 to reference them by.

@@ -98,6 +98,7 @@ PATH_MAX = 4096
 MAX_LINE = 64 * 2**20  # bytes in one message (an upload of a 48 MiB file, base64-encoded)
 UPLOAD_MAX = 48 * 2**20  # bytes in one uploaded file
 FETCH_CHUNK = 8 * 2**20  # bytes per fetch reply
+LORAS_MAX = 8  # LoRAs in one request
 INPUT_PIXELS_MAX = 8192 * 8192  # an input image larger than this is refused before decoding
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -323,6 +324,15 @@ MODEL_PARAMS: tuple[Param, ...] = (
     Param("cpu_offload", bool, False, "Keep weights on the CPU until needed (less VRAM, slower)."),
     Param("attention_slicing", bool, False, "Compute attention in slices (less memory, slower)."),
     Param("allow_pickle", bool, False, "Allow pickle checkpoints (.ckpt/.pt/.bin): they can run code."),
+    Param(
+        "loras", list, (),
+        "LoRAs to apply, each a .safetensors file, a folder holding one, or a hub id, with a weight.",
+        items=(
+            Param("model", str, "", "LoRA file, folder or hub id.", required=True, max_length=PATH_MAX),
+            Param("weight", float, 1.0, "Strength (negative: the opposite).", Range(-4.0, 4.0)),
+        ),
+        max_items=LORAS_MAX,
+    ),
 )
 SAMPLING_PARAMS: tuple[Param, ...] = (
     Param("prompt", str, "", "What to paint.", required=True),
@@ -487,6 +497,126 @@ LIST_MODELS_PARAMS: tuple[Param, ...] = (
     Param("include_cache", bool, True, "List the diffusers pipelines in the Hugging Face cache."),
 )  # fmt: skip
 
+# Latent travel: an animation through keyframes (prompt, negative prompt, seed), every frame a full generation.
+EASINGS = ("linear", "ease_in_out")
+EMBEDDING_INTERPOLATIONS = ("linear", "slerp")
+TRAVEL_EXPORTS = ("none", "mp4", "webp", "gif")
+KEYFRAMES_MAX, TRAVEL_FRAMES_MAX = 64, 1000
+KEYFRAME_ITEMS: tuple[Param, ...] = (
+    Param("prompt", str, "", "What this keyframe shows.", required=True),
+    Param("negative_prompt", str, "", "What to avoid at this keyframe."),
+    Param("seed", int, None, "This keyframe's seed; unset picks one.", Range(0, SEED_MAX), optional=True),
+)
+TRAVEL_PARAMS: tuple[Param, ...] = (
+    Param(
+        "keyframes", list, (), "The keyframes the animation passes through, in order (at least 2).",
+        required=True, items=KEYFRAME_ITEMS, max_items=KEYFRAMES_MAX,
+    ),
+    Param(
+        "frames", int, 12, "Frames per transition: from one keyframe (included) to the next (not included).",
+        Range(1, TRAVEL_FRAMES_MAX),
+    ),
+    Param("loop", bool, False, "Travel from the last keyframe back to the first: the animation cycles without a jump."),
+    Param(
+        "easing", str, "linear", "Pace of each transition: linear, or ease_in_out (slows down at the keyframes).",
+        choices=EASINGS,
+    ),
+    Param(
+        "embedding_interpolation", str, "linear", "How the prompts' embeddings blend: linear or slerp (spherical).",
+        choices=EMBEDDING_INTERPOLATIONS,
+    ),
+    Param(
+        "export", str, "none", "Also write the frames as one animation: mp4 (needs imageio-ffmpeg), webp or gif.",
+        choices=TRAVEL_EXPORTS,
+    ),
+    Param("fps", int, 24, "Frames per second of the exported animation.", Range(1, 120)),
+)  # fmt: skip
+
+
+def travel_length(keyframes: int, frames: int, loop: bool) -> int:
+    """Frames in a travel: `frames` per transition; open, the last keyframe ends it; looped, one transition
+    more leads back to the first keyframe (frame 0 would follow the last)."""
+    return frames * keyframes if loop else frames * (keyframes - 1) + 1
+
+
+# The sampling group without what each keyframe sets itself (one picture per frame: no batch).
+TRAVEL_SAMPLING = tuple(p for p in SAMPLING_PARAMS if p.name not in ("prompt", "negative_prompt", "seed", "batch_size"))
+
+# DreamBooth-LoRA training: photos of a subject (or a style) and a prompt with a rare token; the result is a LoRA.
+TRAIN_MODEL_PARAMS = tuple(p for p in MODEL_PARAMS if p.name in ("model", "device", "dtype", "allow_pickle"))
+TRAIN_LORA_PARAMS: tuple[Param, ...] = (
+    Param("photos_dir", str, "", "Folder of photos (JPEG, PNG, WebP; any size).", max_length=PATH_MAX),
+    Param(
+        "photo_files", list, (), "Photo files, instead of (or besides) a folder.",
+        items=(Param("path", str, "", "Absolute path of a photo.", required=True, max_length=PATH_MAX),),
+        max_items=1000,
+    ),
+    Param("token", str, "sks", "The rare word that names the subject; it must appear in instance_prompt."),
+    Param("instance_prompt", str, "", "What the photos show, with the token: 'a photo of sks wood'.", required=True),
+    Param(
+        "class_prompt", str, "",
+        "The subject's class without the token (e.g. 'a photo of wood'): turns on prior preservation with "
+        "images the model makes of it. Empty: off.",
+    ),
+    Param("class_images", int, 50, "Prior preservation: how many class images (made once, cached).", Range(1, 1000)),
+    Param("prior_loss_weight", float, 1.0, "Prior preservation: weight of the class images' loss.", Range(0.0, 10.0)),
+    Param(
+        "class_images_dir", str, "", "Where class images are cached (empty: the user cache folder).",
+        max_length=PATH_MAX,
+    ),
+    Param("resolution", int, 512, "Training size in pixels (photos: scaled, centre-cropped).", Range(32, 1024, 8)),
+    Param("steps", int, 500, "Training steps (optimizer updates).", Range(1, 100_000)),
+    Param("learning_rate", float, 1e-4, "AdamW learning rate.", Range(1e-7, 0.1)),
+    Param("rank", int, 4, "LoRA rank: more learns more detail, and makes a larger file.", Range(1, 256)),
+    Param("batch_size", int, 1, "Photos per step.", Range(1, 16)),
+    Param("train_text_encoder", bool, False, "Also train a LoRA on the text encoder (learns the token better)."),
+    Param("seed", int, 0, "Seed of the LoRA's start, the noise and the photo order.", Range(0, SEED_MAX)),
+    Param("sample_prompt", str, "", "Prompt of the sample images (empty: instance_prompt)."),
+    Param("sample_every", int, 0, "Make a sample image every N steps, and at the end (0 = never).", Range(0, 100_000)),
+    Param("checkpoint_every", int, 0, "A resumable checkpoint every N steps (0: on cancel only).", Range(0, 100_000)),
+    Param("resume_from", str, "", "A checkpoint file to continue (same photos and settings).", max_length=PATH_MAX),
+)  # fmt: skip
+
+
+# Projection texturing: depth-guided views of meshes, projected back and baked into each object's UV texture.
+PROJECT_SAMPLING = replaced(
+    tuple(p for p in SAMPLING_PARAMS if p.name not in ("batch_size", "seamless", "vae_tiling")),
+    Param("width", int, 512, "Width of each view in pixels.", Range(SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE)),
+    Param("height", int, 512, "Height of each view in pixels.", Range(SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE)),
+)
+PROJECT_PARAMS: tuple[Param, ...] = (
+    Param(
+        "controlnet", str, "",
+        "Depth ControlNet for the model: hub id, local folder or single-file .safetensors "
+        "(e.g. lllyasviel/control_v11f1p_sd15_depth).",
+        required=True, max_length=PATH_MAX,
+    ),
+    Param("controlnet_scale", float, 1.0, "How strongly the depth steers the picture.", Range(0.0, 2.0)),
+    Param("control_start", float, 0.0, "Fraction of the steps after which the depth starts to steer.", Range(0.0, 1.0)),
+    Param("control_end", float, 1.0, "Fraction of the steps after which the depth stops steering.", Range(0.0, 1.0)),
+    Param("triangles", ArrayInput, None, "float32 [..., 3, 3]: each triangle's corners in world space.", required=True),
+    Param("uvs", ArrayInput, None, "float32 [..., 3, 2]: each corner's UV (v up), as triangles.", required=True),
+    Param(
+        "object_index", ArrayInput, None,
+        "int32 [...]: each triangle's object (0, 1, ...: textured; -1: only occludes), as triangles.", required=True,
+    ),
+    Param(
+        "cameras", ArrayInput, None,
+        "float32 [views, 2, 4, 4]: per view, world to camera (Blender's camera, looking down -Z) and the OpenGL "
+        "projection.",
+        required=True,
+    ),
+    Param("texture_size", int, 1024, "Size of each object's baked texture in pixels (square).", Range(64, 4096, 8)),
+    Param("margin", int, 8, "Texels painted around each UV island, so filtering shows no seams.", Range(0, 64)),
+    Param(
+        "refine_below", float, 0.3,
+        "Later views repaint surface the earlier ones saw only at a facing cosine below this (0: only unseen).",
+        Range(0.0, 1.0),
+    ),
+    MASK_BLUR,
+    Param("allow_uv_overlap", bool, False, "Bake even where UV islands overlap (they then share paint)."),
+)  # fmt: skip
+
 
 def _task(name: str) -> Param:
     return Param("task", str, name, "What to run.", choices=(name,))
@@ -559,6 +689,25 @@ TASK_PARAMS: dict[str, tuple[Param, ...]] = {
     ),
     "download_model": (_task("download_model"), *DOWNLOAD_MODEL_PARAMS),
     "list_models": (_task("list_models"), *LIST_MODELS_PARAMS),
+    "train_lora": (_task("train_lora"), *TRAIN_MODEL_PARAMS, *TRAIN_LORA_PARAMS, *OUTPUT_PARAMS),
+    "travel": (
+        _task("travel"),
+        *MODEL_PARAMS,
+        *TRAVEL_SAMPLING,
+        *TRAVEL_PARAMS,
+        Param("pbr", bool, False, "Also write height, normal, roughness and AO maps of every frame."),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
+    "project": (
+        _task("project"),
+        *MODEL_PARAMS,
+        *PROJECT_SAMPLING,
+        *PROJECT_PARAMS,
+        Param("pbr", bool, False, "Also write height, normal, roughness and AO maps of each baked texture."),
+        *PBR_MAP_PARAMS,
+        *OUTPUT_PARAMS,
+    ),
 }
 TASKS = tuple(TASK_PARAMS)
 TASK_HELP = {
@@ -570,6 +719,9 @@ TASK_HELP = {
     "upscale": "Upscale 2x or 4x: the SD x4 upscaler when given one, else tiled img2img; tiling stays tiling.",
     "download_model": "Download a hub pipeline's needed files (configs, tokenizers, safetensors weights).",
     "list_models": "The models on disk: diffusers pipelines in the Hugging Face cache, and a models folder's contents.",
+    "train_lora": "Train a LoRA (DreamBooth) on photos of a subject or a style, with samples and checkpoints.",
+    "travel": "Latent travel: an animated texture morphing through keyframes (prompt, seed), as an image sequence.",
+    "project": "Texture meshes: depth-guided views generated in turn, projected back and baked into their UV textures.",
 }
 
 
@@ -602,7 +754,7 @@ def params_class(task: str) -> type:
     """The dataclass of one task's parameters, generated from its table."""
     table = TASK_PARAMS[task]
     name = "".join(part.title() for part in task.split("_")) + "Params"
-    specs = [(p.name, Any, field(default=p.default)) for p in table]
+    specs = [(p.name, Any, field(default_factory=list) if p.kind is list else field(default=p.default)) for p in table]
     return make_dataclass(name, specs, bases=(TaskParams,), namespace={"TABLE": table})
 
 
@@ -615,6 +767,9 @@ Img2ImgParams = PARAMS_CLASSES["img2img"]
 UpscaleParams = PARAMS_CLASSES["upscale"]
 DownloadModelParams = PARAMS_CLASSES["download_model"]
 ListModelsParams = PARAMS_CLASSES["list_models"]
+TrainLoraParams = PARAMS_CLASSES["train_lora"]
+TravelParams = PARAMS_CLASSES["travel"]
+ProjectParams = PARAMS_CLASSES["project"]
 GENERATE_PARAMS = TASK_PARAMS["txt2img"]
 def param(name: str, task: str | None = None) -> Param:
     """The spec of one parameter by name (for CLI flags and panel limits): in `task`'s table, or in the
@@ -656,7 +811,8 @@ class ProgressEvent:
     step: int  # 1-based steps done
     total: int
     elapsed: float  # seconds since denoising started
-    image_index: int = 0  # reserved for tasks that run several passes
+    image_index: int = 0  # reserved for tasks that run several passes; travel: the frame (0-based)
+    frames: int = 0  # travel: frames in the sequence ("frame image_index + 1 of frames, step of total")
 
 
 @dataclass
@@ -706,6 +862,33 @@ class GenerateResult:
         images = [ImageRecord(**{k: v for k, v in i.items() if k in ("path", "seed", "maps")}) for i in data["images"]]
         known = {f.name for f in fields(cls)} - {"images"}
         return cls(images=images, **{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ViewRecord:
+    """One view of a `project` job: what it generated and on what, each file on disk (paths "" when the view
+    had nothing left to paint and was skipped)."""
+
+    index: int
+    seed: int | None
+    image: str  # the generated picture (after paste-back of what was already painted)
+    mask: str  # white = painted by this view
+    depth: str  # the depth conditioning (near = bright)
+    normal: str  # camera-space normals as colours
+    new_pixels: int  # pixels of surface this view painted
+    skipped: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # render, generate, bake (seconds)
+
+
+@dataclass
+class ProjectResult(GenerateResult):
+    """The `project` task's result: `images` holds one baked texture per object (object_index order)."""
+
+    task: str = "project"
+    texture_size: int = 0
+    coverage: list[float] = field(default_factory=list)  # per object: fraction of its texels some view saw
+    views: list[dict] = field(default_factory=list)  # ViewRecord per view, in order
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -778,6 +961,7 @@ class ModelList:
     seconds: float
     task: str = "list_models"
     artifacts: list[dict] = field(default_factory=list)
+    loras: list[dict] = field(default_factory=list)  # LoRA files in models_dir: {"model", "name", "size", "base"}
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelList:
@@ -785,6 +969,36 @@ class ModelList:
 
     def entries(self) -> list[ModelEntry]:
         return [ModelEntry.from_dict(entry) for entry in self.models]
+
+
+@dataclass
+class TrainProgress(ProgressEvent):
+    """train_lora's `progress` event: a ProgressEvent (steps done, total) with the step's loss."""
+
+    loss: float = 0.0  # the last step's training loss
+    seconds_left: float = 0.0  # estimated from this run's steps so far
+
+
+@dataclass
+class TrainResult:
+    """train_lora's result."""
+
+    lora: str  # the LoRA file (.safetensors, diffusers layout, training settings in its metadata)
+    steps: int  # steps trained in all (a resumed run counts the checkpoint's)
+    loss: float  # mean loss of the last steps
+    losses: list[float]  # every step's loss, this run's and (resumed) the checkpoint's
+    photos: list[str]  # the photos trained on
+    skipped: list[dict]  # {"path", "reason"}: files that were not usable photos
+    samples: list[str]  # sample images, in order
+    checkpoints: list[str]  # checkpoint files written
+    seconds: float
+    params: dict
+    task: str = "train_lora"
+    artifacts: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainResult:
+        return _from_known(cls, data)
 
 
 @dataclass

@@ -50,6 +50,9 @@ class Rpc:
         self.lock = threading.Condition()  # guards the mailboxes and the open-request set of every session
         self._mail: dict[str, list[dict]] = {}
         self._ids = itertools.count(1)
+        # Takes a message before its mailbox sees it (True: taken; it comes back through pass_on). A remote
+        # client's result files are fetched this way before the result is delivered (remote.RemoteFiles).
+        self.hold: Callable[[str, dict], bool] | None = None
 
     def open(self) -> str:
         """A new request id with an empty mailbox."""
@@ -60,6 +63,16 @@ class Rpc:
 
     def deliver(self, request_id: str, message: dict) -> None:
         """File a message (the caller holds `lock`)."""
+        if self.hold is not None and self.hold(request_id, message):
+            return
+        self._put(request_id, message)
+
+    def pass_on(self, request_id: str, message: dict) -> None:
+        """File a message `hold` took, past `hold`."""
+        with self.lock:
+            self._put(request_id, message)
+
+    def _put(self, request_id: str, message: dict) -> None:
         box = self._mail.get(request_id)
         if box is not None:
             box.append(message)

@@ -1,7 +1,8 @@
-"""Transport: a line channel to one worker. Today a subprocess over stdio; a TCP connection fits the same shape.
+"""Transport: a line channel to one worker: a subprocess over stdio, or a remote worker over TCP (TLS).
 
-Stdlib only, no bpy. A Connection moves bytes and describes how it ended; it knows nothing of requests
-(rpc.py) or of starting and restarting workers (client.py).
+Stdlib only, no bpy (Blender's Python has ssl and socket, nothing third-party). A Connection moves bytes
+and describes how it ended; it knows nothing of requests (rpc.py) or of starting and restarting workers
+(client.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import errno
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -32,6 +35,7 @@ class Connection(ABC):
     """A channel of JSON lines to one worker, read by one thread and written by any."""
 
     log_path: Path | None = None
+    handshake_params: dict = {}  # added to the handshake (a remote worker's token)
 
     @abstractmethod
     def send(self, data: bytes) -> None:
@@ -160,6 +164,103 @@ class StdioConnection(Connection):
             pass  # the pipe broke: nothing left to drain
         finally:
             stderr.close()
+
+
+class TcpConnection(Connection):
+    """A remote worker (`python -m backend serve --listen HOST:PORT`): JSON lines over TCP, TLS when `tls`.
+
+    token: the server's token, sent in the handshake. cafile: the certificate to trust (a self-signed
+    server's own certificate); None trusts the system's certificate authorities. The host name is checked.
+    """
+
+    def __init__(
+        self, address: str, token: str = "", *, tls: bool = False, cafile: str | None = None, timeout: float = 10.0
+    ):
+        host, port = parse_address(address)
+        self.address = f"{'tls' if tls else 'tcp'}://{address}"
+        self.handshake_params = {"token": token} if token else {}
+        self._write_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reading = False  # the reader closes the socket itself (see close)
+        self._reason = "connection still open"
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            if tls:
+                sock = ssl.create_default_context(cafile=cafile or None).wrap_socket(sock, server_hostname=host)
+            sock.settimeout(None)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            raise
+        self._sock = sock
+
+    def send(self, data: bytes) -> None:
+        with self._write_lock:
+            if self._closed.is_set():
+                raise BrokenPipeError(errno.EPIPE, "the connection to the backend is closed")
+            self._sock.sendall(data)
+
+    def lines(self) -> Iterator[bytes]:
+        with self._write_lock:
+            if self._closed.is_set():
+                return
+            self._reading = True
+        buffer = bytearray()
+        searched = 0
+        try:
+            while True:
+                newline = buffer.find(b"\n", searched)
+                if newline >= 0:
+                    yield bytes(buffer[: newline + 1])
+                    del buffer[: newline + 1]
+                    searched = 0
+                    continue
+                searched = len(buffer)
+                if len(buffer) > protocol.MAX_LINE:
+                    self._reason = f"the backend sent a line longer than {protocol.MAX_LINE} bytes"
+                    return
+                chunk = self._sock.recv(1 << 20)
+                if not chunk:
+                    if not self._closed.is_set():
+                        self._reason = f"{self.address} closed the connection"
+                    return
+                buffer += chunk
+        except OSError as exc:
+            if not self._closed.is_set():
+                self._reason = f"the connection to {self.address} broke: {exc}"
+        finally:
+            with self._write_lock:
+                self._closed.set()
+                self._sock.close()
+
+    def close(self, grace: float = 0.0) -> None:
+        """Shut the socket down; the reader closes it once its read returns. Closed under a read in progress,
+        the descriptor's number could be reused by a new connection and TLS would write its alert there."""
+        if not self._closed.is_set():
+            self._reason = f"the connection to {self.address} was closed"
+        try:
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # SSLSocket.shutdown would drop TLS first
+        except OSError:
+            pass  # not connected any more
+        with self._write_lock:
+            self._closed.set()
+            if not self._reading:
+                self._sock.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed.is_set()
+
+    def stopped_reason(self) -> str:
+        return self._reason
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT; ValueError naming what is wrong."""
+    host, _, port = address.strip().rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a remote backend's address is HOST:PORT (e.g. gpu-box.local:7860), got {address!r}")
+    return host, int(port)
 
 
 def describe_exit(code: int | None) -> str:

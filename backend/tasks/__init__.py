@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backend.tasks import download_model, img2img, inpaint, list_models, pbr, txt2img, upscale
+from backend.tasks import (
+    download_model,
+    img2img,
+    inpaint,
+    list_models,
+    pbr,
+    project,
+    train_lora,
+    travel,
+    txt2img,
+    upscale,
+)
 
 TASKS: dict[str, Callable] = {
     "txt2img": txt2img.run,
@@ -19,4 +30,7 @@ TASKS: dict[str, Callable] = {
     "upscale": upscale.run,
     "download_model": download_model.run,
     "list_models": list_models.run,
+    "train_lora": train_lora.run,
+    "travel": travel.run,
+    "project": project.run,
 }

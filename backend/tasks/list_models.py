@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from backend import downloads
+from backend import downloads, loras
 from backend.context import JobContext
 from blender_sd_addon.protocol import ListModelsParams, ModelList, invalid
 
@@ -34,4 +34,5 @@ def run(ctx: JobContext, params: ListModelsParams, cache_dir: Path | None = None
         cache_dir=scanned,
         models_dir=str(models_dir or ""),
         seconds=time.perf_counter() - start,
+        loras=loras.list_loras(models_dir) if models_dir is not None else [],
     )

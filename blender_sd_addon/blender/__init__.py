@@ -13,7 +13,7 @@ import sys
 import bpy
 
 from .. import api
-from . import install_ops, operators, panels, preferences, preview, properties
+from . import batch, install_ops, operators, panels, preferences, preview, project, properties, remote, train, travel
 
 PUBLIC_NAME = "blender_sd_addon"
 EARLY_START_DELAY = 1.0  # seconds after registration: Blender finishes starting first
@@ -24,6 +24,11 @@ classes = (
     *operators.classes,
     *install_ops.classes,
     *panels.classes,
+    *travel.classes,
+    *train.classes,
+    *remote.classes,
+    *batch.classes,
+    *project.classes,
 )
 
 
@@ -52,6 +57,9 @@ def register() -> None:
     for cls in classes:
         bpy.utils.register_class(cls)
     properties.register()
+    travel.register()
+    train.register()
+    project.register()
     bpy.app.handlers.load_pre.append(_on_load_pre)
     atexit.register(api.shutdown_backend)
     for name, module in _aliases().items():
@@ -72,6 +80,10 @@ def unregister() -> None:
     api.shutdown_backend()
     bpy.app.handlers.load_pre.remove(_on_load_pre)
     preview.unregister()
+    batch.unregister()
+    project.unregister()
+    train.unregister()
+    travel.unregister()
     properties.unregister()
     for cls in reversed(classes):
         bpy.utils.unregister_class(cls)

@@ -8,11 +8,12 @@ from bpy.props import BoolProperty, StringProperty
 from .. import installer
 from .panels import draw_progress
 from .properties import param_property
+from .remote import RemotePreferences, draw_preferences
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-class SDTEX_AP_preferences(bpy.types.AddonPreferences):
+class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
     bl_idname = __package__.rpartition(".")[0]  # the add-on's root package
 
     backend_python: StringProperty(
@@ -49,6 +50,7 @@ class SDTEX_AP_preferences(bpy.types.AddonPreferences):
         from . import operators  # the status lives with the operators that change it
 
         layout = self.layout
+        draw_preferences(self, layout)  # Local or Remote
         box = layout.box()
         box.label(text="Backend", icon="CONSOLE")
         box.prop(self, "backend_python")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,8 @@ def example_value(p):
     """A valid non-default value for a parameter, as its flag takes it."""
     if p.choices:
         return p.choices[-1]
+    if p.kind is list:  # a JSON list of entries with each item's required fields
+        return [{item.name: f"value of {item.name}" for item in p.items if item.required}]
     if p.range:
         return p.kind(p.range.high)
     return f"value of {p.name}"
@@ -41,7 +44,8 @@ def test_every_parameter_has_a_flag():
     parser = build_parser()
     for p in GENERATE_PARAMS[1:]:  # the task is the command
         flag = "--" + p.name.replace("_", "-")
-        argv = [flag] if p.kind is bool else [flag, str(example_value(p))]
+        value = example_value(p)
+        argv = [flag] if p.kind is bool else [flag, json.dumps(value) if p.kind is list else str(value)]
         args = parser.parse_args(["generate", *argv])
         assert getattr(args, p.name) == (True if p.kind is bool else example_value(p)), p.name
     args = parser.parse_args(["generate", "--no-pbr", "--guidance", "3", "--batch", "2", "--out", "here"])
@@ -131,7 +135,7 @@ def test_every_image_task_command_has_a_flag_per_parameter():
         for p in table[1:]:
             flag = "--" + p.name.replace("_", "-")
             value = "path.png" if p.kind is ImageInput else example_value(p)
-            argv = [flag] if p.kind is bool else [flag, str(value)]
+            argv = [flag] if p.kind is bool else [flag, json.dumps(value) if p.kind is list else str(value)]
             args = parser.parse_args([command, *images, *argv])
             assert getattr(args, p.name) == (True if p.kind is bool else value), (command, p.name)
 

@@ -38,6 +38,7 @@ BAD_VALUES = {
     "attention_slicing": [1],
     "vae_tiling": [None],
     "allow_pickle": ["no"],
+    "loras": ["style.safetensors", {"model": "a"}, [{"model": "a"}] * (protocol.LORAS_MAX + 1)],
 }
 
 
@@ -95,7 +96,9 @@ def test_each_task_has_its_generated_dataclass():
     for task, table in protocol.TASK_PARAMS.items():
         cls = protocol.PARAMS_CLASSES[task]
         assert [f for f in cls.__dataclass_fields__] == [p.name for p in table]
-        assert all(cls.__dataclass_fields__[p.name].default == p.default for p in table)
+        fields = cls.__dataclass_fields__  # list parameters: a fresh list each (default_factory), not a shared one
+        assert all(fields[p.name].default == p.default for p in table if p.kind is not list)
+        assert all(fields[p.name].default_factory() == list(p.default) for p in table if p.kind is list)
     pbr = protocol.task_params({"task": "pbr", "image": {"path": "/a.png"}, "output_dir": "/o"})
     assert isinstance(pbr, protocol.PbrParams) and pbr.image == {"path": "/a.png"} and not hasattr(pbr, "prompt")
     with pytest.raises(ProtocolError) as info:

@@ -1,0 +1,228 @@
+"""The "Project" sub-panel: texture the selected meshes themselves from depth-guided views (api.project_texture).
+
+Its own scene settings (Scene.sdtex_project) hold the views and the projection's settings; prompt, seed,
+steps, size, sampler, PBR maps and the model come from the main panel. In the UI the job runs in the
+background and a timer applies it; in background mode (`blender -b`) the operator blocks until applied.
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty
+
+from .. import api
+from ..client import SDTexError
+from ..jobs import DONE, Job
+from . import geometry, panels
+from .properties import enum_items, param_property
+
+TASK = "project"
+VIEW_SOURCES = {
+    "ORBIT": ("Orbit", "Views on rings round the selection", ("ORBIT",)),
+    "CAMERA": ("Camera", "The scene camera", ("CAMERA",)),
+    "CAMERA_ORBIT": ("Camera + Orbit", "The scene camera first, then orbit views", ("CAMERA", "ORBIT")),
+    "VIEWPORT": ("Viewport", "This 3D view", ("VIEWPORT",)),
+}
+SETTINGS = ("controlnet", "controlnet_scale", "texture_size", "margin", "refine_below", "mask_blur", "allow_uv_overlap")
+POLL_INTERVAL = 0.1
+
+
+class SDTEX_PG_project(bpy.types.PropertyGroup):
+    controlnet: param_property("controlnet", TASK, name="ControlNet")
+    controlnet_scale: param_property("controlnet_scale", TASK, name="Depth Strength")
+    texture_size: param_property("texture_size", TASK)
+    margin: param_property("margin", TASK)
+    refine_below: param_property("refine_below", TASK)
+    mask_blur: param_property("mask_blur", TASK)
+    allow_uv_overlap: param_property("allow_uv_overlap", TASK, name="Allow UV Overlap")
+    targets: EnumProperty(
+        name="Objects",
+        items=[("SELECTED", "Selected", "The selected meshes"), ("VISIBLE", "All Visible", "Every visible mesh")],
+        default="SELECTED",
+    )
+    views: EnumProperty(
+        name="Views", items=[(key, label, text) for key, (label, text, _) in VIEW_SOURCES.items()], default="ORBIT"
+    )
+    views_per_ring: IntProperty(name="Views per Ring", default=8, min=1, max=32)
+    elevation: FloatProperty(name="Elevation", description="Degrees above the horizon", default=20.0, min=-85, max=85)
+    both_sides: BoolProperty(name="Ring Below Too", description="A second ring as far below the horizon", default=True)
+    fov: FloatProperty(name="Field of View", description="Degrees across the wider side", default=40.0, min=5, max=120)
+    occlude: BoolProperty(name="Others Occlude", description="Other visible meshes hide what they cover", default=True)
+    uv_map: EnumProperty(
+        name="UV Map",
+        items=enum_items(geometry.UV_MAPS),
+        description="Active: bake into each object's active UV map (unwrapped when missing); New: a fresh unwrap",
+        default="ACTIVE",
+    )
+
+    def request(self, scene_settings, objects) -> dict:
+        """api.project_texture's arguments for these settings and the main panel's."""
+        seed = None if scene_settings.random_seed else scene_settings.seed
+        elevations = (self.elevation, -self.elevation) if self.both_sides else (self.elevation,)
+        main = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "scheduler", "pbr")
+        return dict(
+            objects=objects,
+            views=VIEW_SOURCES[self.views][2],
+            views_per_ring=self.views_per_ring,
+            elevations=elevations,
+            fov=self.fov,
+            occlude=self.occlude,
+            uv_map=self.uv_map,
+            model=scene_settings.model or None,
+            seed=seed,
+            **{name: getattr(scene_settings, name) for name in main},
+            **{name: round(v, 6) if isinstance(v := getattr(self, name), float) else v for name in SETTINGS},
+        )
+
+
+class Running:
+    """The UI's project jobs: each with the request it applies to, followed by a timer."""
+
+    jobs: list[tuple[Job, api.ProjectionRequest, str]] = []  # (job, request, slot)
+    message: str = ""
+
+
+def _tick() -> float | None:
+    for job, request, slot in list(Running.jobs):
+        if not job.poll() and not job.finished:
+            continue
+        for window in bpy.context.window_manager.windows:
+            for area in window.screen.areas:
+                if area.type == "VIEW_3D":
+                    area.tag_redraw()
+        if not job.finished:
+            continue
+        Running.jobs.remove((job, request, slot))
+        Running.message = _finish(job, request, slot)
+    return POLL_INTERVAL if Running.jobs else None
+
+
+def _finish(job: Job, request: api.ProjectionRequest, slot: str) -> str:
+    try:
+        if job.state != DONE:
+            raise request.failed(SDTexError(job.error))
+        done = api.finish_projection(job.data, request, slot=slot)
+    except SDTexError as exc:
+        return str(exc)
+    except ReferenceError:
+        return "The objects were deleted while painting; the textures are on disk"
+    return summary(done)
+
+
+def summary(done: api.ProjectedTexture) -> str:
+    covered = ", ".join(f"{name} {share:.0%}" for name, share in done.coverage.items())
+    return f"Baked {len(done.images)} texture(s); views saw {covered}" + (
+        f" ({'; '.join(done.warnings)})" if done.warnings else ""
+    )
+
+
+class SDTEX_OT_project(bpy.types.Operator):
+    """Paint the selected meshes from depth-guided views and bake the result into their UV textures"""
+
+    bl_idname = "sdtex.project"
+    bl_label = "Project Texture"
+    bl_options = set()  # the result arrives later; applying it is the change
+
+    def execute(self, context):
+        scene = context.scene
+        settings = scene.sdtex_project
+        try:
+            chosen = context.selected_objects if settings.targets == "SELECTED" else context.visible_objects
+            if settings.targets == "VISIBLE":
+                chosen = [obj for obj in chosen if obj.type == "MESH" and obj.data.polygons]
+            arguments = settings.request(scene.sdtex, list(chosen))
+            if bpy.app.background:
+                done = api.project_texture(**arguments, slot=scene.sdtex.slot)
+                Running.message = summary(done)
+                self.report({"INFO"}, Running.message)
+                return {"FINISHED"}
+            objects, prompt = arguments.pop("objects"), arguments.pop("prompt")
+            request = api.prepare_projection(objects, prompt, output_dir=None, **arguments)
+            job = Job.submit(api.get_client(), TASK, request.params)
+            Running.jobs.append((job, request, scene.sdtex.slot))
+            Running.message = ""
+            if not bpy.app.timers.is_registered(_tick):
+                bpy.app.timers.register(_tick, first_interval=POLL_INTERVAL)
+        except SDTexError as exc:
+            Running.message = str(exc)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class SDTEX_OT_project_cancel(bpy.types.Operator):
+    """Stop painting; the views finished so far stay baked into textures on disk"""
+
+    bl_idname = "sdtex.project_cancel"
+    bl_label = "Cancel"
+    bl_options = {"INTERNAL"}
+
+    @classmethod
+    def poll(cls, context):
+        return bool(Running.jobs)
+
+    def execute(self, context):
+        for job, _, _ in Running.jobs:
+            job.cancel()
+        return {"FINISHED"}
+
+
+def progress_text(job: Job) -> str:
+    """"view 3/8, step 12/25" while denoising; the stage (loading, view n/N) otherwise."""
+    stage = job.stage.replace("_", " ") or "starting"
+    return f"{stage.capitalize()}, step {job.step}/{job.total}" if job.total else stage.capitalize() + "…"
+
+
+class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
+    bl_label = "Project"
+    bl_idname = "SDTEX_PT_project"
+    bl_space_type = "VIEW_3D"
+    bl_parent_id = "SDTEX_PT_mainpanel_view_3d"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdtex_project
+        layout.prop(settings, "controlnet")
+        layout.prop(settings, "targets")
+        layout.prop(settings, "views")
+        if "ORBIT" in settings.views:
+            col = layout.column(align=True)
+            col.prop(settings, "views_per_ring")
+            col.prop(settings, "elevation")
+            col.prop(settings, "both_sides")
+            col.prop(settings, "fov")
+        col = layout.column(align=True)
+        col.prop(settings, "texture_size")
+        col.prop(settings, "margin")
+        col.prop(settings, "refine_below")
+        col.prop(settings, "controlnet_scale")
+        layout.prop(settings, "uv_map")
+        row = layout.row()
+        row.prop(settings, "occlude")
+        row.prop(settings, "allow_uv_overlap")
+        if Running.jobs:
+            for job, _, _ in Running.jobs:
+                panels.draw_progress(layout.row(), job.fraction, progress_text(job))
+            layout.operator("sdtex.project_cancel", icon="CANCEL")
+        else:
+            layout.operator("sdtex.project", icon="MOD_UVPROJECT")
+        if Running.message:
+            for line in Running.message.split("; "):
+                layout.label(text=line)
+
+
+classes = (SDTEX_PG_project, SDTEX_OT_project, SDTEX_OT_project_cancel, SDTEX_PT_project)
+
+
+def register() -> None:
+    bpy.types.Scene.sdtex_project = PointerProperty(type=SDTEX_PG_project)
+
+
+def unregister() -> None:
+    if bpy.app.timers.is_registered(_tick):
+        bpy.app.timers.unregister(_tick)
+    for job, _, _ in Running.jobs:
+        job.cancel()
+    Running.jobs.clear()
+    del bpy.types.Scene.sdtex_project

@@ -1,0 +1,405 @@
+"""Teach the model a subject or a style in Blender: the "Train" sub-panel (photos folder, token, what it is, a
+subject/style preset, steps) runs the train_lora job with a progress bar, a loss sparkline and sample thumbnails;
+Cancel leaves a checkpoint that Resume continues. The "LoRAs" sub-panel lists LoRA files with weights for
+generation; a finished training adds its LoRA there at once.
+
+The generate operator takes the list with `generation_loras(scene)` (a `loras` parameter of every generating
+task). Training jobs are followed here, not on the main job board: their result is a LoRA, not images to apply.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+from .. import api, protocol
+from ..client import SDTexError
+from ..jobs import CANCELLED, DONE, Job
+from . import panels
+from .properties import param_property
+
+TASK = "train_lora"
+POLL_INTERVAL = 0.1  # seconds between polls of a training job (steps take a second or more)
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+THUMBNAILS = 4  # sample images shown, the latest last
+# Presets: a subject (an object, a material) learns with prior preservation, a style without, at a higher rank.
+PRESETS = {
+    "SUBJECT": {"steps": 500, "rank": 4, "learning_rate": 1e-4, "prior": True},
+    "STYLE": {"steps": 1000, "rank": 16, "learning_rate": 1e-4, "prior": False},
+}
+LORA_ITEMS = {p.name: p for p in protocol.param("loras").items}
+
+
+def sparkline(values: list[float], width: int = 32) -> str:
+    """The values as a line of block characters (the mean of each of `width` buckets), low to high."""
+    if not values:
+        return ""
+    buckets = min(width, len(values))
+    means = [
+        sum(chunk) / len(chunk)
+        for chunk in (values[i * len(values) // buckets : (i + 1) * len(values) // buckets] for i in range(buckets))
+    ]
+    low, high = min(means), max(means)
+    scale = (len(SPARK_BLOCKS) - 1) / (high - low) if high > low else 0.0
+    return "".join(SPARK_BLOCKS[round((m - low) * scale)] for m in means)
+
+
+def prompts(preset: str, token: str, subject: str) -> tuple[str, str]:
+    """(instance prompt, class prompt) for a preset: "a photo of sks wood" / "a photo of wood" for a subject;
+    "wood in sks style" and no class prompt for a style."""
+    subject = subject.strip() or ("texture" if preset == "STYLE" else "object")
+    if preset == "STYLE":
+        return f"{subject} in {token} style", ""
+    return f"a photo of {token} {subject}", f"a photo of {subject}"
+
+
+# --- following a training job -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TrainJob(Job):
+    """A Job that also keeps every step's loss (for the sparkline)."""
+
+    losses: list[float] = field(default_factory=list)
+
+    def handle(self, message: dict) -> None:
+        super().handle(message)
+        data = message.get("data")
+        if message.get("event") == protocol.EVENT_PROGRESS and isinstance(data, dict) and "loss" in data:
+            self.losses.append(float(data["loss"]))
+
+
+@dataclass
+class TrainState:
+    job: TrainJob | None = None
+    samples: list[str] = field(default_factory=list)  # bpy image names of the sample images, in order
+    checkpoint: str = ""  # the last checkpoint written (Resume continues it)
+    seen: int = 0  # artifacts of the job taken so far
+    message: str = ""
+    is_error: bool = False
+
+
+STATE = TrainState()
+
+
+def _redraw() -> None:
+    for window in getattr(bpy.context.window_manager, "windows", []):
+        for area in window.screen.areas:
+            area.tag_redraw()
+
+
+def _take_artifacts(job: TrainJob) -> None:
+    """Load the new sample images (thumbnails) and remember the last checkpoint."""
+    for artifact in job.artifacts[STATE.seen :]:
+        if artifact.kind == "sample" and os.path.isfile(artifact.path):
+            STATE.samples.append(bpy.data.images.load(artifact.path, check_existing=True).name)
+        elif artifact.kind == "checkpoint":
+            STATE.checkpoint = artifact.path
+    STATE.seen = len(job.artifacts)
+
+
+def _finished(scene: bpy.types.Scene, job: TrainJob) -> None:
+    """A finished job: its LoRA joins the LoRA list (enabled), or the reason it stopped is shown."""
+    if job.state == DONE:
+        result = protocol.TrainResult.from_dict(job.data)
+        train = scene.sdtex_train
+        entry = next((e for e in train.loras if bpy.path.abspath(e.filepath) == result.lora), None) or train.loras.add()
+        entry.filepath, entry.enabled = result.lora, True
+        STATE.checkpoint = ""
+        STATE.message, STATE.is_error = f"LoRA saved: {os.path.basename(result.lora)} (loss {result.loss:.4f})", False
+    elif job.state == CANCELLED:
+        STATE.message = "Cancelled" + (": Resume continues from the checkpoint" if STATE.checkpoint else "")
+        STATE.is_error = False
+    else:
+        STATE.message, STATE.is_error = job.status_text, True
+
+
+def _follow() -> float | None:
+    job = STATE.job
+    if job is None:
+        return None
+    try:
+        if job.poll():
+            _take_artifacts(job)
+            _redraw()
+        if job.finished:
+            _finished(bpy.context.scene, job)
+            _redraw()
+            return None
+    except Exception as exc:  # Blender drops a timer that raises: say why instead of a frozen bar
+        STATE.message, STATE.is_error = f"Internal error: {exc}", True
+        return None
+    return POLL_INTERVAL
+
+
+def start(scene: bpy.types.Scene, resume_from: str = "") -> TrainJob:
+    """Start training with the panel's settings; in background mode block until it ends."""
+    params = api.image_task_params(TASK, scene.sdtex_train.train_settings() | {"resume_from": resume_from})
+    client = api.get_client()
+    job = TrainJob.submit(client, TASK, params)
+    STATE.job, STATE.samples, STATE.seen, STATE.message = job, [], 0, ""
+    if bpy.app.background:  # no timers run: wait here, passing the events to the job
+        job.handle(client.wait(job.request_id, on_event=job.handle))
+        _take_artifacts(job)
+        _finished(scene, job)
+    elif not bpy.app.timers.is_registered(_follow):
+        bpy.app.timers.register(_follow, first_interval=POLL_INTERVAL)
+    return job
+
+
+def generation_loras(scene: bpy.types.Scene) -> list[dict]:
+    """The enabled LoRAs of the list, as a generating task's `loras` parameter."""
+    return [
+        {"model": bpy.path.abspath(entry.filepath), "weight": entry.weight}
+        for entry in scene.sdtex_train.loras
+        if entry.enabled and entry.filepath.strip()
+    ]
+
+
+# --- settings -------------------------------------------------------------------------------------------
+
+
+def _apply_preset(self, context) -> None:
+    for name, value in PRESETS[self.preset].items():
+        setattr(self, name, value)
+
+
+class SDTEX_PG_lora(bpy.types.PropertyGroup):
+    enabled: BoolProperty(name="Use", description="Apply this LoRA when generating", default=True)
+    filepath: StringProperty(name="LoRA", description=LORA_ITEMS["model"].help, subtype="FILE_PATH")
+    weight: FloatProperty(
+        name="Weight", description=LORA_ITEMS["weight"].help, default=LORA_ITEMS["weight"].default,
+        min=LORA_ITEMS["weight"].range.low, max=LORA_ITEMS["weight"].range.high, soft_min=-1.0, soft_max=2.0,
+    )  # fmt: skip
+
+
+class SDTEX_PG_train(bpy.types.PropertyGroup):
+    photos_dir: StringProperty(name="Photos", description=protocol.param("photos_dir", TASK).help, subtype="DIR_PATH")
+    token: param_property("token", TASK)
+    subject: StringProperty(
+        name="What", description="What the photos show, in a word or two (wood, sneaker, watercolour)", default=""
+    )
+    preset: EnumProperty(
+        name="Preset",
+        items=[
+            ("SUBJECT", "Subject", "A thing or material: prior preservation keeps the rest of its class intact"),
+            ("STYLE", "Style", "A look to apply to anything: higher rank, no class images"),
+        ],
+        update=_apply_preset,
+    )
+    prior: BoolProperty(name="Prior Preservation", description=protocol.param("class_prompt", TASK).help, default=True)
+    steps: param_property("steps", TASK)
+    learning_rate: param_property("learning_rate", TASK, precision=6)
+    rank: param_property("rank", TASK)
+    resolution: param_property("resolution", TASK)
+    batch_size: param_property("batch_size", TASK)
+    train_text_encoder: param_property("train_text_encoder", TASK)
+    sample_prompt: param_property("sample_prompt", TASK)
+    sample_every: param_property("sample_every", TASK)
+    loras: CollectionProperty(type=SDTEX_PG_lora)
+    active_lora: IntProperty(name="LoRA", default=0)
+
+    def train_settings(self) -> dict:
+        """The train_lora parameters the panel sets (api.image_task_params adds model, device and output)."""
+        instance, class_prompt = prompts(self.preset, self.token, self.subject)
+        if not self.photos_dir.strip():
+            raise SDTexError("photos_dir: choose the folder of photos to train on")
+        return {
+            "photos_dir": bpy.path.abspath(self.photos_dir), "token": self.token, "instance_prompt": instance,
+            "class_prompt": class_prompt if self.prior else "", "steps": self.steps,
+            "learning_rate": self.learning_rate, "rank": self.rank, "resolution": self.resolution,
+            "batch_size": self.batch_size, "train_text_encoder": self.train_text_encoder,
+            "sample_prompt": self.sample_prompt, "sample_every": self.sample_every,
+            "checkpoint_every": max(self.steps // 4, 1) if self.steps >= 400 else 0,
+        }  # fmt: skip
+
+
+# --- operators ------------------------------------------------------------------------------------------
+
+
+def _report_failure(operator, exc: Exception) -> set[str]:
+    STATE.message, STATE.is_error = str(exc), True
+    operator.report({"ERROR"}, str(exc))
+    return {"CANCELLED"}
+
+
+class SDTEX_OT_train(bpy.types.Operator):
+    """Train a LoRA on the photos (DreamBooth); it joins the LoRA list when done"""
+
+    bl_idname = "sdtex.train"
+    bl_label = "Train"
+
+    resume: BoolProperty(name="Resume", description="Continue from the last checkpoint", default=False)
+
+    @classmethod
+    def poll(cls, context):
+        return STATE.job is None or STATE.job.finished
+
+    def execute(self, context):
+        try:
+            if self.resume and not STATE.checkpoint:
+                raise SDTexError("No checkpoint to resume: a cancelled training leaves one")
+            job = start(context.scene, STATE.checkpoint if self.resume else "")
+        except SDTexError as exc:
+            return _report_failure(self, exc)
+        if job.finished and job.state != DONE and job.state != CANCELLED:
+            return _report_failure(self, SDTexError(job.status_text))
+        return {"FINISHED"}
+
+
+class SDTEX_OT_train_cancel(bpy.types.Operator):
+    """Stop training; a checkpoint is saved, and Resume continues from it"""
+
+    bl_idname = "sdtex.train_cancel"
+    bl_label = "Cancel Training"
+
+    @classmethod
+    def poll(cls, context):
+        return STATE.job is not None and not STATE.job.finished
+
+    def execute(self, context):
+        STATE.job.cancel()
+        return {"FINISHED"}
+
+
+class SDTEX_OT_lora_add(bpy.types.Operator):
+    """Add a row to the LoRA list (choose its file)"""
+
+    bl_idname = "sdtex.lora_add"
+    bl_label = "Add LoRA"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        train = context.scene.sdtex_train
+        if len(train.loras) >= protocol.LORAS_MAX:
+            self.report({"ERROR"}, f"At most {protocol.LORAS_MAX} LoRAs at once")
+            return {"CANCELLED"}
+        train.loras.add()
+        train.active_lora = len(train.loras) - 1
+        return {"FINISHED"}
+
+
+class SDTEX_OT_lora_remove(bpy.types.Operator):
+    """Remove the selected LoRA from the list (the file stays)"""
+
+    bl_idname = "sdtex.lora_remove"
+    bl_label = "Remove LoRA"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        return len(context.scene.sdtex_train.loras) > 0
+
+    def execute(self, context):
+        train = context.scene.sdtex_train
+        train.loras.remove(train.active_lora)
+        train.active_lora = max(0, min(train.active_lora, len(train.loras) - 1))
+        return {"FINISHED"}
+
+
+# --- panels ---------------------------------------------------------------------------------------------
+
+
+class SDTEX_UL_loras(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
+        row = layout.row(align=True)
+        row.prop(item, "enabled", text="")
+        row.prop(item, "filepath", text="", emboss=False)
+        row.prop(item, "weight", text="")
+
+
+class TrainPanel(panels.SidebarPanel):
+    bl_label = "Train"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        train = context.scene.sdtex_train
+        layout.prop(train, "photos_dir")
+        layout.row().prop(train, "preset", expand=True)
+        col = layout.column(align=True)
+        col.prop(train, "token")
+        col.prop(train, "subject")
+        instance, class_prompt = prompts(train.preset, train.token, train.subject)
+        layout.label(text=instance, icon="SORTALPHA")
+        if train.preset == "SUBJECT":
+            layout.prop(train, "prior", text=f"Prior: {class_prompt}")
+        col = layout.column(align=True)
+        col.prop(train, "steps")
+        col.prop(train, "rank")
+        col.prop(train, "learning_rate")
+        col.prop(train, "resolution")
+        col.prop(train, "batch_size")
+        layout.prop(train, "train_text_encoder")
+        row = layout.row(align=True)
+        row.prop(train, "sample_every", text="Sample Every")
+        layout.prop(train, "sample_prompt", text="Sample")
+        job = STATE.job
+        if job is not None and not job.finished:
+            row = layout.row(align=True)
+            loss = f" · loss {job.losses[-1]:.4f}" if job.losses else ""
+            panels.draw_progress(row, job.fraction, job.status_text + loss)
+            row.operator("sdtex.train_cancel", text="", icon="CANCEL")
+        else:
+            row = layout.row(align=True)
+            row.operator("sdtex.train", icon="OUTLINER_OB_ARMATURE").resume = False
+            if STATE.checkpoint:
+                row.operator("sdtex.train", text="Resume", icon="PLAY").resume = True
+        if job is not None and job.losses:
+            layout.label(text=sparkline(job.losses), icon="GRAPH")
+        shown = [bpy.data.images[name] for name in STATE.samples[-THUMBNAILS:] if name in bpy.data.images]
+        if shown:
+            grid = layout.grid_flow(columns=len(shown), even_columns=True, align=True)
+            for image in shown:
+                image.preview_ensure()
+                grid.template_icon(icon_value=image.preview.icon_id, scale=4.0)
+        if STATE.message:
+            panels.draw_message(layout, STATE.message, STATE.is_error, context.region.width)
+
+
+class LorasPanel(panels.SidebarPanel):
+    bl_label = "LoRAs"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        train = context.scene.sdtex_train
+        row = self.layout.row()
+        row.template_list("SDTEX_UL_loras", "", train, "loras", train, "active_lora", rows=2)
+        col = row.column(align=True)
+        col.operator("sdtex.lora_add", text="", icon="ADD")
+        col.operator("sdtex.lora_remove", text="", icon="REMOVE")
+
+
+classes = (
+    SDTEX_PG_lora,
+    SDTEX_PG_train,
+    SDTEX_OT_train,
+    SDTEX_OT_train_cancel,
+    SDTEX_OT_lora_add,
+    SDTEX_OT_lora_remove,
+    SDTEX_UL_loras,
+    *panels._for_each_space(LorasPanel, parent="mainpanel"),
+    *panels._for_each_space(TrainPanel, parent="mainpanel"),
+)
+
+
+def register() -> None:
+    bpy.types.Scene.sdtex_train = PointerProperty(type=SDTEX_PG_train)
+
+
+def unregister() -> None:
+    if bpy.app.timers.is_registered(_follow):
+        bpy.app.timers.unregister(_follow)
+    STATE.job, STATE.samples, STATE.seen, STATE.checkpoint, STATE.message = None, [], 0, "", ""
+    del bpy.types.Scene.sdtex_train

@@ -1,0 +1,256 @@
+"""Latent travel in Blender: the frames become image-sequence textures that play with the timeline, and the
+"Travel" sub-panel (keyframes list, frames, loop, easing) runs the job through the UI job machinery.
+
+The material is the one materials.apply_images builds; each Image Texture then shows its image as a
+sequence: `frame_duration` frames from the scene's first frame, cycling when the travel loops, refreshed as
+the frame changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import bpy
+from bpy.props import CollectionProperty, IntProperty, PointerProperty, StringProperty
+
+from .. import api, protocol
+from ..client import SDTexError
+from . import materials, operators, panels
+from .properties import INT32_MAX, param_property
+
+TASK = "travel"
+# The travel task's own settings the panel holds (keyframes aside); the rest come from the main panel.
+OWN_SETTINGS = ("frames", "loop", "easing", "embedding_interpolation", "export", "fps")
+FRAME_COUNTS: dict[str, int] = {}  # UI job request id -> frames in its sequence (for "Frame 3/24")
+
+
+# --- image sequences on the material --------------------------------------------------------------------
+
+
+def sequence_image(path: str, kind: str) -> bpy.types.Image:
+    """The image of a sequence's first file (`<prefix>_0001.png`), read as the whole numbered sequence."""
+    image = materials.load_image(path, kind)
+    image.source = "SEQUENCE"
+    return image
+
+
+def play_as_sequence(image_user: bpy.types.ImageUser, length: int, start: int, cyclic: bool) -> None:
+    """Show file N of the sequence at scene frame start + N - 1; past the end: again from the first (cyclic)
+    or the last file held."""
+    image_user.frame_duration = length
+    image_user.frame_start = start
+    image_user.frame_offset = 0
+    image_user.use_cyclic = cyclic
+    image_user.use_auto_refresh = True  # follow the scene's frame in the viewport and renders
+
+
+def apply_sequences(
+    meshes: list, images: dict[str, bpy.types.Image], options: materials.ApplyOptions, name: str, length: int,
+    cyclic: bool, start: int,
+) -> list[bpy.types.Material]:  # fmt: skip
+    """materials.apply_images with every map an image sequence of `length` frames from scene frame `start`."""
+    made = materials.apply_images(meshes, images, options, name)
+    sequences = set(images.values())
+    for material in made:
+        for node in material.node_tree.nodes:
+            if node.type == "TEX_IMAGE" and node.image in sequences:
+                play_as_sequence(node.image_user, length, start, cyclic)
+    return made
+
+
+def finish(
+    result: protocol.GenerateResult, meshes: list, options: materials.ApplyOptions | None, apply: bool
+) -> api.TextureResult:
+    """A finished travel job (api.finish hands it here): its frames as sequences, applied to the meshes."""
+    files = api.written_files(result)
+    missing = [path for path in files if not os.path.isfile(path)]
+    if missing:
+        raise SDTexError(f"The backend reported frames that are not on disk: {', '.join(missing[:3])}")
+    first = result.images[0]
+    images = {kind: sequence_image(path, kind) for kind, path in {"albedo": first.path, **first.maps}.items()}
+    made = []
+    if apply:
+        options = dataclasses.replace(options, normal_directx=result.params.get("normal_format") == "directx")
+        prompt = result.params["keyframes"][0]["prompt"]
+        start = bpy.context.scene.frame_start
+        loop = bool(result.params.get("loop"))
+        try:
+            made = apply_sequences(
+                meshes, images, options, api.material_name(f"Travel {prompt}"), len(result.images), loop, start
+            )
+        except ValueError as exc:
+            raise SDTexError(str(exc)) from None
+    maps = {kind: image for kind, image in images.items() if kind != "albedo"}
+    return api.TextureResult([images["albedo"]], [maps], made, files, result.seed, result)
+
+
+# --- the panel's settings ---------------------------------------------------------------------------------
+
+
+class SDTEX_PG_travel_key(bpy.types.PropertyGroup):
+    prompt: StringProperty(name="Prompt", description=protocol.KEYFRAME_ITEMS[0].help)
+    negative_prompt: StringProperty(name="Negative Prompt", description=protocol.KEYFRAME_ITEMS[1].help)
+    seed: IntProperty(name="Seed", description="This keyframe's seed", min=0, max=INT32_MAX)
+
+
+class SDTEX_PG_travel(bpy.types.PropertyGroup):
+    keyframes: CollectionProperty(type=SDTEX_PG_travel_key)
+    active_key: IntProperty(name="Keyframe", default=0)
+    frames: param_property("frames", TASK)
+    loop: param_property("loop", TASK)
+    easing: param_property("easing", TASK)
+    embedding_interpolation: param_property("embedding_interpolation", TASK, name="Prompt Blend")
+    export: param_property("export", TASK)
+    fps: param_property("fps", TASK, name="FPS")
+
+    @property
+    def length(self) -> int:
+        return protocol.travel_length(len(self.keyframes), self.frames, self.loop)
+
+    def travel_settings(self, scene_settings) -> dict:
+        """The travel parameters: the keyframes, this panel's settings, and the main panel's shared ones (size,
+        steps, sampler, seamless, PBR maps), as api.image_task_params takes them."""
+        names = {p.name for p in protocol.TASK_PARAMS[TASK]}
+        shared = {k: v for k, v in scene_settings.generate_settings(None).items() if k in names}
+        keyframes = [{"prompt": k.prompt, "negative_prompt": k.negative_prompt, "seed": k.seed} for k in self.keyframes]
+        return shared | {name: getattr(self, name) for name in OWN_SETTINGS} | {"keyframes": keyframes}
+
+
+# --- operators --------------------------------------------------------------------------------------------
+
+
+class SDTEX_OT_travel_add_key(bpy.types.Operator):
+    """Add the main panel's prompt and seed as the next keyframe"""
+
+    bl_idname = "sdtex.travel_add_key"
+    bl_label = "Add Keyframe"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings, travel = context.scene.sdtex, context.scene.sdtex_travel
+        if not settings.prompt.strip():
+            self.report({"ERROR"}, "Write a prompt first: it becomes the keyframe's")
+            return {"CANCELLED"}
+        key = travel.keyframes.add()
+        key.prompt, key.negative_prompt = settings.prompt, settings.negative_prompt
+        key.seed = random.randint(0, INT32_MAX) if settings.random_seed else settings.seed
+        travel.active_key = len(travel.keyframes) - 1
+        return {"FINISHED"}
+
+
+class SDTEX_OT_travel_remove_key(bpy.types.Operator):
+    """Remove the selected keyframe"""
+
+    bl_idname = "sdtex.travel_remove_key"
+    bl_label = "Remove Keyframe"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        return len(context.scene.sdtex_travel.keyframes) > 0
+
+    def execute(self, context):
+        travel = context.scene.sdtex_travel
+        travel.keyframes.remove(travel.active_key)
+        travel.active_key = max(0, min(travel.active_key, len(travel.keyframes) - 1))
+        return {"FINISHED"}
+
+
+class SDTEX_OT_travel(bpy.types.Operator):
+    """Make an animated texture travelling through the keyframes and put it on the selected meshes as image
+    sequences that play with the timeline"""
+
+    bl_idname = "sdtex.travel"
+    bl_label = "Travel"
+    bl_options = set()  # the result arrives later: its apply is the undo step, as for Generate
+
+    apply: bpy.props.BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
+
+    def execute(self, context):
+        settings, travel = context.scene.sdtex, context.scene.sdtex_travel
+        try:
+            if len(travel.keyframes) < 2:
+                raise SDTexError("keyframes: add at least 2 keyframes (Add Keyframe takes the prompt and seed)")
+            options = api.apply_options(**settings.apply_settings())
+            meshes = api.mesh_objects(context.selected_objects) if self.apply else []
+            values = travel.travel_settings(settings) | {"preview_every": 0 if bpy.app.background else 1}
+            params = api.image_task_params(TASK, values, model=settings.model or None)
+            if bpy.app.background:
+                texture = api.finish(api.run(params, task=TASK), meshes, options, apply=self.apply)
+                self.report({"INFO"}, operators.saved_message(texture))
+            else:
+                job = operators.start_ui_job(params, meshes, options, self.apply, task=TASK)
+                FRAME_COUNTS[job.request_id] = travel.length
+        except SDTexError as exc:
+            operators.STATE.say(str(exc), is_error=True)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+# --- the panel --------------------------------------------------------------------------------------------
+
+
+class SDTEX_UL_travel_keys(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
+        row = layout.row(align=True)
+        row.prop(item, "prompt", text="", emboss=False, icon="KEYFRAME")
+        row.prop(item, "seed", text="")
+
+
+def frames_done(job) -> int:
+    return sum(1 for artifact in job.artifacts if artifact.kind == "frame")
+
+
+class TravelPanel(panels.SidebarPanel):
+    bl_label = "Travel"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        settings, travel = context.scene.sdtex, context.scene.sdtex_travel
+        row = layout.row()
+        row.template_list("SDTEX_UL_travel_keys", "", travel, "keyframes", travel, "active_key", rows=3)
+        col = row.column(align=True)
+        col.operator("sdtex.travel_add_key", text="", icon="ADD")
+        col.operator("sdtex.travel_remove_key", text="", icon="REMOVE")
+        col = layout.column(align=True)
+        col.prop(travel, "frames")
+        col.prop(travel, "easing", text="")
+        col.prop(travel, "embedding_interpolation")
+        layout.prop(travel, "loop")
+        row = layout.row(align=True)
+        row.prop(travel, "export", text="Export")
+        if travel.export != "none":
+            row.prop(travel, "fps")
+        if len(travel.keyframes) >= 2:
+            layout.label(text=f"{travel.length} frames", icon="SEQUENCE")
+        layout.operator("sdtex.travel", icon="RENDER_ANIMATION").apply = settings.apply
+        for job in operators.STATE.board.active:
+            if job.request_id in FRAME_COUNTS:
+                total = FRAME_COUNTS[job.request_id]
+                panels.draw_progress(
+                    layout.row(), frames_done(job) / total, f"Frame {min(frames_done(job) + 1, total)}/{total}"
+                )
+
+
+classes = (
+    SDTEX_PG_travel_key,
+    SDTEX_PG_travel,
+    SDTEX_OT_travel_add_key,
+    SDTEX_OT_travel_remove_key,
+    SDTEX_OT_travel,
+    SDTEX_UL_travel_keys,
+    *panels._for_each_space(TravelPanel, parent="mainpanel"),
+)
+
+
+def register() -> None:
+    bpy.types.Scene.sdtex_travel = PointerProperty(type=SDTEX_PG_travel)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.sdtex_travel
+    FRAME_COUNTS.clear()

@@ -1,0 +1,315 @@
+"""The TCP server (`python -m backend serve --listen`): token, TLS, limits against hostile clients, and the
+policy that keeps remote clients off the server's paths. Over loopback, with the tiny model; the server
+uses TLS with a self-signed certificate made here (plain TCP: the add-on's remote test and benchmark)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import stat
+import time
+from pathlib import Path
+
+import PIL.Image
+import pytest
+from remote_server_process import ServerProcess
+
+from backend.server import Policy, is_loopback, load_or_create_token, token_matches
+from blender_sd_addon import protocol
+from blender_sd_addon.client import BackendError
+
+MAX_MESSAGE = 1 << 20
+
+
+class Raw:
+    """A hand-driven client: JSON lines (or anything) over TLS trusting `cafile`, or plain TCP without."""
+
+    def __init__(self, port: int, cafile: str = ""):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if cafile:
+            self.sock = ssl.create_default_context(cafile=cafile).wrap_socket(self.sock, server_hostname="127.0.0.1")
+        self.buffer = b""
+
+    def send(self, message: dict) -> None:
+        self.sock.sendall(protocol.encode(message))
+
+    def handshake(self, token: str | None) -> dict:
+        params = {"protocol_version": protocol.PROTOCOL_VERSION} | ({"token": token} if token is not None else {})
+        self.send(protocol.request("h", protocol.HANDSHAKE, params))
+        return self.receive()
+
+    def receive(self) -> dict | None:
+        """The next message; None when the server closed the connection."""
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def terminal(self, request_id: str) -> dict:
+        while (message := self.receive()) is not None:
+            if message.get("id") == request_id and protocol.is_terminal(message):
+                return message
+        raise AssertionError(f"connection closed before {request_id} was answered")
+
+    def closed_by_server(self) -> bool:
+        """Whether the server ends the connection (everything it still sends is read and dropped)."""
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except (ConnectionResetError, ssl.SSLError):  # reset, or TLS cut without its closing message
+            pass
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir.parent
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    pytest.importorskip("cryptography")
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def server(models: Path, certificate: tuple[Path, Path], tmp_path_factory):
+    process = ServerProcess(
+        tmp_path_factory.mktemp("server-config"),
+        "--models-dir", str(models), "--max-message", str(MAX_MESSAGE), "--idle-timeout", "3",
+        "--max-requests", "40", "--max-connections", "6",
+        certificate=certificate,
+    )  # fmt: skip
+    yield process
+    process.close()
+
+
+def connect(server: ServerProcess) -> Raw:
+    return Raw(server.port, server.cafile)
+
+
+def job(tiny_model_dir: Path, output_dir: Path, seed: int = 7) -> dict:
+    return {
+        "task": "txt2img",
+        "model": str(tiny_model_dir),
+        "prompt": "cracked clay",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": seed,
+        "output_dir": str(output_dir),
+    }
+
+
+def server_files(server: ServerProcess) -> set[str]:
+    return {path.name for path in (server.config / "outputs").iterdir()}
+
+
+def test_token_is_made_once_private_and_printed(server: ServerProcess):
+    mode = (server.config / "server-token").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert server.printed_token == server.token and len(server.token) >= 32
+    assert load_or_create_token(server.config) == (server.token, False)  # a second start keeps it
+
+
+def test_without_or_with_a_wrong_token_nothing_runs(server: ServerProcess, tiny_model_dir: Path, tmp_path: Path):
+    before = server_files(server)
+    for token in (None, "", server.token[:-1] + ("x" if server.token[-1] != "x" else "y")):
+        raw = connect(server)
+        reply = raw.handshake(token)
+        assert reply["error"]["code"] == "unauthorized", reply
+        assert raw.closed_by_server()
+    raw = connect(server)  # a job as the first message, token or not, is refused before it is looked at
+    raw.send(protocol.request("g", protocol.RUN, job(tiny_model_dir, tmp_path) | {"token": server.token}))
+    assert raw.receive()["error"]["code"] == "unauthorized"
+    assert raw.closed_by_server()
+    assert server_files(server) == before and not any(tmp_path.iterdir())
+
+
+def test_token_compare():
+    assert token_matches("s3cret-token", "s3cret-token")
+    assert not token_matches("s3cret-token", "s3cret-tokem")
+    assert not token_matches("s3cret-token", None)
+    assert not token_matches("s3cret-token", "s3cret-token\u00e9")
+
+
+def test_generate_brings_the_png_bytes_and_metadata(server: ServerProcess, tiny_model_dir: Path, tmp_path: Path):
+    client = server.client()
+    try:
+        events: list[dict] = []
+        reply = client.wait(client.submit(protocol.RUN, job(tiny_model_dir, tmp_path)), events.append, timeout=120)
+        result = protocol.GenerateResult.from_dict(client.result(reply))
+    finally:
+        client.shutdown()
+    path = Path(result.images[0].path)
+    assert path.parent == tmp_path  # written here, where a local worker would have written it
+    announced = [e["data"] for e in events if e.get("event") == protocol.EVENT_ARTIFACT]
+    assert [a["path"] for a in announced] == [str(path)] == [a["path"] for a in result.artifacts]
+    original = server.config / "outputs" / path.name
+    assert path.read_bytes() == original.read_bytes()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == announced[0]["sha256"]
+    with PIL.Image.open(path) as image:
+        settings = json.loads(image.text["sdtex"])
+        assert image.size == (64, 64)
+    assert settings["seed"] == 7 and settings["params"]["prompt"] == "cracked clay"
+    assert "Seed: 7" in image.text["parameters"]
+
+
+def test_a_remote_client_names_no_server_path(server: ServerProcess, tiny_model_dir: Path, tmp_path: Path):
+    raw = connect(server)
+    assert "result" in raw.handshake(server.token)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "model_index.json").write_text("{}")
+    cases = {
+        "output_dir": job(tiny_model_dir, tmp_path),  # the client's folder: refused, not silently replaced
+        "model": job(tiny_model_dir, tmp_path) | {"model": str(outside), "output_dir": ""},
+        "allow_pickle": job(tiny_model_dir, tmp_path) | {"allow_pickle": True, "output_dir": ""},
+        "image.path": {"task": "pbr", "image": {"path": str(tiny_model_dir / "model_index.json")}},
+        "local_dir": {"task": "download_model", "model": "a/b", "local_dir": str(tmp_path)},
+    }
+    for i, (param, params) in enumerate(cases.items()):
+        raw.send(protocol.request(f"p{i}", protocol.RUN, params))
+        error = raw.terminal(f"p{i}")["error"]
+        assert (error["code"], error["data"]["param"]) == ("invalid_params", param), error
+    raw.send(protocol.request("m", protocol.LOAD_MODEL, {"model": "../" + tiny_model_dir.name}))
+    assert raw.terminal("m")["error"]["data"]["param"] == "model"
+    assert {p.name for p in tmp_path.iterdir()} == {"elsewhere"}  # nothing written to the client's folder
+    raw.close()
+
+
+def test_policy_keeps_models_inside_the_allowed_folders(tmp_path: Path):
+    models = tmp_path / "models"
+    (models / "tiny").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (models / "link").symlink_to(tmp_path / "secret")
+    policy = Policy(tmp_path / "out", (models,))
+    assert policy.model("model", str(models / "tiny")) == str(models / "tiny")
+    assert policy.model("model", "tiny") == str(models / "tiny")  # a name inside the folder
+    assert policy.model("model", "stabilityai/sd-turbo") == "stabilityai/sd-turbo"  # a hub id
+    for bad in (str(models / "link"), "../secret", "~/x", str(models / ".." / "secret"), "link", "C:\\models\\x"):
+        with pytest.raises(protocol.ProtocolError, match="model is refused") as info:
+            policy.model("model", bad)
+        assert info.value.data["param"] == "model"
+    checked = policy.check(protocol.RUN, {"task": "txt2img", "prompt": "/imagine ../stone", "model": "tiny"})
+    assert checked["output_dir"] == str(tmp_path / "out") and checked["prompt"] == "/imagine ../stone"
+    with pytest.raises(protocol.ProtocolError) as info:
+        policy.check(protocol.RUN, {"task": "travel", "keyframes": [{"prompt": "x", "model": "/etc"}]})
+    assert info.value.data["param"] == "keyframes[0].model"
+
+
+def test_garbage_and_idle_clients_do_not_stop_a_job(server: ServerProcess, tiny_model_dir: Path, tmp_path: Path):
+    client = server.client()
+    idle = connect(server)
+    assert "result" in idle.handshake(server.token)
+    silent = connect(server)  # connected, never says anything
+    try:
+        request_id = client.submit(protocol.RUN, job(tiny_model_dir, tmp_path, seed=11) | {"steps": 4})
+        garbage = connect(server)
+        assert "result" in garbage.handshake(server.token)
+        sent = 0
+        try:  # 8x the message limit, no newline: closed once the limit is passed
+            while sent < 8 * MAX_MESSAGE:
+                garbage.sock.sendall(b"\x00garbage" * 8192)
+                sent += 8 * 8192
+        except OSError:
+            pass
+        assert sent < 8 * MAX_MESSAGE or garbage.closed_by_server()
+        result = client.result(client.wait(request_id, timeout=120))
+        assert Path(result["images"][0]["path"]).is_file()
+        started = time.monotonic()
+        assert idle.closed_by_server() and time.monotonic() - started < 10  # --idle-timeout 3
+    finally:
+        client.shutdown()
+        silent.close()
+
+
+def test_request_and_connection_limits(server: ServerProcess):
+    raw = connect(server)
+    assert "result" in raw.handshake(server.token)
+    for i in range(39):
+        raw.send(protocol.request(f"j{i}", protocol.JOBS))
+    raw.send(protocol.request("last", protocol.JOBS))
+    assert raw.terminal("j38")["result"] == {"jobs": []}
+    assert raw.terminal("last")["error"]["code"] == "too_many_requests"
+    assert raw.closed_by_server()
+
+    time.sleep(0.5)  # the earlier tests' connections are gone
+    held = [connect(server) for _ in range(6)]
+    for connection in held:
+        assert "result" in connection.handshake(server.token)
+    refused = Raw(server.port)  # closed before any TLS: a plain socket sees it
+    assert refused.closed_by_server()
+    for connection in held:
+        connection.close()
+    time.sleep(1.5)
+    again = connect(server)
+    assert "result" in again.handshake(server.token)
+    again.close()
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, made here with `cryptography`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sdtex test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(names, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert, key_file = folder / "cert.pem", folder / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key_file
+
+
+def test_tls_with_a_self_signed_certificate(server: ServerProcess, models: Path):
+    client = server.client()  # trusting the server's own certificate
+    listed = client.request(protocol.RUN, {"task": "list_models", "include_cache": False}, timeout=60)
+    assert [entry["name"] for entry in listed["models"]] == sorted(p.name for p in models.iterdir())
+    client.shutdown()
+    untrusted = server.client(cafile="")  # the system's authorities do not know this certificate
+    with pytest.raises(BackendError, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusted.start(timeout=30)
+    plain = Raw(server.port)  # no TLS: the server's TLS handshake fails and the connection ends
+    plain.send(protocol.request("h", protocol.HANDSHAKE, {"protocol_version": 2, "token": server.token}))
+    assert plain.closed_by_server()
+
+
+def test_loopback_detection():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10")
+
+
+def test_non_loopback_without_token_is_refused(tmp_path: Path, capsys):
+    from backend.__main__ import main
+
+    assert main(["serve", "--listen", "0.0.0.0:0", "--no-token", "--config-dir", str(tmp_path)]) == 2
+    assert "--no-token is only for loopback" in capsys.readouterr().err
