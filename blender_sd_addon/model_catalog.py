@@ -77,13 +77,19 @@ def guess_base(model: str) -> str:
     return "sd1"
 
 
+def short_name(model: str) -> str:
+    """A hub id as it is; a folder or file by its last part."""
+    model = model.strip()
+    return model if HUB_ID.match(model) else Path(model.rstrip("/\\")).name
+
+
 def defaults_for(model: str, base: str = "", native_size: int = 0) -> ModelDefaults:
     """Settings that suit `model` (hub id, folder or file): its family's, the training size when known (SDXL-Turbo
     was trained at 512), and a distilled model's steps, guidance and sampler."""
     chosen = BASE_DEFAULTS.get(base) or BASE_DEFAULTS[guess_base(model)]
     if native_size:
         chosen = replace(chosen, width=native_size, height=native_size)
-    name = Path(model.rstrip("/\\")).name if not HUB_ID.match(model) else model
+    name = short_name(model)
     for rule in NAME_RULES:
         if re.search(rule.pattern, name, re.IGNORECASE):
             return replace(

@@ -15,11 +15,19 @@ REDRAW_INTERVAL = 0.5  # seconds
 
 
 def _redraw_while_running() -> float | None:
+    """Redraw the preferences and sidebars while installing; start the new backend once it is in place."""
+    from .operators import STATE, start_backend_async
+
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type == "PREFERENCES":
+            if area.type in ("PREFERENCES", "VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR"):
                 area.tag_redraw()
-    return REDRAW_INTERVAL if installer.STATE.running else None
+    STATE.readiness = None
+    if installer.STATE.running:
+        return REDRAW_INTERVAL
+    if installer.STATE.succeeded:
+        start_backend_async()
+    return None
 
 
 class SDTEX_OT_install_backend(bpy.types.Operator):

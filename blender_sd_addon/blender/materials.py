@@ -135,6 +135,7 @@ def show_tile_preview(image_path: str, repeat: int = 2) -> bpy.types.Image:
     preview.colorspace_settings.name = tile.colorspace_settings.name
     preview.pixels.foreach_set(block * repeat)
     preview.update()
+    preview.pack()  # held in the .blend, not "modified": quitting never asks to save a helper image
 
     # 3. Show it wherever an Image Editor is open
     for window in bpy.context.window_manager.windows:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
+import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
 
-from .. import api, model_catalog, protocol
+from .. import api, installer, messages, model_catalog, paths, protocol, readiness
 from ..client import BackendClient, SDTexError
 from ..history import IMAGE_TASKS, HistoryRecord
 from ..jobs import CANCELLED, DONE, Job, JobBoard
@@ -27,6 +30,7 @@ from .properties import INT32_MAX
 POLL_INTERVAL = 0.01  # seconds between timer polls while a job runs: a cheap mailbox check, and the
 # result waits at most this long (0.05 s cost 25 ms per job on average, over the 20 ms overhead budget)
 REDRAW_AREAS = {"VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR", "PREFERENCES"}
+FACTS_TTL = 0.5  # seconds a readiness check is reused: panels redraw often, the check looks at files
 
 
 @dataclass
@@ -71,18 +75,24 @@ class UIState:
     targets: dict[str, Target] = field(default_factory=dict)  # request id -> where its result goes
     uploads: list[Upload] = field(default_factory=list)  # jobs waiting for their input to be uploaded
     preview_serial: tuple[str, int] = ("", 0)  # the last preview shown: (request id, serial)
-    message: str = ""  # the last outcome, shown under the Generate button
+    message: str = ""  # the last outcome, shown under the Generate button (an error in the panel's words)
+    details: str = ""  # an error's whole text, as the backend gave it (the Details popup)
     is_error: bool = False
     backend_message: str = ""  # set by the start-up thread: plain Python only, never bpy
+    readiness: tuple[float, readiness.Readiness] | None = None  # (when, what): reused for FACTS_TTL
 
     @property
     def running(self) -> bool:
         return bool(self.board.active or self.uploads)
 
     def say(self, message: str, is_error: bool = False) -> None:
-        self.message, self.is_error = message, is_error
+        self.message, self.details, self.is_error = message, message, is_error
         if is_error:
-            print(f"SD Textures: {message}")
+            print(f"SD Textures: {message}")  # the precise text; the panel shows it in its own words
+            self.message = messages.readable(message)
+
+    def download_job(self) -> Job | None:
+        return next((job for job in self.board.active if job.task == "download_model"), None)
 
 
 STATE = UIState()
@@ -95,6 +105,46 @@ def backend_status() -> str:
     shake = client.handshake
     details = f"pid {client.pid}, torch {shake.torch_version}, {'/'.join(shake.devices)}" if shake else "starting"
     return f"Backend: running ({details}) {STATE.backend_message}".rstrip()
+
+
+def scene_model(context) -> str:
+    """The model in effect: the scene's own, else the preferences'."""
+    own = context.scene.sdtex.model
+    return bpy.path.abspath(own) if own else api.load_model_params()["model"]
+
+
+def check_readiness(context) -> readiness.Readiness:
+    """The panel's backend and model lines (readiness.check on facts gathered here, reused briefly)."""
+    now = time.monotonic()
+    if STATE.readiness and now - STATE.readiness[0] < FACTS_TTL:
+        return STATE.readiness[1]
+    try:
+        paths.find_backend_python(bpy.path.abspath(api.preferences().backend_python), api.user_data_dir())
+        interpreter_error = ""
+    except SDTexError as exc:
+        interpreter_error = str(exc)
+    client, install, download = api.current_client(), installer.STATE, STATE.download_job()
+    shake = client.handshake if client and client.alive else None
+    model = scene_model(context)
+    facts = readiness.Facts(
+        interpreter_error=interpreter_error,
+        installing=install.running,
+        install_progress=install.progress,
+        install_message=install.message,
+        install_failed=install.error,
+        running=bool(client and client.alive),
+        starting=bool(client and client.starting),
+        worker_error=STATE.backend_message if STATE.backend_message.startswith("error") else "",
+        device="/".join(shake.devices[:1]) if shake else "",
+        torch_version=shake.torch_version if shake else "",
+        model=model,
+        model_state=model_catalog.local_status(model),
+        downloading=download is not None,
+        download_progress=download.fraction if download else 0.0,
+        download_text=download.status_text if download else "",
+    )
+    STATE.readiness = (now, readiness.check(facts))
+    return STATE.readiness[1]
 
 
 def start_backend_async() -> threading.Thread:
@@ -241,8 +291,16 @@ def _submit_uploaded() -> list[Upload]:
 
 def _finish(job: Job, target: Target) -> None:
     """Apply a finished job's result to the objects it was started for, and say how it went."""
+    STATE.readiness = None  # a download or a worker's start changes what the panel says
     if job.state != DONE:
-        STATE.say(job.status_text, is_error=job.state != CANCELLED)
+        if job.state == CANCELLED:
+            STATE.say("Cancelled")
+        else:
+            STATE.say(job.error or job.status_text, is_error=True)
+        return
+    if job.result is None:  # a job that made no images (a download)
+        model = str((job.data or {}).get("model", ""))
+        STATE.say(f"Downloaded {model}: ready to generate" if job.task == "download_model" else "Done")
         return
     meshes = [bpy.data.objects[n] for n in target.object_names if n in bpy.data.objects]
     try:
@@ -250,11 +308,13 @@ def _finish(job: Job, target: Target) -> None:
         texture = api.finish(job.result, meshes, target.options, apply=apply, source=target.source, mask=target.mask)
         if job.result.task in IMAGE_TASKS:
             show_result(target.source, texture.images[0])
+        elif job.result.task == "txt2img":
+            show_result(preview.PREVIEW_NAME, texture.images[0])  # the final image, not the last step's preview
         if target.apply and not meshes:
             raise SDTexError("The objects were deleted while generating; the images are in the history")
         if target.apply and bpy.ops.ed.undo_push.poll():  # no undo stack without a window
             bpy.ops.ed.undo_push(message="Apply SD texture")
-        STATE.say(saved_message(texture))
+        STATE.say(saved_message(texture) + (SOLID_HINT if target.apply and solid_viewports() else ""))
     except SDTexError as exc:
         STATE.say(str(exc), is_error=True)
 
@@ -264,8 +324,22 @@ def saved_message(texture: api.TextureResult) -> str:
     return f"Saved {len(texture.files)} file(s) in {os.path.dirname(texture.files[0])}{seed}"
 
 
+SOLID_HINT = "\nThe viewport is in Solid shading: press Material Preview (Z) to see the texture."
+
+
+def solid_viewports() -> list:
+    """The 3D viewports' shading settings that show no textures."""
+    return [
+        area.spaces.active.shading
+        for window in bpy.context.window_manager.windows
+        for area in window.screen.areas
+        if area.type == "VIEW_3D" and area.spaces.active.shading.type in ("SOLID", "WIREFRAME")
+    ]
+
+
 def show_result(source: str, image: bpy.types.Image) -> None:
-    """Show an image task's result in the Image Editors that still show its source (unpinned ones)."""
+    """Show a result in the Image Editors that still show `source` (unpinned ones): an image task's source
+    image, or the step preview."""
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
             space = area.spaces.active
@@ -274,10 +348,15 @@ def show_result(source: str, image: bpy.types.Image) -> None:
 
 
 def _redraw() -> None:
+    """Redraw the sidebars and preferences that show progress, and the Image Editors' images; never a whole
+    3D viewport (with software drawing a viewport redraw costs more than a denoising step)."""
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type in REDRAW_AREAS:
-                area.tag_redraw()
+            if area.type not in REDRAW_AREAS:
+                continue
+            for region in area.regions:
+                if region.type == "UI" or area.type in ("PREFERENCES", "IMAGE_EDITOR") and region.type == "WINDOW":
+                    region.tag_redraw()
 
 
 def stop_polling() -> None:
@@ -302,6 +381,15 @@ class SDTEX_OT_generate(bpy.types.Operator):
 
     apply: BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
 
+    @classmethod
+    def poll(cls, context):
+        if bpy.app.background:  # scripts get the backend's own error instead
+            return True
+        blocker = check_readiness(context).blocker
+        if blocker and hasattr(cls, "poll_message_set"):  # Blender 3.0+: the tooltip says why
+            cls.poll_message_set(blocker)
+        return not blocker
+
     def execute(self, context):
         settings = context.scene.sdtex
         try:
@@ -319,7 +407,7 @@ class SDTEX_OT_generate(bpy.types.Operator):
                 start_ui_job(params, meshes, options, self.apply)
         except SDTexError as exc:
             STATE.say(str(exc), is_error=True)
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, STATE.message)
             return {"CANCELLED"}
         return {"FINISHED"}
 
@@ -352,7 +440,7 @@ class SDTEX_OT_derive_pbr_maps(bpy.types.Operator):
                 start_ui_pbr_job(image, params, meshes, options, self.apply)
         except (SDTexError, ValueError) as exc:  # ValueError: the image has no pixels to send
             STATE.say(str(exc), is_error=True)
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, STATE.message)
             return {"CANCELLED"}
         return {"FINISHED"}
 
@@ -407,7 +495,7 @@ class SDTEX_OT_image_task(bpy.types.Operator):
                 start_ui_input_job(task, inputs, params, meshes, options, self.apply)
         except SDTexError as exc:
             STATE.say(str(exc), is_error=True)
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, STATE.message)
             return {"CANCELLED"}
         return {"FINISHED"}
 
@@ -542,6 +630,99 @@ class SDTEX_OT_stop_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class SDTEX_OT_download_model(bpy.types.Operator):
+    """Download the model from the Hugging Face hub (only the files it needs, half-size weights where the \
+repository has them); progress shows in the panel and Cancel stops it"""
+
+    bl_idname = "sdtex.download_model"
+    bl_label = "Download Model"
+
+    @classmethod
+    def poll(cls, context):
+        return STATE.download_job() is None
+
+    def execute(self, context):
+        model = scene_model(context)
+        try:
+            if not model_catalog.HUB_ID.match(model.strip()):
+                raise SDTexError(f"Only hub models (like owner/name) can be downloaded; {model!r} is a path")
+            job = _submit(api.get_client(), "download_model", {"model": model.strip()}, Target((), None, False))
+            _follow()
+        except SDTexError as exc:
+            STATE.say(str(exc), is_error=True)
+            self.report({"ERROR"}, STATE.message)
+            return {"CANCELLED"}
+        STATE.readiness = None
+        self.report({"INFO"}, f"Downloading {model} (job {job.request_id})")
+        return {"FINISHED"}
+
+
+class SDTEX_OT_show_message(bpy.types.Operator):
+    """Show the whole message, as the backend wrote it"""
+
+    bl_idname = "sdtex.show_message"
+    bl_label = "Details"
+
+    def invoke(self, context, event):
+        return context.window_manager.invoke_popup(self, width=min(900, context.window.width - 40))
+
+    def draw(self, context):
+        from .panels import message_lines  # panels imports this module
+
+        column = self.layout.column(align=True)
+        for line in message_lines(STATE.details or STATE.message, 880):
+            column.label(text=line)
+        print(f"SD Textures: {STATE.details}")
+
+    def execute(self, context):
+        return {"FINISHED"}
+
+
+class SDTEX_OT_open_preferences(bpy.types.Operator):
+    """Open this add-on's preferences (backend interpreter, model, output folder)"""
+
+    bl_idname = "sdtex.open_preferences"
+    bl_label = "Open Preferences"
+
+    def execute(self, context):
+        bpy.ops.screen.userpref_show()
+        context.preferences.active_section = "ADDONS"
+        context.window_manager.addon_search = "SD Textures"
+        return {"FINISHED"}
+
+
+class SDTEX_OT_open_folder(bpy.types.Operator):
+    """Open the folder the images are written to in the file browser of your system"""
+
+    bl_idname = "sdtex.open_folder"
+    bl_label = "Open Folder"
+
+    def execute(self, context):
+        folder = api.output_folder(None)
+        os.makedirs(folder, exist_ok=True)
+        opener = {"win32": ["explorer"], "darwin": ["open"]}.get(sys.platform, ["xdg-open"])
+        try:
+            subprocess.Popen([*opener, folder])
+        except OSError as exc:
+            self.report({"ERROR"}, f"Could not open {folder}: {exc}")
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class SDTEX_OT_material_preview(bpy.types.Operator):
+    """Switch the 3D viewports in Solid shading to Material Preview, to see the textures"""
+
+    bl_idname = "sdtex.material_preview"
+    bl_label = "Show Textures"
+
+    def execute(self, context):
+        for shading in solid_viewports():
+            shading.type = "MATERIAL"
+        if STATE.message.endswith(SOLID_HINT):
+            STATE.message = STATE.message[: -len(SOLID_HINT)]
+        return {"FINISHED"}
+
+
 class SDTEX_OT_browse_model(bpy.types.Operator):
     """Pick a diffusers model folder or a .safetensors checkpoint"""
 
@@ -562,7 +743,17 @@ class SDTEX_OT_browse_model(bpy.types.Operator):
         path = self.filepath if os.path.isfile(self.filepath) else self.directory
         owner = api.preferences() if self.target == "PREFERENCES" else context.scene.sdtex
         owner.model = path.rstrip("/\\") if os.path.isdir(path) else path
+        use_model_defaults(context.scene.sdtex, owner.model)
+        STATE.readiness = None
         return {"FINISHED"}
+
+
+def use_model_defaults(settings, model: str) -> None:
+    """Fill in the size, steps, guidance and sampler that suit a newly chosen model (SDXL 1024 px, Turbo 1 step
+    without guidance...)."""
+    defaults = model_catalog.defaults_for(model)
+    for name in ("width", "height", "steps", "guidance_scale", "scheduler"):
+        setattr(settings, name, getattr(defaults, name))
 
 
 classes = (
@@ -576,4 +767,9 @@ classes = (
     SDTEX_OT_start_backend,
     SDTEX_OT_stop_backend,
     SDTEX_OT_browse_model,
+    SDTEX_OT_download_model,
+    SDTEX_OT_show_message,
+    SDTEX_OT_open_preferences,
+    SDTEX_OT_open_folder,
+    SDTEX_OT_material_preview,
 )

@@ -6,7 +6,7 @@ import textwrap
 
 import bpy
 
-from .. import protocol
+from .. import protocol, readiness
 from ..history import PBR_CONTROLS, HistoryRecord
 from . import operators, preview
 from .properties import IMAGE_MODES, shown_params
@@ -32,40 +32,28 @@ class SidebarPanel:
 
 
 class MainPanel(SidebarPanel):
+    """Setup status, the prompt and Generate first: the rest is in sub-panels (collapsed when advanced)."""
+
     bl_label = "SD Textures"
 
     def draw(self, context):
         layout = self.layout
         settings = context.scene.sdtex
-        layout.prop(settings, "prompt", text="")
-        layout.prop(settings, "negative_prompt", text="", icon="REMOVE")
+        draw_readiness(layout, operators.check_readiness(context))
 
         col = layout.column(align=True)
-        row = col.row(align=True)
-        sub = row.row(align=True)
-        sub.enabled = not settings.random_seed
-        sub.prop(settings, "seed")
-        row.prop(settings, "random_seed", text="", icon="FILE_REFRESH")
-        col.prop(settings, "steps")
-        col.prop(settings, "guidance_scale")
-        row = col.row(align=True)
-        row.prop(settings, "width")
-        row.prop(settings, "height")
-        layout.prop(settings, "scheduler")
-        layout.prop(settings, "batch_size")
-        layout.row().prop(settings, "seamless", expand=True)
-        layout.prop(settings, "pbr")
-        if settings.pbr:
-            col = layout.column(align=True)
-            col.prop(settings, "normal_format", text="Normals")
-            for name in PBR_CONTROLS:
-                col.prop(settings, name)
+        col.label(text="Prompt")
+        col.prop(settings, "prompt", text="")
+        col.label(text="Avoid")
+        col.prop(settings, "negative_prompt", text="")
         row = layout.row(align=True)
-        row.prop(settings, "model")
-        row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
+        row.label(text="Seamless")
+        row.prop(settings, "seamless", expand=True)
 
         state = operators.STATE
-        layout.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
+        row = layout.row()
+        row.scale_y = 1.5
+        row.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
         for upload in state.uploads:
             draw_progress(layout.row(), 0.0, f"{job_label(upload.target, upload.task)}: Sending the image…")
         for job in state.board.active:  # each job: its own progress and Cancel; later ones wait in the queue
@@ -75,6 +63,91 @@ class MainPanel(SidebarPanel):
             row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
         if state.message:
             draw_message(layout, state.message, state.is_error, context.region.width)
+            row = layout.row(align=True)
+            if state.is_error:
+                row.operator("sdtex.show_message", icon="TEXT")
+            elif state.message.endswith(operators.SOLID_HINT):
+                row.operator("sdtex.material_preview", icon="SHADING_TEXTURE")
+        draw_output_folder(layout)
+
+
+def draw_readiness(layout, ready: readiness.Readiness) -> None:
+    """The backend and model lines; a line that is not ready gets its fixes as buttons."""
+    box = layout.box()
+    for line in (ready.backend, ready.model):
+        column = box.column(align=True)
+        if line.progress is not None:
+            draw_progress(column, line.progress, line.text)
+        else:
+            for i, text in enumerate(message_lines(line.text, 260)):
+                column.label(text=text, icon=line.icon if i == 0 else "BLANK1")
+        if line.fixes:
+            row = column.row(align=True)
+            for operator, text in line.fixes:
+                button = row.operator(operator, text=text)
+                if operator == "sdtex.browse_model":
+                    button.target = "SCENE"
+
+
+def draw_output_folder(layout) -> None:
+    """Where files go, when it is not beside the .blend: the artist must be able to find them."""
+    if bpy.data.filepath:
+        return
+    row = layout.row(align=True)
+    row.label(text="Unsaved file: images go to the add-on's folder until you save", icon="FILE_FOLDER")
+    row.operator("sdtex.open_folder", text="", icon="FILEBROWSER")
+
+
+class ImagePanel(SidebarPanel):
+    bl_label = "Size and Seed"
+
+    def draw(self, context):
+        settings = context.scene.sdtex
+        col = self.layout.column(align=True)
+        col.prop(settings, "width")
+        col.prop(settings, "height")
+        row = self.layout.row(align=True)
+        sub = row.row(align=True)
+        sub.enabled = not settings.random_seed
+        sub.prop(settings, "seed")
+        row.prop(settings, "random_seed", text="", icon="FILE_REFRESH")
+        self.layout.prop(settings, "steps")
+
+
+class AdvancedPanel(SidebarPanel):
+    bl_label = "Advanced"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdtex
+        layout.label(text="Sampler")
+        layout.prop(settings, "scheduler", text="")
+        col = layout.column(align=True)
+        col.prop(settings, "guidance_scale", text="Guidance")
+        col.prop(settings, "batch_size", text="Images")
+        layout.label(text="Model (empty: Preferences)")
+        row = layout.row(align=True)
+        row.prop(settings, "model", text="")
+        row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
+        layout.operator("sdtex.open_preferences", text="Device and Memory…", icon="PREFERENCES")
+
+
+class PbrPanel(SidebarPanel):
+    bl_label = "PBR Maps"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw_header(self, context):
+        self.layout.prop(context.scene.sdtex, "pbr", text="")
+
+    def draw(self, context):
+        settings = context.scene.sdtex
+        col = self.layout.column(align=True)
+        col.enabled = settings.pbr
+        col.label(text="Normal Map")
+        col.prop(settings, "normal_format", text="")
+        for name in PBR_CONTROLS:
+            col.prop(settings, name)
 
 
 def message_lines(text: str, width: int, ui_scale: float = 1.0) -> list[str]:
@@ -212,7 +285,10 @@ def _for_each_space(base: type, parent: str = "") -> tuple[type, ...]:
 classes = (
     SDTEX_UL_history,
     *_for_each_space(MainPanel),
+    *_for_each_space(ImagePanel, parent="mainpanel"),
     *_for_each_space(ApplyPanel, parent="mainpanel"),
+    *_for_each_space(PbrPanel, parent="mainpanel"),
+    *_for_each_space(AdvancedPanel, parent="mainpanel"),
     *_for_each_space(HistoryPanel, parent="mainpanel"),
     SDTEX_PT_image_tasks,
     SDTEX_PT_pbr_image_editor,
