@@ -25,7 +25,7 @@ from ..client import BackendClient, SDTexError
 from ..history import IMAGE_TASKS, HistoryRecord
 from ..jobs import CANCELLED, DONE, Job, JobBoard
 from . import images, materials, preview
-from .properties import INT32_MAX
+from .properties import INT32_MAX, SCENE_CONTROLS
 
 POLL_INTERVAL = 0.01  # seconds between timer polls while a job runs: a cheap mailbox check, and the
 # result waits at most this long (0.05 s cost 25 ms per job on average, over the 20 ms overhead budget)
@@ -563,6 +563,8 @@ class SDTEX_OT_use_history_settings(bpy.types.Operator):
         values = settings.restore_image_task(record) if record.task in IMAGE_TASKS else record.settings()
         for name, value in values.items():
             if name == "seed" and value is None:  # a job that sampled nothing (strength 0)
+                continue
+            if panel_names.get(name, name) not in SCENE_CONTROLS:  # the preferences' device, memory options...
                 continue
             if name == "seed":
                 settings.random_seed = value > INT32_MAX
