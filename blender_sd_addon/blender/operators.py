@@ -134,7 +134,8 @@ def check_readiness(context) -> readiness.Readiness:
         install_failed=install.error,
         running=bool(client and client.alive),
         starting=bool(client and client.starting),
-        worker_error=STATE.backend_message if STATE.backend_message.startswith("error") else "",
+        # A start that failed before any worker existed (no interpreter) is that line's business, not this one's.
+        worker_error=STATE.backend_message if client and STATE.backend_message.startswith("error") else "",
         device="/".join(shake.devices[:1]) if shake else "",
         torch_version=shake.torch_version if shake else "",
         model=model,

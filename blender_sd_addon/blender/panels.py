@@ -39,16 +39,16 @@ class MainPanel(SidebarPanel):
     def draw(self, context):
         layout = self.layout
         settings = context.scene.sdtex
-        draw_readiness(layout, operators.check_readiness(context))
+        draw_readiness(layout, operators.check_readiness(context), context.region.width)
 
         col = layout.column(align=True)
         col.label(text="Prompt")
         col.prop(settings, "prompt", text="")
         col.label(text="Avoid")
         col.prop(settings, "negative_prompt", text="")
-        row = layout.row(align=True)
-        row.label(text="Seamless")
-        row.prop(settings, "seamless", expand=True)
+        col = layout.column(align=True)
+        col.label(text="Seamless Tiling")
+        col.row(align=True).prop(settings, "seamless", expand=True)
 
         state = operators.STATE
         row = layout.row()
@@ -71,22 +71,22 @@ class MainPanel(SidebarPanel):
         draw_output_folder(layout)
 
 
-def draw_readiness(layout, ready: readiness.Readiness) -> None:
-    """The backend and model lines; a line that is not ready gets its fixes as buttons."""
+def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
+    """The backend and model lines; a line that is not ready gets its fixes as buttons, one per row (side by
+    side they are cut off at the default sidebar width)."""
     box = layout.box()
+    scale = bpy.context.preferences.system.ui_scale or 1.0
     for line in (ready.backend, ready.model):
         column = box.column(align=True)
         if line.progress is not None:
             draw_progress(column, line.progress, line.text)
         else:
-            for i, text in enumerate(message_lines(line.text, 260)):
+            for i, text in enumerate(message_lines(line.text, width - 70, scale)):  # less the icon and margins
                 column.label(text=text, icon=line.icon if i == 0 else "BLANK1")
-        if line.fixes:
-            row = column.row(align=True)
-            for operator, text in line.fixes:
-                button = row.operator(operator, text=text)
-                if operator == "sdtex.browse_model":
-                    button.target = "SCENE"
+        for operator, text in line.fixes:
+            button = column.operator(operator, text=text)
+            if operator == "sdtex.browse_model":
+                button.target = "SCENE"
 
 
 def draw_output_folder(layout) -> None:
@@ -182,12 +182,18 @@ class ApplyPanel(SidebarPanel):
         col = self.layout.column()
         col.enabled = settings.apply
         col.prop(settings, "shared_material")
-        col.prop(settings, "slot")
-        col.prop(settings, "projection")
+        for name in ("slot", "projection", "displacement"):
+            labelled(col, settings, name)
         col.prop(settings, "texture_scale")
-        col.prop(settings, "displacement")
         col.prop(settings, "ao_multiply")
         col.prop(settings, "pack")
+
+
+def labelled(layout, data, name: str) -> None:
+    """A drop-down with its label in a column of its own (in one row Blender cuts the label to "Proje…")."""
+    split = layout.split(factor=0.42, align=True)
+    split.label(text=data.bl_rna.properties[name].name)
+    split.prop(data, name, text="")
 
 
 class SDTEX_PT_pbr_image_editor(SidebarPanel, bpy.types.Panel):
