@@ -136,3 +136,44 @@ def test_images_made_before_the_first_save_follow_the_blend(scene, addon, tmp_pa
         assert os.path.normpath(node_paths[0]) == after
     finally:
         addon.output_folder = folder
+
+
+class StubClient:
+    """Stands in for the worker's client: hands the board the messages a download job sends."""
+
+    starting = False
+
+    def __init__(self):
+        self.inbox: list[dict] = []
+
+    def submit(self, method: str, params: dict) -> str:
+        return "download-1"
+
+    def messages(self, request_id: str) -> list[dict]:
+        messages, self.inbox = self.inbox, []
+        return messages
+
+
+def test_download_progress_reaches_the_model_line_and_the_end_says_so(scene):
+    scene.sdtex.model = "owner/not-downloaded"
+    client = StubClient()
+    operators.STATE.board.submit(client, "download_model", {"model": "owner/not-downloaded"})
+    try:
+        data = {"bytes_done": 500_000_000, "bytes_total": 2_000_000_000, "files_done": 1, "files_total": 4}
+        client.inbox = [{"id": "download-1", "event": "download", "data": {**data, "speed": 2e7, "elapsed": 25.0}}]
+        progress = {"step": 500_000_000, "total": 2_000_000_000, "elapsed": 25.0}
+        client.inbox.append({"id": "download-1", "event": "progress", "data": progress})
+        operators._follow_jobs()
+        operators.STATE.readiness = None
+        line = operators.check_readiness(bpy.context).model
+        assert line.progress == pytest.approx(0.25) and not line.ready
+        assert line.text == "owner/not-downloaded: Downloading 500 MB of 2.0 GB · 20 MB/s"
+
+        client.inbox = [{"id": "download-1", "result": {"model": "owner/not-downloaded", "path": "/cache/x"}}]
+        operators._follow_jobs()
+        assert operators.STATE.message == "Downloaded owner/not-downloaded: ready to generate"
+        assert operators.STATE.download_job() is None
+    finally:
+        operators.stop_polling()
+        operators.STATE.say("")
+        scene.sdtex.model = ""
