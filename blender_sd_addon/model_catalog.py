@@ -131,6 +131,30 @@ def cached_snapshot(repo_id: str, cache_dir: Path | None = None, revision: str =
     return snapshot if (snapshot / "model_index.json").is_file() else None
 
 
+def local_models(cache_dir: Path | None = None, folders: tuple[Path, ...] = ()) -> list[str]:
+    """The models on disk, as a model setting names them: hub ids complete in the cache, then in each folder
+    its diffusers model folders and single-file checkpoints (.safetensors), sorted by name."""
+    cache = cache_dir or hf_cache_dir()
+    found = []
+    try:
+        repos = sorted(p.name for p in cache.iterdir() if p.name.startswith("models--"))
+    except OSError:
+        repos = []
+    for name in repos:
+        repo_id = name[len("models--") :].replace("--", "/", 1)
+        if local_status(repo_id, cache) == "cached":
+            found.append(repo_id)
+    for folder in folders:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.suffix == ".safetensors" or local_status(str(entry)) == "folder":
+                found.append(str(entry))
+    return found
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 NOT_WEIGHTS = ("Scheduler", "Tokenizer", "TokenizerFast", "Processor", "FeatureExtractor")  # class name endings
 

@@ -17,6 +17,7 @@ SET_INTERPRETER = ("sdtex.open_preferences", "Set Interpreter")
 START = ("sdtex.start_backend", "Start Backend")
 DOWNLOAD = ("sdtex.download_model", "Download Model")
 CHOOSE = ("sdtex.browse_model", "Choose Model")
+ON_DISK = ("sdtex.pick_model", "Models on Disk")
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,11 @@ def model_line(f: Facts) -> Line:
     if state in ("file", "folder", "cached"):
         return Line(f"Model ready: {name}", True)
     if state == "missing" and model_catalog.HUB_ID.match(f.model.strip()):
-        return Line(f"Model not on disk: {name}", False, (DOWNLOAD, CHOOSE))
+        return Line(f"Model not on disk: {name}", False, (DOWNLOAD, ON_DISK, CHOOSE))
     if state == "partial":
         return Line(f"Model download incomplete: {name}", False, (DOWNLOAD, CHOOSE))
     if not name:
-        return Line("No model chosen", False, (CHOOSE,))
+        return Line("No model chosen", False, (ON_DISK, CHOOSE))
     if state == "missing":
-        return Line(f"Model not found: {f.model}", False, (CHOOSE,))
-    return Line(f"Not a model (no model_index.json, not a .safetensors file): {name}", False, (CHOOSE,))
+        return Line(f"Model not found: {f.model}", False, (ON_DISK, CHOOSE))
+    return Line(f"Not a model (no model_index.json, not a .safetensors file): {name}", False, (ON_DISK, CHOOSE))

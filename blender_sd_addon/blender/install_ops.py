@@ -6,6 +6,8 @@ In background mode (`blender -b`) the operator waits for the end, so a script ca
 
 from __future__ import annotations
 
+import sys
+
 import bpy
 from bpy.props import StringProperty
 
@@ -65,6 +67,8 @@ backend packages into it (downloads several GB)"""
         layout.prop(self, "index_url")
 
     def execute(self, context):
+        if sys.platform == "win32":  # the running worker's files are locked: the switch to the new backend fails
+            api.shutdown_backend()
         try:
             thread = installer.start_install(
                 api.user_data_dir(),

@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
@@ -633,6 +634,37 @@ class SDTEX_OT_stop_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
+_local_models: list[tuple[str, str, str]] = []  # enum items must outlive the callback (Blender keeps pointers)
+
+
+def _local_model_items(self, context) -> list[tuple[str, str, str]]:
+    folder = bpy.path.abspath(api.preferences().models_folder)
+    models = model_catalog.local_models(folders=(Path(folder),) if folder else ())
+    _local_models[:] = [(m, model_catalog.short_name(m), m) for m in models] or [("", "No models on disk", "")]
+    return _local_models
+
+
+class SDTEX_OT_pick_model(bpy.types.Operator):
+    """Choose one of the models already on disk (the Hugging Face cache and the Preferences' models folder)"""
+
+    bl_idname = "sdtex.pick_model"
+    bl_label = "On Disk"
+    bl_property = "model"
+
+    model: EnumProperty(name="Model", items=_local_model_items)
+
+    def invoke(self, context, event):
+        context.window_manager.invoke_search_popup(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        if not self.model:
+            self.report({"WARNING"}, "No models on disk yet: Download Model, or Choose Model to pick a file or folder")
+            return {"CANCELLED"}
+        use_model(context, self.model, "PREFERENCES")
+        return {"FINISHED"}
+
+
 class SDTEX_OT_download_model(bpy.types.Operator):
     """Download the model from the Hugging Face hub (only the files it needs, half-size weights where the \
 repository has them); progress shows in the panel and Cancel stops it"""
@@ -744,19 +776,22 @@ class SDTEX_OT_browse_model(bpy.types.Operator):
     def execute(self, context):
         # A file is a single-file checkpoint; a folder (no file picked) is a diffusers model.
         path = self.filepath if os.path.isfile(self.filepath) else self.directory
-        owner = api.preferences() if self.target == "PREFERENCES" else context.scene.sdtex
-        owner.model = path.rstrip("/\\") if os.path.isdir(path) else path
-        use_model_defaults(context.scene.sdtex, owner.model)
-        STATE.readiness = None
+        use_model(context, path.rstrip("/\\") if os.path.isdir(path) else path, self.target)
         return {"FINISHED"}
 
 
-def use_model_defaults(settings, model: str) -> None:
-    """Fill in the size, steps, guidance and sampler that suit a newly chosen model (SDXL 1024 px, Turbo 1 step
-    without guidance...)."""
+def use_model(context, model: str, target: str) -> None:
+    """Make `model` the preferences' (the scene then follows them) or the scene's own, and fill in the size,
+    steps, guidance and sampler that suit it (SDXL 1024 px, Turbo 1 step without guidance...)."""
+    settings = context.scene.sdtex
+    if target == "PREFERENCES":
+        api.preferences().model, settings.model = model, ""
+    else:
+        settings.model = model
     defaults = model_catalog.defaults_for(model)
     for name in ("width", "height", "steps", "guidance_scale", "scheduler"):
         setattr(settings, name, getattr(defaults, name))
+    STATE.readiness = None
 
 
 classes = (
@@ -770,6 +805,7 @@ classes = (
     SDTEX_OT_start_backend,
     SDTEX_OT_stop_backend,
     SDTEX_OT_browse_model,
+    SDTEX_OT_pick_model,
     SDTEX_OT_download_model,
     SDTEX_OT_show_message,
     SDTEX_OT_open_preferences,

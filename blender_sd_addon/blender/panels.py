@@ -35,6 +35,7 @@ class MainPanel(SidebarPanel):
     """Setup status, the prompt and Generate first: the rest is in sub-panels (collapsed when advanced)."""
 
     bl_label = "SD Textures"
+    bl_order = 2
 
     def draw(self, context):
         layout = self.layout
@@ -57,9 +58,10 @@ class MainPanel(SidebarPanel):
         for upload in state.uploads:
             draw_progress(layout.row(), 0.0, f"{job_label(upload.target, upload.task)}: Sending the image…")
         for job in state.board.active:  # each job: its own progress and Cancel; later ones wait in the queue
-            row = layout.row(align=True)
-            label = job_label(state.targets.get(job.request_id), job.task)
-            draw_progress(row, job.fraction, f"{label}: {job.status_text}")
+            column = layout.column(align=True)
+            column.label(text=job_label(state.targets.get(job.request_id), job.task), icon="OBJECT_DATA")
+            row = column.row(align=True)
+            draw_progress(row, job.fraction, job.status_text)
             row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
         if state.message:
             draw_message(layout, state.message, state.is_error, context.region.width)
@@ -86,7 +88,7 @@ def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
         for operator, text in line.fixes:
             button = column.operator(operator, text=text)
             if operator == "sdtex.browse_model":
-                button.target = "SCENE"
+                button.target = "PREFERENCES"  # a newcomer's choice holds for every file
 
 
 def draw_output_folder(layout) -> None:
@@ -201,6 +203,7 @@ class SDTEX_PT_pbr_image_editor(SidebarPanel, bpy.types.Panel):
 
     bl_space_type = "IMAGE_EDITOR"
     bl_label = "PBR Maps from Image"
+    bl_order = 1  # above the main panel: in the Image Editor the image's own tasks come first
 
     def draw(self, context):
         layout = self.layout
@@ -227,6 +230,7 @@ class SDTEX_PT_image_tasks(SidebarPanel, bpy.types.Panel):
 
     bl_space_type = "IMAGE_EDITOR"
     bl_label = "Image Tasks"
+    bl_order = 0
 
     def draw(self, context):
         layout = self.layout

@@ -8,7 +8,7 @@ from blender_sd_addon import messages, readiness
 from blender_sd_addon.jobs import Job
 from blender_sd_addon.readiness import Facts
 
-CHOOSE = "sdtex.browse_model"
+CHOOSE, ON_DISK = "sdtex.browse_model", "sdtex.pick_model"
 READY = dict(running=True, device="cuda", torch_version="2.5.1", model="/models/tiny", model_state="folder")
 
 
@@ -49,11 +49,11 @@ def test_a_stopped_worker_does_not_block_generate_which_restarts_it():
 @pytest.mark.parametrize(
     "model, state, text, offered",
     [
-        ("owner/sd-model", "missing", "Model not on disk: owner/sd-model", ["sdtex.download_model", CHOOSE]),
+        ("owner/sd-model", "missing", "Model not on disk: owner/sd-model", ["sdtex.download_model", ON_DISK, CHOOSE]),
         ("owner/sd-model", "partial", "Model download incomplete: owner/sd-model", ["sdtex.download_model", CHOOSE]),
-        ("/gone/model.safetensors", "missing", "Model not found: /gone/model.safetensors", ["sdtex.browse_model"]),
-        ("/home/me/photos", "invalid", "Not a model", ["sdtex.browse_model"]),
-        ("", "invalid", "No model chosen", ["sdtex.browse_model"]),
+        ("/gone/model.safetensors", "missing", "Model not found: /gone/model.safetensors", [ON_DISK, CHOOSE]),
+        ("/home/me/photos", "invalid", "Not a model", [ON_DISK, CHOOSE]),
+        ("", "invalid", "No model chosen", [ON_DISK, CHOOSE]),
     ],
 )  # fmt: skip
 def test_a_model_not_on_disk_blocks_generate_with_its_fix(model, state, text, offered):
@@ -95,3 +95,27 @@ def test_download_events_become_the_jobs_status():
 )  # fmt: skip
 def test_parameter_errors_use_the_panels_labels(message, shown):
     assert messages.readable(message) == shown
+
+
+def test_models_on_disk_lists_complete_cached_models_and_a_folders_models(tmp_path):
+    from blender_sd_addon.model_catalog import local_models
+
+    cache = tmp_path / "hub"
+    for repo, complete in (("owner--done", True), ("owner--half", False)):
+        snapshot = cache / f"models--{repo}" / "snapshots" / "abc"
+        snapshot.mkdir(parents=True)
+        (cache / f"models--{repo}" / "refs").mkdir()
+        (cache / f"models--{repo}" / "refs" / "main").write_text("abc")
+        if complete:
+            (snapshot / "model_index.json").write_text("{}")
+    mine = tmp_path / "mine"
+    (mine / "diffusers-model").mkdir(parents=True)
+    (mine / "diffusers-model" / "model_index.json").write_text("{}")
+    (mine / "photos").mkdir()
+    (mine / "checkpoint.safetensors").write_bytes(b"x")
+    (mine / "notes.txt").write_text("not a model")
+    assert local_models(cache, (mine, tmp_path / "gone")) == [
+        "owner/done",
+        str(mine / "checkpoint.safetensors"),
+        str(mine / "diffusers-model"),
+    ]
