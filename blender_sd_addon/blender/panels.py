@@ -6,7 +6,7 @@ import textwrap
 
 import bpy
 
-from .. import protocol, readiness
+from .. import api, protocol, readiness
 from ..history import PBR_CONTROLS, HistoryRecord
 from . import operators, preview
 from .properties import IMAGE_MODES, shown_params
@@ -70,7 +70,7 @@ class MainPanel(SidebarPanel):
                 row.operator("sdtex.show_message", icon="TEXT")
             elif state.message.endswith(operators.SOLID_HINT):
                 row.operator("sdtex.material_preview", icon="SHADING_TEXTURE")
-        draw_output_folder(layout)
+        draw_output_folder(layout, context.region.width)
 
 
 def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
@@ -91,13 +91,15 @@ def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
                 button.target = "PREFERENCES"  # a newcomer's choice holds for every file
 
 
-def draw_output_folder(layout) -> None:
+def draw_output_folder(layout, width: int) -> None:
     """Where files go, when it is not beside the .blend: the artist must be able to find them."""
     if bpy.data.filepath:
         return
-    row = layout.row(align=True)
-    row.label(text="Unsaved file: images go to the add-on's folder until you save", icon="FILE_FOLDER")
-    row.operator("sdtex.open_folder", text="", icon="FILEBROWSER")
+    column = layout.column(align=True)
+    text = f"Unsaved file: images go to {api.output_folder(None)} (they move beside the .blend when you save it)"
+    for i, line in enumerate(message_lines(text, width - 40, bpy.context.preferences.system.ui_scale or 1.0)):
+        column.label(text=line, icon="FILE_FOLDER" if i == 0 else "BLANK1")
+    column.operator("sdtex.open_folder", icon="FILEBROWSER")
 
 
 class ImagePanel(SidebarPanel):
