@@ -66,3 +66,9 @@ def readable(message: str) -> str:
         text = f"{label(name)}{match['index'] or ''} must be {match['accepted']} (you gave {got})"
         text += suggestion(name, got)
     return text + (f"\n{rest}" if rest else "")
+
+
+def parameter_of(message: str) -> str:
+    """The parameter a "<name> must be ..." error is about ("" for any other message)."""
+    match = _PARAM_ERROR.match(message.partition("\n")[0])
+    return match["name"] if match and not match["index"] and _spec(match["name"]) else ""

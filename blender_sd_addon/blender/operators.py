@@ -92,6 +92,17 @@ class UIState:
             print(f"SD Textures: {message}")  # the precise text; the panel shows it in its own words
             self.message = messages.readable(message)
 
+    def clear_fixed_error(self, settings) -> None:
+        """Forget an error about a panel field once the field holds a value it accepts (a stale "Prompt is
+        empty" under a prompt someone has typed misleads)."""
+        name = messages.parameter_of(self.details) if self.is_error else ""
+        if name and name in settings.bl_rna.properties:
+            try:
+                protocol.param(name).check(getattr(settings, name))
+            except protocol.ProtocolError:
+                return
+            self.say("")
+
     def download_job(self) -> Job | None:
         return next((job for job in self.board.active if job.task == "download_model"), None)
 

@@ -52,6 +52,7 @@ class MainPanel(SidebarPanel):
         col.row(align=True).prop(settings, "seamless", expand=True)
 
         state = operators.STATE
+        state.clear_fixed_error(settings)
         row = layout.row()
         row.scale_y = 1.5
         row.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply

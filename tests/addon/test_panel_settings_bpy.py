@@ -177,3 +177,15 @@ def test_download_progress_reaches_the_model_line_and_the_end_says_so(scene):
         operators.stop_polling()
         operators.STATE.say("")
         scene.sdtex.model = ""
+
+
+def test_a_field_error_clears_once_the_field_is_fixed(scene):
+    scene.sdtex.prompt = ""
+    with pytest.raises(RuntimeError, match="Prompt is empty"):
+        bpy.ops.sdtex.generate(apply=False)
+    assert operators.STATE.is_error and operators.STATE.message.startswith("Prompt is empty")
+    operators.STATE.clear_fixed_error(scene.sdtex)  # what each panel redraw does
+    assert operators.STATE.is_error  # still empty: the error stays
+    scene.sdtex.prompt = "brick"
+    operators.STATE.clear_fixed_error(scene.sdtex)
+    assert not operators.STATE.is_error and operators.STATE.message == ""

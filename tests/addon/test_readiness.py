@@ -119,3 +119,9 @@ def test_models_on_disk_lists_complete_cached_models_and_a_folders_models(tmp_pa
         str(mine / "checkpoint.safetensors"),
         str(mine / "diffusers-model"),
     ]
+
+
+def test_an_error_names_its_parameter_so_the_panel_can_clear_it_once_fixed():
+    assert messages.parameter_of("prompt must be a non-empty string, got ''") == "prompt"
+    assert messages.parameter_of("loras[0].weight must be a number from -4 to 4, got 9") == ""  # not a field
+    assert messages.parameter_of("Select one or more mesh objects") == ""
