@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from blender_sd_addon import protocol
-from blender_sd_addon.protocol import EVENT_PROGRESS, INVALID_PARAMS, ImageInput, ProtocolError
+from blender_sd_addon.model_catalog import transfer_text
+from blender_sd_addon.protocol import EVENT_DOWNLOAD, EVENT_PROGRESS, INVALID_PARAMS, ImageInput, ProtocolError
 
 ALIASES = {"guidance_scale": ["--guidance"], "batch_size": ["--batch"], "output_dir": ["--out"]}
 CLI_DEFAULTS = {"output_dir": "./outputs"}
@@ -29,6 +30,7 @@ COMMANDS = {  # command -> task
     "make-seamless": "make_seamless",
     "travel": "travel",
     "train": "train_lora",
+    "download": "download_model",
 }
 COMMAND_HELP = {
     "generate": "Generate textures and print the written paths.",
@@ -84,13 +86,17 @@ class _Console:
     """Progress of a job on stderr; keeps the terminal reply."""
 
     reply: dict | None = None
+    downloading = False  # a download's progress counts bytes: its `download` events say it better
 
     def __call__(self, message: dict) -> None:
         if protocol.is_terminal(message):
             self.reply = message
         elif message.get("event") == protocol.EVENT_ARTIFACT and message["data"]["kind"] == "checkpoint":
             print(f"\ncheckpoint: {message['data']['path']}", file=sys.stderr)
-        elif message.get("event") == EVENT_PROGRESS:
+        elif message.get("event") == EVENT_DOWNLOAD:
+            d, self.downloading = message["data"], True
+            print(f"\r{transfer_text(d['bytes_done'], d['bytes_total'], d['speed'])}   ", end="", file=sys.stderr)
+        elif message.get("event") == EVENT_PROGRESS and not self.downloading:
             data = message["data"]
             done = 30 * data["step"] // data["total"]
             bar = "#" * done + "." * (30 - done)
@@ -106,8 +112,7 @@ def run_task(args: argparse.Namespace) -> int:
     task = COMMANDS[args.command]
     values = {p.name: getattr(args, p.name) for p in protocol.TASK_PARAMS[task] if p.name != "task"}
     values["task"] = task
-    values["output_dir"] = os.path.abspath(values["output_dir"])
-    for name in ("photos_dir", "resume_from", "class_images_dir"):  # train: folders and files given relative here
+    for name in ("output_dir", "photos_dir", "resume_from", "class_images_dir"):  # given relative to here
         if values.get(name):
             values[name] = os.path.abspath(values[name])
     for p in protocol.TASK_PARAMS[task]:
@@ -145,7 +150,10 @@ def run_task(args: argparse.Namespace) -> int:
         error = console.reply["error"]
         print(f"error ({error['code']}): {error['message']}", file=sys.stderr)
         return 2 if error["code"] == INVALID_PARAMS else 1
-    for artifact in console.reply["result"]["artifacts"]:
+    result = console.reply["result"]
+    if "artifacts" not in result:  # a download or a listing: its result as JSON
+        print(json.dumps(result, indent=2))
+    for artifact in result.get("artifacts", ()):
         print(artifact["path"])
     return 0
 

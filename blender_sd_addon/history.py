@@ -65,7 +65,7 @@ class HistoryRecord:
     task: str = "txt2img"  # or "pbr": maps derived from `source`, files[0]["path"] its file ("" when uploaded)
     source: str = ""  # the source image of a pbr or image task, by its name in the .blend
     mask: str = ""  # the mask image of an inpaint job, by its name in the .blend ("" when none)
-    params: dict = field(default_factory=dict)  # image tasks: the job's parameters, its image inputs left out
+    params: dict = field(default_factory=dict)  # the job's parameters, its image inputs left out (not pbr)
 
     @classmethod
     def from_result(cls, result: GenerateResult, source: str = "", mask: str = "") -> HistoryRecord:
@@ -75,7 +75,7 @@ class HistoryRecord:
         settings.update(width=result.width, height=result.height, pbr=any(i.maps for i in result.images))
         files = [asdict(i) for i in result.images]
         params = {}
-        if result.task in IMAGE_TASKS:
+        if result.task != "pbr":  # every parameter but the images: "Use these settings" restores them all
             images = {p.name for p in protocol.TASK_PARAMS[result.task] if p.kind is protocol.ImageInput}
             params = {name: value for name, value in result.params.items() if name not in images}
         return cls(
@@ -108,7 +108,8 @@ class HistoryRecord:
             return {name: getattr(self, name) for name in PBR_SETTINGS}
         if self.task in IMAGE_TASKS:
             return self.params | {"seed": self.seed}
-        return {name: getattr(self, name) for name in SETTINGS} | {"seed": self.seed, "model": self.model}
+        fields_ = {name: getattr(self, name) for name in SETTINGS}  # records from before params were kept
+        return fields_ | self.params | {"seed": self.seed, "model": self.model}
 
     def images(self) -> list[ImageRecord]:
         return [ImageRecord(**f) for f in self.files]

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import protocol
 from .client import BackendClient
+from .model_catalog import transfer_text
 from .protocol import CANCELLED, DONE, FAILED, FINISHED_STATES, QUEUED, RUNNING
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Job", "JobBoard"]
@@ -30,6 +31,7 @@ class Job:
     elapsed: float = 0.0  # seconds of denoising, as the worker measured them
     preview: protocol.PreviewEvent | None = None  # the latest only: previews are large and superseded
     preview_serial: int = 0  # bumped on each new preview, so the UI knows when to copy pixels
+    download: protocol.DownloadProgress | None = None  # the latest, while a download_model job runs
     artifacts: list[protocol.Artifact] = field(default_factory=list)  # in the order the worker announced them
     result: protocol.GenerateResult | None = None  # image tasks
     data: dict | None = None  # the raw result of any task
@@ -76,6 +78,8 @@ class Job:
             preview = _known(protocol.PreviewEvent, data)
             if preview is not None:
                 self.preview, self.preview_serial = preview, self.preview_serial + 1
+        elif kind == protocol.EVENT_DOWNLOAD:
+            self.state, self.download = RUNNING, _known(protocol.DownloadProgress, data) or self.download
         elif kind == protocol.EVENT_ARTIFACT:
             artifact = _known(protocol.Artifact, data)
             if artifact is not None:
@@ -116,6 +120,9 @@ class Job:
             return self.state.capitalize()
         if self.state == QUEUED:
             return "Starting backend…" if self.client.starting else "Queued"
+        if self.download:
+            d = self.download
+            return f"Downloading {transfer_text(d.bytes_done, d.bytes_total, d.speed)}"
         if not self.step:
             return (self.stage.replace("_", " ").capitalize() or "Running") + "…"
         left = self.seconds_left

@@ -77,13 +77,19 @@ def guess_base(model: str) -> str:
     return "sd1"
 
 
+def short_name(model: str) -> str:
+    """A hub id as it is; a folder or file by its last part."""
+    model = model.strip()
+    return model if HUB_ID.match(model) else Path(model.rstrip("/\\")).name
+
+
 def defaults_for(model: str, base: str = "", native_size: int = 0) -> ModelDefaults:
     """Settings that suit `model` (hub id, folder or file): its family's, the training size when known (SDXL-Turbo
     was trained at 512), and a distilled model's steps, guidance and sampler."""
     chosen = BASE_DEFAULTS.get(base) or BASE_DEFAULTS[guess_base(model)]
     if native_size:
         chosen = replace(chosen, width=native_size, height=native_size)
-    name = Path(model.rstrip("/\\")).name if not HUB_ID.match(model) else model
+    name = short_name(model)
     for rule in NAME_RULES:
         if re.search(rule.pattern, name, re.IGNORECASE):
             return replace(
@@ -123,6 +129,30 @@ def cached_snapshot(repo_id: str, cache_dir: Path | None = None, revision: str =
         return None
     snapshot = repo / "snapshots" / commit
     return snapshot if (snapshot / "model_index.json").is_file() else None
+
+
+def local_models(cache_dir: Path | None = None, folders: tuple[Path, ...] = ()) -> list[str]:
+    """The models on disk, as a model setting names them: hub ids complete in the cache, then in each folder
+    its diffusers model folders and single-file checkpoints (.safetensors), sorted by name."""
+    cache = cache_dir or hf_cache_dir()
+    found = []
+    try:
+        repos = sorted(p.name for p in cache.iterdir() if p.name.startswith("models--"))
+    except OSError:
+        repos = []
+    for name in repos:
+        repo_id = name[len("models--") :].replace("--", "/", 1)
+        if local_status(repo_id, cache) == "cached":
+            found.append(repo_id)
+    for folder in folders:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.suffix == ".safetensors" or local_status(str(entry)) == "folder":
+                found.append(str(entry))
+    return found
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

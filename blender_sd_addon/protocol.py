@@ -336,15 +336,25 @@ MODEL_PARAMS: tuple[Param, ...] = (
 )
 SAMPLING_PARAMS: tuple[Param, ...] = (
     Param("prompt", str, "", "What to paint.", required=True),
-    Param("negative_prompt", str, "", "What to avoid."),
-    Param("seed", int, None, "Random seed; unset picks one and reports it.", Range(0, SEED_MAX), optional=True),
-    Param("steps", int, 25, "Denoising steps.", Range(1, 150)),
-    Param("guidance_scale", float, 7.5, "Classifier-free guidance scale (<= 1 disables it).", Range(0.0, 30.0)),
+    Param("negative_prompt", str, "", "What the picture should not show (e.g. text, blur)."),
+    Param(
+        "seed", int, None, "The same seed with the same settings makes the same picture; unset picks one.",
+        Range(0, SEED_MAX), optional=True,
+    ),
+    Param("steps", int, 25, "More steps add detail and take longer (20 to 30 suit most models).", Range(1, 150)),
+    Param(
+        "guidance_scale", float, 7.5,
+        "How closely to follow the prompt: about 7 suits most models, higher is stricter but harsher (1 or less: off).",
+        Range(0.0, 30.0),
+    ),
     Param("width", int, 512, "Image width in pixels.", Range(SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE)),
     Param("height", int, 512, "Image height in pixels.", Range(SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE)),
-    Param("batch_size", int, 1, "Images per request.", Range(1, 8)),
-    Param("scheduler", str, "euler_a", "Sampler.", choices=SCHEDULERS),
-    Param("seamless", str, "none", "Axes on which the texture tiles.", choices=SEAMLESS_AXES),
+    Param("batch_size", int, 1, "How many pictures to make at once, each with its own seed.", Range(1, 8)),
+    Param(
+        "scheduler", str, "euler_a", "The sampling method: Euler Ancestral suits most models; LCM only LCM models.",
+        choices=SCHEDULERS,
+    ),
+    Param("seamless", str, "none", "Make the texture repeat without seams across X, Y or both.", choices=SEAMLESS_AXES),
     Param("preview_every", int, 0, "Send a preview every N steps (0 = never).", Range(0, 150)),
     Param("vae_tiling", bool, False, "Decode in tiles (large images on small GPUs; off while seamless)."),
 )

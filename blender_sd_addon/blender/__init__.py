@@ -13,7 +13,20 @@ import sys
 import bpy
 
 from .. import api
-from . import batch, install_ops, operators, panels, preferences, preview, project, properties, remote, train, travel
+from . import (
+    batch,
+    install_ops,
+    operators,
+    panels,
+    preferences,
+    preview,
+    project,
+    properties,
+    relocate,
+    remote,
+    train,
+    travel,
+)
 
 PUBLIC_NAME = "blender_sd_addon"
 EARLY_START_DELAY = 1.0  # seconds after registration: Blender finishes starting first
@@ -51,6 +64,21 @@ def _start_early() -> None:
 @bpy.app.handlers.persistent
 def _on_load_pre(*_args) -> None:
     operators.stop_polling()  # the job's objects belong to the file being closed
+    api.forget_history()
+    relocate.forget()
+
+
+@bpy.app.handlers.persistent
+def _on_undo_redo(*_args) -> None:
+    api.restore_history()  # undo takes out materials, never history entries
+
+
+HANDLERS = (
+    ("load_pre", _on_load_pre),
+    ("undo_post", _on_undo_redo),
+    ("redo_post", _on_undo_redo),
+    ("save_pre", relocate.on_save_pre),
+)
 
 
 def register() -> None:
@@ -60,7 +88,8 @@ def register() -> None:
     travel.register()
     train.register()
     project.register()
-    bpy.app.handlers.load_pre.append(_on_load_pre)
+    for kind, handler in HANDLERS:
+        getattr(bpy.app.handlers, kind).append(handler)
     atexit.register(api.shutdown_backend)
     for name, module in _aliases().items():
         sys.modules.setdefault(name, module)
@@ -78,7 +107,8 @@ def unregister() -> None:
     atexit.unregister(api.shutdown_backend)
     operators.stop_polling()
     api.shutdown_backend()
-    bpy.app.handlers.load_pre.remove(_on_load_pre)
+    for kind, handler in HANDLERS:
+        getattr(bpy.app.handlers, kind).remove(handler)
     preview.unregister()
     batch.unregister()
     project.unregister()

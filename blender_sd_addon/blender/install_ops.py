@@ -6,6 +6,8 @@ In background mode (`blender -b`) the operator waits for the end, so a script ca
 
 from __future__ import annotations
 
+import sys
+
 import bpy
 from bpy.props import StringProperty
 
@@ -15,11 +17,19 @@ REDRAW_INTERVAL = 0.5  # seconds
 
 
 def _redraw_while_running() -> float | None:
+    """Redraw the preferences and sidebars while installing; start the new backend once it is in place."""
+    from .operators import STATE, start_backend_async
+
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type == "PREFERENCES":
+            if area.type in ("PREFERENCES", "VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR"):
                 area.tag_redraw()
-    return REDRAW_INTERVAL if installer.STATE.running else None
+    STATE.readiness = None
+    if installer.STATE.running:
+        return REDRAW_INTERVAL
+    if installer.STATE.succeeded:
+        start_backend_async()
+    return None
 
 
 class SDTEX_OT_install_backend(bpy.types.Operator):
@@ -57,6 +67,8 @@ backend packages into it (downloads several GB)"""
         layout.prop(self, "index_url")
 
     def execute(self, context):
+        if sys.platform == "win32":  # the running worker's files are locked: the switch to the new backend fails
+            api.shutdown_backend()
         try:
             thread = installer.start_install(
                 api.user_data_dir(),

@@ -30,6 +30,9 @@ X_COORDS, X_MAPPING, X_TEXTURES, X_HELPERS, X_BSDF, X_OUTPUT = -1300, -1100, -80
 ROW = -300
 
 
+MATERIAL_KEY = "sdtex_made_from"  # custom property: the images and options a material was built from
+
+
 @dataclass
 class ApplyOptions:
     """How `apply_images` builds and assigns materials."""
@@ -96,13 +99,13 @@ def apply_images(
 
     # 4. Build the materials and put them in the objects' slots
     if options.shared_material:
-        material = _build_material(name, images, options, _common_uv_name(meshes))
+        material = _material(name, images, options, _common_uv_name(meshes))
         for obj in meshes:
             _assign(obj, material, options.slot)
         return [material]
     materials = []
     for obj in meshes:
-        material = _build_material(f"{name}.{obj.name}", images, options, _common_uv_name([obj]))
+        material = _material(f"{name}.{obj.name}", images, options, _common_uv_name([obj]))
         _assign(obj, material, options.slot)
         materials.append(material)
     return materials
@@ -135,6 +138,7 @@ def show_tile_preview(image_path: str, repeat: int = 2) -> bpy.types.Image:
     preview.colorspace_settings.name = tile.colorspace_settings.name
     preview.pixels.foreach_set(block * repeat)
     preview.update()
+    preview.pack()  # held in the .blend, not "modified": quitting never asks to save a helper image
 
     # 3. Show it wherever an Image Editor is open
     for window in bpy.context.window_manager.windows:
@@ -262,6 +266,18 @@ def _assign_faces(mesh: bpy.types.Mesh, index: int) -> None:
         return
     mesh.polygons.foreach_set("material_index", array("i", [index]) * len(mesh.polygons))
     mesh.update()
+
+
+def _material(name: str, images: dict, options: ApplyOptions, uv_name: str) -> bpy.types.Material:
+    """The material these images and options make: the one made before when it is still there unchanged in
+    what matters (Apply again reuses it instead of piling up .001, .002 copies), else a new one."""
+    key = repr((name, sorted((kind, image.name) for kind, image in images.items()), options, uv_name))
+    for material in bpy.data.materials:
+        if material.get(MATERIAL_KEY) == key and not material.library:
+            return material
+    material = _build_material(name, images, options, uv_name)
+    material[MATERIAL_KEY] = key
+    return material
 
 
 def _build_material(name: str, images: dict, options: ApplyOptions, uv_name: str) -> bpy.types.Material:

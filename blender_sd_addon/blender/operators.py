@@ -10,23 +10,28 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
+import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
 
-from .. import api, model_catalog, protocol
+from .. import api, installer, messages, model_catalog, paths, protocol, readiness
 from ..client import BackendClient, SDTexError
 from ..history import IMAGE_TASKS, HistoryRecord
 from ..jobs import CANCELLED, DONE, Job, JobBoard
 from . import images, materials, preview
-from .properties import INT32_MAX
+from .properties import INT32_MAX, SCENE_CONTROLS
 
 POLL_INTERVAL = 0.01  # seconds between timer polls while a job runs: a cheap mailbox check, and the
 # result waits at most this long (0.05 s cost 25 ms per job on average, over the 20 ms overhead budget)
 REDRAW_AREAS = {"VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR", "PREFERENCES"}
+FACTS_TTL = 0.5  # seconds a readiness check is reused: panels redraw often, the check looks at files
 
 
 @dataclass
@@ -71,18 +76,35 @@ class UIState:
     targets: dict[str, Target] = field(default_factory=dict)  # request id -> where its result goes
     uploads: list[Upload] = field(default_factory=list)  # jobs waiting for their input to be uploaded
     preview_serial: tuple[str, int] = ("", 0)  # the last preview shown: (request id, serial)
-    message: str = ""  # the last outcome, shown under the Generate button
+    message: str = ""  # the last outcome, shown under the Generate button (an error in the panel's words)
+    details: str = ""  # an error's whole text, as the backend gave it (the Details popup)
     is_error: bool = False
     backend_message: str = ""  # set by the start-up thread: plain Python only, never bpy
+    readiness: tuple[float, readiness.Readiness] | None = None  # (when, what): reused for FACTS_TTL
 
     @property
     def running(self) -> bool:
         return bool(self.board.active or self.uploads)
 
     def say(self, message: str, is_error: bool = False) -> None:
-        self.message, self.is_error = message, is_error
+        self.message, self.details, self.is_error = message, message, is_error
         if is_error:
-            print(f"SD Textures: {message}")
+            print(f"SD Textures: {message}")  # the precise text; the panel shows it in its own words
+            self.message = messages.readable(message)
+
+    def clear_fixed_error(self, settings) -> None:
+        """Forget an error about a panel field once the field holds a value it accepts (a stale "Prompt is
+        empty" under a prompt someone has typed misleads)."""
+        name = messages.parameter_of(self.details) if self.is_error else ""
+        if name and name in settings.bl_rna.properties:
+            try:
+                protocol.param(name).check(getattr(settings, name))
+            except protocol.ProtocolError:
+                return
+            self.say("")
+
+    def download_job(self) -> Job | None:
+        return next((job for job in self.board.active if job.task == "download_model"), None)
 
 
 STATE = UIState()
@@ -95,6 +117,50 @@ def backend_status() -> str:
     shake = client.handshake
     details = f"pid {client.pid}, torch {shake.torch_version}, {'/'.join(shake.devices)}" if shake else "starting"
     return f"Backend: running ({details}) {STATE.backend_message}".rstrip()
+
+
+def scene_model(context) -> str:
+    """The model in effect: the scene's own, else the preferences'."""
+    own = context.scene.sdtex.model
+    return bpy.path.abspath(own) if own else api.load_model_params()["model"]
+
+
+def check_readiness(context) -> readiness.Readiness:
+    """The panel's backend and model lines (readiness.check on facts gathered here, reused briefly)."""
+    now = time.monotonic()
+    if STATE.readiness and now - STATE.readiness[0] < FACTS_TTL:
+        return STATE.readiness[1]
+    remote = api.remote_settings()
+    try:
+        if remote is None:  # a remote backend needs no interpreter here
+            paths.find_backend_python(bpy.path.abspath(api.preferences().backend_python), api.user_data_dir())
+        interpreter_error = ""
+    except SDTexError as exc:
+        interpreter_error = str(exc)
+    client, install, download = api.current_client(), installer.STATE, STATE.download_job()
+    shake = client.handshake if client and client.alive else None
+    model = scene_model(context)
+    facts = readiness.Facts(
+        interpreter_error=interpreter_error,
+        installing=install.running,
+        install_progress=install.progress,
+        install_message=install.message,
+        install_failed=install.error,
+        running=bool(client and client.alive),
+        starting=bool(client and client.starting),
+        # A start that failed before any worker existed (no interpreter) is that line's business, not this one's.
+        worker_error=STATE.backend_message if client and STATE.backend_message.startswith("error") else "",
+        device="/".join(shake.devices[:1]) if shake else "",
+        torch_version=shake.torch_version if shake else "",
+        remote=remote.address if remote else "",
+        model=model,
+        model_state="remote" if remote else model_catalog.local_status(model),
+        downloading=download is not None,
+        download_progress=download.fraction if download else 0.0,
+        download_text=download.status_text if download else "",
+    )
+    STATE.readiness = (now, readiness.check(facts))
+    return STATE.readiness[1]
 
 
 def start_backend_async() -> threading.Thread:
@@ -241,8 +307,16 @@ def _submit_uploaded() -> list[Upload]:
 
 def _finish(job: Job, target: Target) -> None:
     """Apply a finished job's result to the objects it was started for, and say how it went."""
+    STATE.readiness = None  # a download or a worker's start changes what the panel says
     if job.state != DONE:
-        STATE.say(job.status_text, is_error=job.state != CANCELLED)
+        if job.state == CANCELLED:
+            STATE.say("Cancelled")
+        else:
+            STATE.say(job.error or job.status_text, is_error=True)
+        return
+    if job.result is None:  # a job that made no images (a download)
+        model = str((job.data or {}).get("model", ""))
+        STATE.say(f"Downloaded {model}: ready to generate" if job.task == "download_model" else "Done")
         return
     meshes = [bpy.data.objects[n] for n in target.object_names if n in bpy.data.objects]
     try:
@@ -250,11 +324,13 @@ def _finish(job: Job, target: Target) -> None:
         texture = api.finish(job.result, meshes, target.options, apply=apply, source=target.source, mask=target.mask)
         if job.result.task in IMAGE_TASKS:
             show_result(target.source, texture.images[0])
+        elif job.result.task == "txt2img":
+            show_result(preview.PREVIEW_NAME, texture.images[0])  # the final image, not the last step's preview
         if target.apply and not meshes:
             raise SDTexError("The objects were deleted while generating; the images are in the history")
         if target.apply and bpy.ops.ed.undo_push.poll():  # no undo stack without a window
             bpy.ops.ed.undo_push(message="Apply SD texture")
-        STATE.say(saved_message(texture))
+        STATE.say(saved_message(texture) + (SOLID_HINT if target.apply and solid_viewports() else ""))
     except SDTexError as exc:
         STATE.say(str(exc), is_error=True)
 
@@ -264,8 +340,22 @@ def saved_message(texture: api.TextureResult) -> str:
     return f"Saved {len(texture.files)} file(s) in {os.path.dirname(texture.files[0])}{seed}"
 
 
+SOLID_HINT = "\nThe viewport is in Solid shading: press Material Preview (Z) to see the texture."
+
+
+def solid_viewports() -> list:
+    """The 3D viewports' shading settings that show no textures."""
+    return [
+        area.spaces.active.shading
+        for window in bpy.context.window_manager.windows
+        for area in window.screen.areas
+        if area.type == "VIEW_3D" and area.spaces.active.shading.type in ("SOLID", "WIREFRAME")
+    ]
+
+
 def show_result(source: str, image: bpy.types.Image) -> None:
-    """Show an image task's result in the Image Editors that still show its source (unpinned ones)."""
+    """Show a result in the Image Editors that still show `source` (unpinned ones): an image task's source
+    image, or the step preview."""
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
             space = area.spaces.active
@@ -274,10 +364,15 @@ def show_result(source: str, image: bpy.types.Image) -> None:
 
 
 def _redraw() -> None:
+    """Redraw the sidebars and preferences that show progress, and the Image Editors' images; never a whole
+    3D viewport (with software drawing a viewport redraw costs more than a denoising step)."""
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type in REDRAW_AREAS:
-                area.tag_redraw()
+            if area.type not in REDRAW_AREAS:
+                continue
+            for region in area.regions:
+                if region.type == "UI" or area.type in ("PREFERENCES", "IMAGE_EDITOR") and region.type == "WINDOW":
+                    region.tag_redraw()
 
 
 def stop_polling() -> None:
@@ -302,6 +397,15 @@ class SDTEX_OT_generate(bpy.types.Operator):
 
     apply: BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
 
+    @classmethod
+    def poll(cls, context):
+        if bpy.app.background:  # scripts get the backend's own error instead
+            return True
+        blocker = check_readiness(context).blocker
+        if blocker and hasattr(cls, "poll_message_set"):  # Blender 3.0+: the tooltip says why
+            cls.poll_message_set(blocker)
+        return not blocker
+
     def execute(self, context):
         settings = context.scene.sdtex
         try:
@@ -310,7 +414,12 @@ class SDTEX_OT_generate(bpy.types.Operator):
             seed = None if settings.random_seed else settings.seed
             # A seed the panel can show again (IntProperty is 32-bit) instead of the backend's wider pick.
             seed = random.randint(0, INT32_MAX) if seed is None else seed
-            generate = settings.generate_settings(seed) | {"preview_every": 0 if bpy.app.background else 1}
+            from .train import generation_loras  # train's panels import this module
+
+            generate = settings.generate_settings(seed) | {
+                "preview_every": 0 if bpy.app.background else 1,
+                "loras": generation_loras(context.scene),
+            }
             params = api.generate_params(generate, model=settings.model or None)
             if bpy.app.background:
                 texture = api.finish(api.run(params), meshes, options, apply=self.apply)
@@ -319,7 +428,7 @@ class SDTEX_OT_generate(bpy.types.Operator):
                 start_ui_job(params, meshes, options, self.apply)
         except SDTexError as exc:
             STATE.say(str(exc), is_error=True)
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, STATE.message)
             return {"CANCELLED"}
         return {"FINISHED"}
 
@@ -352,7 +461,7 @@ class SDTEX_OT_derive_pbr_maps(bpy.types.Operator):
                 start_ui_pbr_job(image, params, meshes, options, self.apply)
         except (SDTexError, ValueError) as exc:  # ValueError: the image has no pixels to send
             STATE.say(str(exc), is_error=True)
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, STATE.message)
             return {"CANCELLED"}
         return {"FINISHED"}
 
@@ -393,8 +502,13 @@ class SDTEX_OT_image_task(bpy.types.Operator):
             # A seed the panel can show again (IntProperty is 32-bit) instead of the backend's wider pick.
             seed = random.randint(0, INT32_MAX) if settings.random_seed else settings.seed
             task, values, inputs = settings.image_task_settings(seed)
-            if "preview_every" in (p.name for p in protocol.TASK_PARAMS[task]):
+            names = {p.name for p in protocol.TASK_PARAMS[task]}
+            if "preview_every" in names:
                 values["preview_every"] = 0 if bpy.app.background else 1
+            if "loras" in names:
+                from .train import generation_loras  # train's panels import this module
+
+                values["loras"] = generation_loras(context.scene)
             inputs = {"image": image, **inputs}
             model = settings.model or None
             if bpy.app.background:
@@ -407,7 +521,7 @@ class SDTEX_OT_image_task(bpy.types.Operator):
                 start_ui_input_job(task, inputs, params, meshes, options, self.apply)
         except SDTexError as exc:
             STATE.say(str(exc), is_error=True)
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, STATE.message)
             return {"CANCELLED"}
         return {"FINISHED"}
 
@@ -476,6 +590,8 @@ class SDTEX_OT_use_history_settings(bpy.types.Operator):
         for name, value in values.items():
             if name == "seed" and value is None:  # a job that sampled nothing (strength 0)
                 continue
+            if panel_names.get(name, name) not in SCENE_CONTROLS:  # the preferences' device, memory options...
+                continue
             if name == "seed":
                 settings.random_seed = value > INT32_MAX
                 settings.seed = value if value <= INT32_MAX else settings.seed
@@ -542,6 +658,130 @@ class SDTEX_OT_stop_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
+_local_models: list[tuple[str, str, str]] = []  # enum items must outlive the callback (Blender keeps pointers)
+
+
+def _local_model_items(self, context) -> list[tuple[str, str, str]]:
+    folder = bpy.path.abspath(api.preferences().models_folder)
+    models = model_catalog.local_models(folders=(Path(folder),) if folder else ())
+    _local_models[:] = [(m, model_catalog.short_name(m), m) for m in models] or [("", "No models on disk", "")]
+    return _local_models
+
+
+class SDTEX_OT_pick_model(bpy.types.Operator):
+    """Choose one of the models already on disk (the Hugging Face cache and the Preferences' models folder)"""
+
+    bl_idname = "sdtex.pick_model"
+    bl_label = "On Disk"
+    bl_property = "model"
+
+    model: EnumProperty(name="Model", items=_local_model_items)
+
+    def invoke(self, context, event):
+        context.window_manager.invoke_search_popup(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        if not self.model:
+            self.report({"WARNING"}, "No models on disk yet: Download Model, or Choose Model to pick a file or folder")
+            return {"CANCELLED"}
+        use_model(context, self.model, "PREFERENCES")
+        return {"FINISHED"}
+
+
+class SDTEX_OT_download_model(bpy.types.Operator):
+    """Download the model from the Hugging Face hub (only the files it needs, half-size weights where the \
+repository has them); progress shows in the panel and Cancel stops it"""
+
+    bl_idname = "sdtex.download_model"
+    bl_label = "Download Model"
+
+    @classmethod
+    def poll(cls, context):
+        return STATE.download_job() is None
+
+    def execute(self, context):
+        model = scene_model(context)
+        try:
+            if not model_catalog.HUB_ID.match(model.strip()):
+                raise SDTexError(f"Only hub models (like owner/name) can be downloaded; {model!r} is a path")
+            job = _submit(api.get_client(), "download_model", {"model": model.strip()}, Target((), None, False))
+            _follow()
+        except SDTexError as exc:
+            STATE.say(str(exc), is_error=True)
+            self.report({"ERROR"}, STATE.message)
+            return {"CANCELLED"}
+        STATE.readiness = None
+        self.report({"INFO"}, f"Downloading {model} (job {job.request_id})")
+        return {"FINISHED"}
+
+
+class SDTEX_OT_show_message(bpy.types.Operator):
+    """Show the whole message, as the backend wrote it"""
+
+    bl_idname = "sdtex.show_message"
+    bl_label = "Details"
+
+    def invoke(self, context, event):
+        return context.window_manager.invoke_popup(self, width=min(900, context.window.width - 40))
+
+    def draw(self, context):
+        from .panels import message_lines  # panels imports this module
+
+        column = self.layout.column(align=True)
+        for line in message_lines(STATE.details or STATE.message, 880):
+            column.label(text=line)
+        print(f"SD Textures: {STATE.details}")
+
+    def execute(self, context):
+        return {"FINISHED"}
+
+
+class SDTEX_OT_open_preferences(bpy.types.Operator):
+    """Open this add-on's preferences (backend interpreter, model, output folder)"""
+
+    bl_idname = "sdtex.open_preferences"
+    bl_label = "Open Preferences"
+
+    def execute(self, context):
+        bpy.ops.screen.userpref_show()
+        context.preferences.active_section = "ADDONS"
+        context.window_manager.addon_search = "SD Textures"
+        return {"FINISHED"}
+
+
+class SDTEX_OT_open_folder(bpy.types.Operator):
+    """Open the folder the images are written to in the file browser of your system"""
+
+    bl_idname = "sdtex.open_folder"
+    bl_label = "Open Folder"
+
+    def execute(self, context):
+        folder = api.output_folder(None)
+        os.makedirs(folder, exist_ok=True)
+        opener = {"win32": ["explorer"], "darwin": ["open"]}.get(sys.platform, ["xdg-open"])
+        try:
+            subprocess.Popen([*opener, folder])
+        except OSError as exc:
+            self.report({"ERROR"}, f"Could not open {folder}: {exc}")
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class SDTEX_OT_material_preview(bpy.types.Operator):
+    """Switch the 3D viewports in Solid shading to Material Preview, to see the textures"""
+
+    bl_idname = "sdtex.material_preview"
+    bl_label = "Show Textures"
+
+    def execute(self, context):
+        for shading in solid_viewports():
+            shading.type = "MATERIAL"
+        if STATE.message.endswith(SOLID_HINT):
+            STATE.message = STATE.message[: -len(SOLID_HINT)]
+        return {"FINISHED"}
+
+
 class SDTEX_OT_browse_model(bpy.types.Operator):
     """Pick a diffusers model folder or a .safetensors checkpoint"""
 
@@ -560,9 +800,22 @@ class SDTEX_OT_browse_model(bpy.types.Operator):
     def execute(self, context):
         # A file is a single-file checkpoint; a folder (no file picked) is a diffusers model.
         path = self.filepath if os.path.isfile(self.filepath) else self.directory
-        owner = api.preferences() if self.target == "PREFERENCES" else context.scene.sdtex
-        owner.model = path.rstrip("/\\") if os.path.isdir(path) else path
+        use_model(context, path.rstrip("/\\") if os.path.isdir(path) else path, self.target)
         return {"FINISHED"}
+
+
+def use_model(context, model: str, target: str) -> None:
+    """Make `model` the preferences' (the scene then follows them) or the scene's own, and fill in the size,
+    steps, guidance and sampler that suit it (SDXL 1024 px, Turbo 1 step without guidance...)."""
+    settings = context.scene.sdtex
+    if target == "PREFERENCES":
+        api.preferences().model, settings.model = model, ""
+    else:
+        settings.model = model
+    defaults = model_catalog.defaults_for(model)
+    for name in ("width", "height", "steps", "guidance_scale", "scheduler"):
+        setattr(settings, name, getattr(defaults, name))
+    STATE.readiness = None
 
 
 classes = (
@@ -576,4 +829,10 @@ classes = (
     SDTEX_OT_start_backend,
     SDTEX_OT_stop_backend,
     SDTEX_OT_browse_model,
+    SDTEX_OT_pick_model,
+    SDTEX_OT_download_model,
+    SDTEX_OT_show_message,
+    SDTEX_OT_open_preferences,
+    SDTEX_OT_open_folder,
+    SDTEX_OT_material_preview,
 )

@@ -6,7 +6,7 @@ import textwrap
 
 import bpy
 
-from .. import protocol
+from .. import api, protocol, readiness
 from ..history import PBR_CONTROLS, HistoryRecord
 from . import operators, preview
 from .properties import IMAGE_MODES, shown_params
@@ -32,49 +32,127 @@ class SidebarPanel:
 
 
 class MainPanel(SidebarPanel):
+    """Setup status, the prompt and Generate first: the rest is in sub-panels (collapsed when advanced)."""
+
     bl_label = "SD Textures"
+    bl_order = 2
 
     def draw(self, context):
         layout = self.layout
         settings = context.scene.sdtex
-        layout.prop(settings, "prompt", text="")
-        layout.prop(settings, "negative_prompt", text="", icon="REMOVE")
+        draw_readiness(layout, operators.check_readiness(context), context.region.width)
 
         col = layout.column(align=True)
-        row = col.row(align=True)
+        col.label(text="Prompt")
+        col.prop(settings, "prompt", text="")
+        col.label(text="Avoid")
+        col.prop(settings, "negative_prompt", text="")
+        col = layout.column(align=True)
+        col.label(text="Seamless Tiling")
+        col.row(align=True).prop(settings, "seamless", expand=True)
+
+        state = operators.STATE
+        state.clear_fixed_error(settings)
+        row = layout.row()
+        row.scale_y = 1.5
+        row.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
+        for upload in state.uploads:
+            draw_progress(layout.row(), 0.0, f"{job_label(upload.target, upload.task)}: Sending the image…")
+        for job in state.board.active:  # each job: its own progress and Cancel; later ones wait in the queue
+            column = layout.column(align=True)
+            column.label(text=job_label(state.targets.get(job.request_id), job.task), icon="OBJECT_DATA")
+            row = column.row(align=True)
+            draw_progress(row, job.fraction, job.status_text)
+            row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
+        if state.message:
+            draw_message(layout, state.message, state.is_error, context.region.width)
+            row = layout.row(align=True)
+            if state.is_error:
+                row.operator("sdtex.show_message", icon="TEXT")
+            elif state.message.endswith(operators.SOLID_HINT):
+                row.operator("sdtex.material_preview", icon="SHADING_TEXTURE")
+        draw_output_folder(layout, context.region.width)
+
+
+def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
+    """The backend and model lines; a line that is not ready gets its fixes as buttons, one per row (side by
+    side they are cut off at the default sidebar width)."""
+    box = layout.box()
+    scale = bpy.context.preferences.system.ui_scale or 1.0
+    for line in (ready.backend, ready.model):
+        column = box.column(align=True)
+        if line.progress is not None:
+            draw_progress(column, line.progress, line.text)
+        else:
+            for i, text in enumerate(message_lines(line.text, width - 70, scale)):  # less the icon and margins
+                column.label(text=text, icon=line.icon if i == 0 else "BLANK1")
+        for operator, text in line.fixes:
+            button = column.operator(operator, text=text)
+            if operator == "sdtex.browse_model":
+                button.target = "PREFERENCES"  # a newcomer's choice holds for every file
+
+
+def draw_output_folder(layout, width: int) -> None:
+    """Where files go, when it is not beside the .blend: the artist must be able to find them."""
+    if bpy.data.filepath:
+        return
+    column = layout.column(align=True)
+    text = f"Unsaved file: images go to {api.output_folder(None)} (they move beside the .blend when you save it)"
+    for i, line in enumerate(message_lines(text, width - 40, bpy.context.preferences.system.ui_scale or 1.0)):
+        column.label(text=line, icon="FILE_FOLDER" if i == 0 else "BLANK1")
+    column.operator("sdtex.open_folder", icon="FILEBROWSER")
+
+
+class ImagePanel(SidebarPanel):
+    bl_label = "Size and Seed"
+
+    def draw(self, context):
+        settings = context.scene.sdtex
+        col = self.layout.column(align=True)
+        col.prop(settings, "width")
+        col.prop(settings, "height")
+        row = self.layout.row(align=True)
         sub = row.row(align=True)
         sub.enabled = not settings.random_seed
         sub.prop(settings, "seed")
         row.prop(settings, "random_seed", text="", icon="FILE_REFRESH")
-        col.prop(settings, "steps")
-        col.prop(settings, "guidance_scale")
-        row = col.row(align=True)
-        row.prop(settings, "width")
-        row.prop(settings, "height")
-        layout.prop(settings, "scheduler")
-        layout.prop(settings, "batch_size")
-        layout.row().prop(settings, "seamless", expand=True)
-        layout.prop(settings, "pbr")
-        if settings.pbr:
-            col = layout.column(align=True)
-            col.prop(settings, "normal_format", text="Normals")
-            for name in PBR_CONTROLS:
-                col.prop(settings, name)
-        row = layout.row(align=True)
-        row.prop(settings, "model")
-        row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
+        self.layout.prop(settings, "steps")
 
-        state = operators.STATE
-        layout.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
-        for upload in state.uploads:
-            draw_progress(layout.row(), 0.0, f"{job_label(upload.target, upload.task)}: Sending the image…")
-        for job in state.board.active:  # each job: its own progress and Cancel; later ones wait in the queue
-            row = layout.row(align=True)
-            label = job_label(state.targets.get(job.request_id), job.task)
-            draw_progress(row, job.fraction, f"{label}: {job.status_text}")
-            row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
-        if state.message:
-            draw_message(layout, state.message, state.is_error, context.region.width)
+
+class AdvancedPanel(SidebarPanel):
+    bl_label = "Advanced"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdtex
+        layout.label(text="Sampler")
+        layout.prop(settings, "scheduler", text="")
+        col = layout.column(align=True)
+        col.prop(settings, "guidance_scale", text="Guidance")
+        col.prop(settings, "batch_size", text="Images")
+        layout.label(text="Model (empty: Preferences)")
+        row = layout.row(align=True)
+        row.prop(settings, "model", text="")
+        row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
+        layout.operator("sdtex.open_preferences", text="Device and Memory…", icon="PREFERENCES")
+
+
+class PbrPanel(SidebarPanel):
+    bl_label = "PBR Maps"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw_header(self, context):
+        self.layout.prop(context.scene.sdtex, "pbr", text="")
+
+    def draw(self, context):
+        settings = context.scene.sdtex
+        col = self.layout.column(align=True)
+        col.enabled = settings.pbr
+        col.label(text="Normal Map")
+        col.prop(settings, "normal_format", text="")
+        for name in PBR_CONTROLS:
+            col.prop(settings, name)
 
 
 def message_lines(text: str, width: int, ui_scale: float = 1.0) -> list[str]:
@@ -109,12 +187,18 @@ class ApplyPanel(SidebarPanel):
         col = self.layout.column()
         col.enabled = settings.apply
         col.prop(settings, "shared_material")
-        col.prop(settings, "slot")
-        col.prop(settings, "projection")
+        for name in ("slot", "projection", "displacement"):
+            labelled(col, settings, name)
         col.prop(settings, "texture_scale")
-        col.prop(settings, "displacement")
         col.prop(settings, "ao_multiply")
         col.prop(settings, "pack")
+
+
+def labelled(layout, data, name: str) -> None:
+    """A drop-down with its label in a column of its own (in one row Blender cuts the label to "Proje…")."""
+    split = layout.split(factor=0.42, align=True)
+    split.label(text=data.bl_rna.properties[name].name)
+    split.prop(data, name, text="")
 
 
 class SDTEX_PT_pbr_image_editor(SidebarPanel, bpy.types.Panel):
@@ -122,6 +206,7 @@ class SDTEX_PT_pbr_image_editor(SidebarPanel, bpy.types.Panel):
 
     bl_space_type = "IMAGE_EDITOR"
     bl_label = "PBR Maps from Image"
+    bl_order = 1  # above the main panel: in the Image Editor the image's own tasks come first
 
     def draw(self, context):
         layout = self.layout
@@ -148,6 +233,7 @@ class SDTEX_PT_image_tasks(SidebarPanel, bpy.types.Panel):
 
     bl_space_type = "IMAGE_EDITOR"
     bl_label = "Image Tasks"
+    bl_order = 0
 
     def draw(self, context):
         layout = self.layout
@@ -212,7 +298,10 @@ def _for_each_space(base: type, parent: str = "") -> tuple[type, ...]:
 classes = (
     SDTEX_UL_history,
     *_for_each_space(MainPanel),
+    *_for_each_space(ImagePanel, parent="mainpanel"),
     *_for_each_space(ApplyPanel, parent="mainpanel"),
+    *_for_each_space(PbrPanel, parent="mainpanel"),
+    *_for_each_space(AdvancedPanel, parent="mainpanel"),
     *_for_each_space(HistoryPanel, parent="mainpanel"),
     SDTEX_PT_image_tasks,
     SDTEX_PT_pbr_image_editor,

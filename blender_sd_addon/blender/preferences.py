@@ -28,6 +28,12 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
         description="Hub id, local diffusers folder, or single-file .safetensors checkpoint",
         default=DEFAULT_MODEL,
     )
+    models_folder: StringProperty(
+        name="Models Folder",
+        description="A folder of your models (diffusers folders and .safetensors files): the panel's On Disk list "
+        "shows them next to those in the Hugging Face cache",
+        subtype="DIR_PATH",
+    )
     device: param_property("device")
     dtype: param_property("dtype", name="Precision")
     cpu_offload: param_property("cpu_offload", name="CPU Offload")
@@ -77,7 +83,9 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
         box.label(text="Model", icon="FILE_3D")
         row = box.row(align=True)
         row.prop(self, "model")
+        row.operator("sdtex.pick_model", text="", icon="DOWNARROW_HLT")
         row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "PREFERENCES"
+        box.prop(self, "models_folder")
         row = box.row()
         row.prop(self, "device")
         row.prop(self, "dtype")

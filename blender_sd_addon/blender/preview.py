@@ -39,6 +39,7 @@ def show_preview(event: PreviewEvent) -> bpy.types.Image:
         image.scale(width, height)
     image.pixels.foreach_set(pixels)
     image.update()
+    image.pack()  # held in the .blend, not "modified": quitting never asks to save a preview
 
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:

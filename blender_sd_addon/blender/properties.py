@@ -334,6 +334,13 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
 for _task, _group in TASK_GROUPS.items():  # Scene.sdtex.img2img, .inpaint...: generated, so added here
     SDTEX_PG_scene.__annotations__[_task] = PointerProperty(type=_group)
 
+# What "Use these settings" may set: the scene's controls that are task parameters (from the tables, so a
+# parameter added to both can't be forgotten), the pbr section's own seamless, and the model.
+SCENE_CONTROLS = frozenset(
+    name
+    for name in SDTEX_PG_scene.__annotations__
+    if name in ("pbr_seamless", "model") or any(name == p.name for p in protocol.TASK_PARAMS["txt2img"])
+)
 classes = (SDTEX_PG_history_entry, *TASK_GROUPS.values(), SDTEX_PG_scene)
 
 

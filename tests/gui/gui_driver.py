@@ -2,11 +2,12 @@
 
     blender --factory-startup --enable-event-simulate scene.blend --python gui_driver.py -- '{"zip": ..., ...}'
 
-Arguments (JSON): zip (the built add-on), model (a diffusers folder), out (report and screenshots),
-steps, size, timeout (seconds). The backend interpreter comes from $SDTEX_BACKEND_PYTHON.
+Arguments (JSON): zip (the built add-on), model (a diffusers folder), python (the backend interpreter),
+out (report and screenshots), steps, size, timeout (seconds).
 
 It does what a user does: install the zip (legacy add-on path), open the sidebar on the SD Textures tab,
-select the cube and press Generate, select the plane and press Generate again while the first runs, watch
+follow the setup lines (no backend: set the interpreter; the default model not on disk: choose the tiny model's
+folder), select the cube and press Generate, select the plane and press Generate again while the first runs, watch
 both jobs' progress, look at the result in Material Preview, undo both. Everything after
 Generate runs from `bpy.app.timers` callbacks, so the report also shows that Blender kept running its
 event loop while the backend worked. Any exception ends the run with the traceback in the report.
@@ -93,15 +94,9 @@ def setup() -> None:
     REPORT["install"] = sorted(bpy.ops.preferences.addon_install(filepath=ARGS["zip"]))
     module = addon_utils.enable(ADDON, default_set=True)
     REPORT["addon_file"] = module.__file__ if module else None
-    bpy.context.preferences.addons[ADDON].preferences.model = ARGS["model"]
 
-    # 2. Settings a user would type, sized so the job lasts a few seconds on a tiny model
-    settings = bpy.context.scene.sdtex
-    settings.prompt = "mossy stone wall"
-    settings.steps = ARGS["steps"]
-    settings.width = settings.height = ARGS["size"]
-    settings.random_seed = False
-    settings.seed = 7
+    # 2. The prompt a user would type (the model and the sizes come once the setup lines are seen)
+    bpy.context.scene.sdtex.prompt = "mossy stone wall"
     plane = bpy.data.objects.new("Plane", bpy.data.meshes.new("Plane"))
     plane.data.from_pydata([(-1, -1, 0), (1, -1, 0), (1, 1, 0), (-1, 1, 0)], [], [(0, 1, 2, 3)])
     plane.location = (3.5, 0, -1)
@@ -137,7 +132,30 @@ def scenario():
     REPORT["tab_open"] = TabProbe.draws > 0
     mark("tab_open")
 
-    # 2. Press Generate on the cube, then on the plane while the first job runs (as a button press does:
+    # 2. A newcomer's setup, as the panel's lines guide it: no backend, then no model, then ready
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    for step in ("backend_missing", "model_missing", "ready"):
+        if step == "model_missing":  # Preferences > Backend Interpreter (or Install Backend)
+            prefs.backend_python = ARGS["python"]
+        if step == "ready":  # the panel's Choose Model, on the tiny model's folder
+            with override():
+                bpy.ops.sdtex.browse_model(target="PREFERENCES", filepath="", directory=ARGS["model"])
+        operators.STATE.readiness = None
+        yield 0.5
+        with override():
+            bpy.ops.wm.redraw_timer(type="DRAW_WIN_SWAP", iterations=1)
+            can_generate = bpy.ops.sdtex.generate.poll()
+        ready = operators.check_readiness(bpy.context)
+        REPORT[f"setup_{step}"] = {"blocker": ready.blocker, "generate_enabled": can_generate}
+        screenshot(f"setup_{step}.png")
+    mark("setup_done")
+    settings = bpy.context.scene.sdtex  # picking the model filled in its size and steps: smaller for the test
+    settings.steps, settings.width, settings.height = ARGS["steps"], ARGS["size"], ARGS["size"]
+    settings.random_seed = False
+    with override():
+        bpy.ops.ed.undo_push(message="Settings")
+
+    # 3. Press Generate on the cube, then on the plane while the first job runs (as a button press does:
     # invoke, with an undo step); each must return at once
     mark("generate_pressed")
     REPORT["generate"] = []
@@ -154,7 +172,7 @@ def scenario():
     first_job = operators.STATE.board.active[0]
     mark("generate_returned")
 
-    # 3. Follow the jobs from timer ticks (the first job's progress); screenshot the panel once it shows some
+    # 4. Follow the jobs from timer ticks (the first job's progress); screenshot the panel once it shows some
     while operators.STATE.running:
         REPORT["ticks_during_job"] += 1
         fraction = first_job.fraction
@@ -174,7 +192,7 @@ def scenario():
     REPORT["plane_after"] = object_state("Plane")
     select_only("Cube")
 
-    # 4. Look at the result in Material Preview, the cube filling the view (EEVEE compiles its shaders first)
+    # 5. Look at the result in Material Preview, the cube filling the view (EEVEE compiles its shaders first)
     area.spaces.active.shading.type = "MATERIAL"
     with bpy.context.temp_override(
         window=window, area=area, region=next(r for r in area.regions if r.type == "WINDOW")
@@ -184,7 +202,9 @@ def scenario():
     yield ARGS.get("preview_wait", 8.0)
     screenshot("material_preview.png")
 
-    # 5. Undo, once per applied job (and nothing else), puts the old materials back; redo brings them again
+    # 6. Undo, once per applied job (and nothing else), puts the old materials back but keeps the history;
+    # redo brings the materials again
+    REPORT["history_before_undo"] = len(bpy.context.scene.sdtex.history)
     for step in ("undo", "redo"):
         for _ in range(2):
             with override():
@@ -192,6 +212,7 @@ def scenario():
             yield 1.0
         REPORT[f"after_{step}"] = object_state("Cube")
         REPORT[f"plane_after_{step}"] = object_state("Plane")
+        REPORT[f"history_after_{step}"] = len(bpy.context.scene.sdtex.history)
     mark("end")
 
 

@@ -79,9 +79,9 @@ def gui_run(display, tiny_model_dir, tmp_path_factory) -> dict:
         **os.environ,
         "DISPLAY": display,
         "HOME": str(home),  # Blender's user config (where the add-on installs) stays in the temp folder
-        "SDTEX_BACKEND_PYTHON": sys.executable,
         "HF_HUB_OFFLINE": "1",
     }
+    env.pop("SDTEX_BACKEND_PYTHON", None)  # a newcomer's machine: the panel must say the backend is missing
     # A saved file: Blender skips the splash screen when it opens one, and "//textures/" resolves beside it.
     scene = work / "scene.blend"
     save = f"import bpy; bpy.ops.wm.save_as_mainfile(filepath={str(scene)!r})"
@@ -92,6 +92,7 @@ def gui_run(display, tiny_model_dir, tmp_path_factory) -> dict:
     args = {
         "zip": str(build_zip(work)),
         "model": str(tiny_model_dir),
+        "python": sys.executable,
         "out": str(out),
         "steps": STEPS,
         "size": SIZE,
@@ -153,9 +154,23 @@ def test_each_result_is_on_its_own_object_and_undo_restores_the_old_materials(gu
     assert gui_run["after_redo"] == after and gui_run["plane_after_redo"] == plane_after
 
 
+def test_a_newcomer_is_guided_from_no_backend_to_a_model_to_generate(gui_run):
+    missing_backend, missing_model = gui_run["setup_backend_missing"], gui_run["setup_model_missing"]
+    assert missing_backend == {"blocker": "Backend not installed", "generate_enabled": False}
+    assert missing_model["blocker"].startswith("Model not on disk: stable-diffusion-v1-5/")
+    assert not missing_model["generate_enabled"]
+    assert gui_run["setup_ready"] == {"blocker": "", "generate_enabled": True}
+
+
+def test_undo_keeps_the_history(gui_run):
+    assert gui_run["history_before_undo"] == 2
+    assert gui_run["history_after_undo"] == gui_run["history_after_redo"] == 2
+
+
 def test_screenshots_show_the_window(gui_run):
     shots = {name: Path(path) for name, path in gui_run["screenshots"].items()}
-    assert set(shots) == {"progress.png", "material_preview.png"}
+    setup = {f"setup_{step}.png" for step in ("backend_missing", "model_missing", "ready")}
+    assert set(shots) == {"progress.png", "material_preview.png", *setup}
     for path in shots.values():
         assert Image.open(path).size == (1600, 1000) and not is_blank(path)
     # The textured cube fills the middle of the view: colourful, unlike Blender's grey UI.
@@ -164,3 +179,6 @@ def test_screenshots_show_the_window(gui_run):
     if os.environ.get("SDTEX_UPDATE_README_IMAGE") == "1":  # tests leave tracked files alone unless asked
         readme_copy = Image.open(shots["material_preview.png"]).convert("RGB").resize((1200, 750), Image.LANCZOS)
         readme_copy.save(README_IMAGE, optimize=True)  # 3/4 size keeps the committed file near 0.5 MB
+        for name in sorted(setup):  # the sidebar only: what the README's Getting started shows
+            sidebar = Image.open(shots[name]).convert("RGB").crop((1095, 80, 1310, 500))
+            sidebar.save(README_IMAGE.with_name(f"gui_{name}"), optimize=True)

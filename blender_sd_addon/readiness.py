@@ -1,0 +1,116 @@
+"""Is everything there to generate? The backend and model lines at the top of the panel.
+
+Blender-free: the panel gathers plain facts (is an interpreter found, the installer's state, the worker's,
+the model setting's state on disk, a running download) and draws what `check` returns. When something is
+missing, `blocker` says why Generate is off and each line names the one-click fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import model_catalog
+
+# Fixes: the operator each line offers (bl_idname, button label).
+INSTALL = ("sdtex.install_backend", "Install Backend")
+SET_INTERPRETER = ("sdtex.open_preferences", "Set Interpreter")
+START = ("sdtex.start_backend", "Start Backend")
+DOWNLOAD = ("sdtex.download_model", "Download Model")
+CHOOSE = ("sdtex.browse_model", "Choose Model")
+ON_DISK = ("sdtex.pick_model", "Models on Disk")
+TEST_REMOTE = ("sdtex.test_connection", "Test Connection")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One status line: what the panel says, whether it is fine, and what fixes it."""
+
+    text: str
+    ready: bool
+    fixes: tuple[tuple[str, str], ...] = ()
+    progress: float | None = None  # 0..1 while installing or downloading
+
+    @property
+    def icon(self) -> str:
+        if self.progress is not None:
+            return "SORTTIME"
+        return "CHECKMARK" if self.ready else "ERROR"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the panel knows at a redraw (plain values, gathered on Blender's main thread)."""
+
+    remote: str = ""  # the remote backend's address (Preferences > Backend: Remote), empty for the local one
+    interpreter_error: str = ""  # why no backend interpreter was found; empty when one was
+    installing: bool = False
+    install_progress: float = 0.0
+    install_message: str = ""
+    install_failed: bool = False
+    running: bool = False  # a worker process is up
+    starting: bool = False  # ... and has not answered its handshake yet
+    worker_error: str = ""  # the last start or stop message (a crash, a failed start)
+    device: str = ""  # from the handshake, e.g. "cuda" or "cpu"
+    torch_version: str = ""
+    model: str = ""  # the model setting in effect
+    model_state: str = ""  # model_catalog.local_status of it, or "remote" (the server has it, or says not)
+    downloading: bool = False
+    download_progress: float = 0.0
+    download_text: str = ""  # the download job's status: "Downloading 312 MB of 2.1 GB · 14 MB/s"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    backend: Line
+    model: Line
+
+    @property
+    def blocker(self) -> str:
+        """Why Generate is off ("" when it can run): the first line that is not ready."""
+        for line in (self.backend, self.model):
+            if not line.ready:
+                return line.text
+        return ""
+
+
+def check(facts: Facts) -> Readiness:
+    return Readiness(backend_line(facts), model_line(facts))
+
+
+def backend_line(f: Facts) -> Line:
+    if f.remote:
+        if f.running and not f.starting:
+            return Line(f"Remote backend ready: {f.remote} ({f.device or 'device unknown'})", True)
+        return Line(f"Remote backend: {f.remote} (connects with the first Generate)", True, (TEST_REMOTE,))
+    if f.installing:
+        return Line(f"Installing backend: {f.install_message}", False, progress=f.install_progress)
+    if f.interpreter_error:
+        reason = f"Install failed: {f.install_message}" if f.install_failed else "Backend not installed"
+        return Line(reason, False, (INSTALL, SET_INTERPRETER))
+    if f.running and f.starting:
+        return Line("Backend starting…", True)
+    if f.running:
+        return Line(f"Backend ready: {f.device or 'device unknown'}, torch {f.torch_version or '?'}", True)
+    if f.worker_error:  # it stopped or failed to start; Generate starts it again, so not a blocker
+        return Line(f"Backend stopped: {f.worker_error}", True, (START,))
+    return Line("Backend installed (starts with the first Generate)", True, (START,))
+
+
+def model_line(f: Facts) -> Line:
+    name = model_catalog.short_name(f.model) if f.model.strip() else ""
+    if f.downloading:
+        return Line(f"{name}: {f.download_text}", False, progress=f.download_progress)
+    state = f.model_state
+    if state == "remote":  # on the server's disk: it answers for it
+        return Line(f"Model on the server: {name}", True)
+    if state in ("file", "folder", "cached"):
+        return Line(f"Model ready: {name}", True)
+    if state == "missing" and model_catalog.HUB_ID.match(f.model.strip()):
+        return Line(f"Model not on disk: {name}", False, (DOWNLOAD, ON_DISK, CHOOSE))
+    if state == "partial":
+        return Line(f"Model download incomplete: {name}", False, (DOWNLOAD, CHOOSE))
+    if not name:
+        return Line("No model chosen", False, (ON_DISK, CHOOSE))
+    if state == "missing":
+        return Line(f"Model not found: {f.model}", False, (ON_DISK, CHOOSE))
+    return Line(f"Not a model (no model_index.json, not a .safetensors file): {name}", False, (ON_DISK, CHOOSE))
