@@ -38,6 +38,7 @@ from typing import Any
 
 from blender_sd_addon import protocol
 from blender_sd_addon.protocol import INVALID_PARAMS, PARSE_ERROR, ProtocolError
+from blender_sd_addon.transport import turn_recv, turn_sendall
 
 log = logging.getLogger("backend.server")
 
@@ -219,6 +220,7 @@ class Connection:
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._outbox_bytes = 0
         self._lock = threading.Lock()
+        self._io = threading.Lock()  # one socket operation at a time (TLS)
         self._last_message = time.monotonic()
         self.requests = 0
 
@@ -249,7 +251,7 @@ class Connection:
     def _write(self) -> None:
         while (data := self._outbox.get()) is not None:
             try:
-                self.sock.sendall(data)
+                turn_sendall(self.sock, self._io, data, self.server.limits.write_timeout)
             except OSError:  # gone, or blocked past write_timeout
                 self.close()
                 return
@@ -286,7 +288,7 @@ class Connection:
             self.sock.settimeout(limits.handshake_timeout)
             if self.server.ssl_context is not None:
                 self.sock = self.server.ssl_context.wrap_socket(self.sock, server_side=True)
-            self.sock.settimeout(limits.write_timeout)
+            self.sock.setblocking(False)  # reads and writes take turns (transport.turn_recv, turn_sendall)
             self._writer = threading.Thread(target=self._write, daemon=True, name=f"write {self.name}")
             self._writer.start()
             lines = self._lines()
@@ -336,7 +338,9 @@ class Connection:
             pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
             if not pending and not select.select([self.sock], [], [], POLL)[0]:
                 continue
-            chunk = self.sock.recv(min(1 << 20, limits.max_message + 1))
+            chunk = turn_recv(self.sock, self._io, min(1 << 20, limits.max_message + 1))
+            if chunk is None:  # TLS records but no data yet
+                continue
             if not chunk:
                 return
             buffer += chunk

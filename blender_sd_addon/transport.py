@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -27,6 +28,8 @@ from . import protocol
 LOG_MAX_BYTES = 2 * 2**20  # backend.log is rotated to backend.log.1 at this size (one old file kept)
 STDERR_LINE_MAX = 64 * 2**10  # a longer stderr "line" is split, so a runaway print cannot exhaust memory
 KILL_WAIT = 2.0  # seconds between terminate and kill
+SEND_PIECE = 1 << 16  # bytes a TCP/TLS send writes before the reader gets a turn
+READ_POLL = 0.2  # seconds the TCP reader waits for bytes before looking whether it was closed
 _ERROR_LINE = re.compile(r"error|exception|fatal|killed|out of memory|abort|segmentation fault", re.IGNORECASE)
 _WARNING_LINE = re.compile(r"warn", re.IGNORECASE)
 
@@ -187,17 +190,16 @@ class TcpConnection(Connection):
         try:
             if tls:
                 sock = ssl.create_default_context(cafile=cafile or None).wrap_socket(sock, server_hostname=host)
-            sock.settimeout(None)
+            sock.setblocking(False)  # reads and writes take turns (turn_recv, turn_sendall)
         except (OSError, ssl.SSLError):
             sock.close()
             raise
         self._sock = sock
 
     def send(self, data: bytes) -> None:
-        with self._write_lock:
-            if self._closed.is_set():
-                raise BrokenPipeError(errno.EPIPE, "the connection to the backend is closed")
-            self._sock.sendall(data)
+        if self._closed.is_set():
+            raise BrokenPipeError(errno.EPIPE, "the connection to the backend is closed")
+        turn_sendall(self._sock, self._write_lock, data)
 
     def lines(self) -> Iterator[bytes]:
         with self._write_lock:
@@ -218,7 +220,14 @@ class TcpConnection(Connection):
                 if len(buffer) > protocol.MAX_LINE:
                     self._reason = f"the backend sent a line longer than {protocol.MAX_LINE} bytes"
                     return
-                chunk = self._sock.recv(1 << 20)
+                pending = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
+                if not pending and not select.select([self._sock], [], [], READ_POLL)[0]:
+                    if self._closed.is_set():
+                        return
+                    continue
+                chunk = turn_recv(self._sock, self._write_lock, 1 << 20)
+                if chunk is None:  # TLS records but no data yet (a session ticket)
+                    continue
                 if not chunk:
                     if not self._closed.is_set():
                         self._reason = f"{self.address} closed the connection"
@@ -252,6 +261,40 @@ class TcpConnection(Connection):
 
     def stopped_reason(self) -> str:
         return self._reason
+
+
+# A TCP connection (TLS or not) is read by one thread and written by others. An SSL object must not be used by
+# two threads at once (an SSL_read overlapping an SSL_write crashed the process), so on a non-blocking socket each
+# read and each piece of a write runs under one lock, and waiting (select) happens outside it: a blocking read
+# under the lock would hold it while only a session ticket arrived, and a blocked write would starve the reader.
+
+
+def turn_recv(sock: socket.socket, lock: threading.Lock, size: int) -> bytes | None:
+    """One read of a non-blocking socket under `lock`: the bytes (b"" at the end), or None when none are there."""
+    with lock:
+        try:
+            return sock.recv(size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return None
+
+
+def turn_sendall(sock: socket.socket, lock: threading.Lock, data: bytes, timeout: float | None = None) -> None:
+    """Write all of `data` to a non-blocking socket, a piece at a time under `lock`; TimeoutError when the peer
+    takes none of it for `timeout` seconds."""
+    view = memoryview(data)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while view:
+        with lock:
+            try:  # after a "want write", TLS needs the same bytes again: the same slice is offered
+                sent = sock.send(view[:SEND_PIECE])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                sent = 0
+        if sent:
+            view, deadline = view[sent:], None if timeout is None else time.monotonic() + timeout
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(errno.ETIMEDOUT, f"the peer took nothing for {timeout:g} s")
+        select.select([], [sock], [], READ_POLL)
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -218,9 +218,12 @@ def follow_ui_jobs(on_tick=None):
     operators.stop_polling()
 
 
-def test_ui_job_shows_previews_flipped_for_blender_and_applies_the_result(scene):
-    from blender_sd_addon.blender import operators
+def test_ui_job_shows_previews_flipped_for_blender_and_applies_the_result(scene, monkeypatch):
+    from blender_sd_addon.blender import operators, preview
 
+    shown = []  # the last preview may arrive with the result: then the one before it is the last shown
+    show = preview.show_preview
+    monkeypatch.setattr(preview, "show_preview", lambda event: shown.append(event) or show(event))
     cube = add_cube("Cube")
     params = api.generate_params(scene.sdtex.generate_settings(9) | {"preview_every": 1})
     job = operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
@@ -229,7 +232,7 @@ def test_ui_job_shows_previews_flipped_for_blender_and_applies_the_result(scene)
     assert job.state == jobs.DONE and not operators.STATE.is_error, operators.STATE.message
     assert os.path.isfile(image_texture_paths(cube)[0])
     assert "Saved" in operators.STATE.message and "seed 9" in operators.STATE.message
-    event = job.preview
+    event = shown[-1]
     image = bpy.data.images["SD Textures Preview"]
     assert tuple(image.size) == (event.width, event.height)
     rgb = base64.b64decode(event.rgb)
