@@ -15,11 +15,18 @@ runs must give the same pixels. Target: 2 actors' steady throughput >= 1.6x one 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
-from benchmarks.common import PYTHON, REPO, REQUEST, SETTINGS, Scenarios, median, model_dir, scenario_args, target
+from benchmarks.common import (
+    REQUEST,
+    SETTINGS,
+    Scenarios,
+    measuring_process,
+    median,
+    model_dir,
+    scenario_args,
+    target,
+)
 
 SPEEDUP_TARGET = 1.6
 JOBS = {"tiny": 24, "sd15": 4}
@@ -33,21 +40,7 @@ def measure(scenarios: Scenarios, architecture: str) -> dict:
         "jobs": JOBS[architecture],
         "scratch": str(scenarios.scratch / f"batch-{architecture}"),
     }
-    out = scenarios.scratch / f"batch-{architecture}.json"
-    log = scenarios.scratch / f"batch-{architecture}.log"
-    print(f"starting batch ({architecture}) ...", file=sys.stderr, flush=True)
-    with open(log, "w+") as stderr:
-        code = subprocess.run(
-            [PYTHON, "-m", "benchmarks.batch", json.dumps(config), str(out)],
-            cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        ).returncode
-        if code != 0 or not out.is_file():
-            stderr.seek(0)
-            raise RuntimeError(f"benchmarks.batch failed (exit {code}):\n{stderr.read()[-4000:]}")
-    return summarise(json.loads(out.read_text()))
+    return summarise(measuring_process(["benchmarks.batch"], config, scenarios.scratch, f"batch-{architecture}"))
 
 
 def summarise(raw: dict) -> dict:

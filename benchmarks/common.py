@@ -57,6 +57,25 @@ def model_dir(architecture: str) -> Path:
     return folder
 
 
+def measuring_process(args: list[str], config: dict, scratch: Path, name: str) -> dict:
+    """Run `python -m benchmarks.<args...> CONFIG OUT`, one scenario's measuring process (a fresh interpreter:
+    no warm caches of the runner), and return the JSON it wrote; its stderr is kept in <name>.log."""
+    out, log = scratch / f"{name}.json", scratch / f"{name}.log"
+    print(f"starting {name} ...", file=sys.stderr, flush=True)
+    with open(log, "w+") as stderr:
+        code = subprocess.run(
+            [PYTHON, "-m", *args, json.dumps(config), str(out)],
+            cwd=REPO,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        ).returncode
+        if code != 0 or not out.is_file():
+            stderr.seek(0)
+            raise RuntimeError(f"{' '.join(args)} failed (exit {code}):\n{stderr.read()[-4000:]}")
+    return json.loads(out.read_text())
+
+
 def now() -> float:
     """CLOCK_MONOTONIC: one clock for every process on the machine, so a parent can time a child."""
     return time.monotonic()

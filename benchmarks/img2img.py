@@ -16,17 +16,14 @@ The first run of each side is a warm-up and is left out. Both img2img sides must
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 from benchmarks.common import (
-    PYTHON,
-    REPO,
     REQUEST,
     RUNS_FACTOR,
     Scenarios,
     difference_band,
+    measuring_process,
     median,
     median_error,
     model_dir,
@@ -53,21 +50,7 @@ def measure(scenarios: Scenarios, architecture: str) -> dict:
         "model": str(model_dir(architecture)),
         "runs": scenarios.runs * RUNS_FACTOR[architecture],
     }
-    out = scenarios.scratch / f"img2img-{architecture}.json"
-    log = scenarios.scratch / f"img2img-{architecture}.log"
-    print(f"starting img2img ({architecture}) ...", file=sys.stderr, flush=True)
-    with open(log, "w+") as stderr:
-        code = subprocess.run(
-            [PYTHON, "-m", "benchmarks.img2img", json.dumps(config), str(out)],
-            cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        ).returncode
-        if code != 0 or not out.is_file():
-            stderr.seek(0)
-            raise RuntimeError(f"benchmarks.img2img failed (exit {code}):\n{stderr.read()[-4000:]}")
-    return summarise(json.loads(out.read_text()))
+    return summarise(measuring_process(["benchmarks.img2img"], config, scenarios.scratch, f"img2img-{architecture}"))
 
 
 def summarise(raw: dict) -> dict:

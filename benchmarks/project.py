@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from benchmarks.common import CACHE, PYTHON, REPO, REQUEST, Scenarios, median, model_dir, now, scenario_args, target
+from benchmarks.common import (
+    CACHE,
+    REQUEST,
+    Scenarios,
+    measuring_process,
+    median,
+    model_dir,
+    now,
+    scenario_args,
+    target,
+)
 
 if TYPE_CHECKING:  # the parent process never imports torch: the primitives import it when called
     from backend.projection import Mesh
@@ -35,21 +43,7 @@ VIEWS = {"per_ring": 4, "elevations": (25.0, -25.0)}
 
 def measure(scenarios: Scenarios, architecture: str) -> dict:
     config = {"architecture": architecture, "model": str(model_dir(architecture)), "runs": scenarios.runs}
-    out = scenarios.scratch / f"project-{architecture}.json"
-    log = scenarios.scratch / f"project-{architecture}.log"
-    print(f"starting project ({architecture}) ...", file=sys.stderr, flush=True)
-    with open(log, "w+") as stderr:
-        code = subprocess.run(
-            [PYTHON, "-m", "benchmarks.project", json.dumps(config), str(out)],
-            cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        ).returncode
-        if code != 0 or not out.is_file():
-            stderr.seek(0)
-            raise RuntimeError(f"benchmarks.project failed (exit {code}):\n{stderr.read()[-4000:]}")
-    return summarise(json.loads(out.read_text()))
+    return summarise(measuring_process(["benchmarks.project"], config, scenarios.scratch, f"project-{architecture}"))
 
 
 def summarise(raw: dict) -> dict:

@@ -22,12 +22,19 @@ checked for torchvision; it runs only in the data loader.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import PYTHON, REPO, Scenarios, median, median_error, model_dir, now, target
+from benchmarks.common import (
+    REPO,
+    Scenarios,
+    measuring_process,
+    median,
+    median_error,
+    model_dir,
+    now,
+    target,
+)
 
 RATIO_TARGET = 1.0  # our seconds per step / the example's, at most (steps per second at least the example's)
 SETTINGS = {
@@ -66,19 +73,8 @@ def measure(scenarios: Scenarios, architecture: str) -> dict:
         config = {"architecture": architecture, "model": str(model_dir(architecture)), "photos": str(photos),
                   "output_dir": str(scenarios.scratch / f"train-{side}-{architecture}"), **COMMON,
                   **SETTINGS[architecture]}  # fmt: skip
-        out = scenarios.scratch / f"train-{side}-{architecture}.json"
-        log = scenarios.scratch / f"train-{side}-{architecture}.log"
-        print(f"training ({side}, {architecture}) ...", file=sys.stderr, flush=True)
-        with open(log, "w+") as stderr:
-            code = subprocess.run(
-                [PYTHON, "-m", "benchmarks.train", side, json.dumps(config), str(out)],
-                cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
-                stdout=subprocess.DEVNULL, stderr=stderr,
-            ).returncode  # fmt: skip
-            if code != 0 or not out.is_file():
-                stderr.seek(0)
-                raise RuntimeError(f"benchmarks.train {side} failed (exit {code}):\n{stderr.read()[-4000:]}")
-        raw[side] = json.loads(out.read_text())
+        name = f"train-{side}-{architecture}"
+        raw[side] = measuring_process(["benchmarks.train", side], config, scenarios.scratch, name)
     return summarise(raw, SETTINGS[architecture])
 
 

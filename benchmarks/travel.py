@@ -16,18 +16,15 @@ frames must equal txt2img's pixels.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 
 from benchmarks.common import (
-    PYTHON,
-    REPO,
     REQUEST,
     RUNS_FACTOR,
     SETTINGS,
     Scenarios,
+    measuring_process,
     median,
     median_error,
     model_dir,
@@ -51,21 +48,7 @@ def measure(scenarios: Scenarios, architecture: str) -> dict:
         "runs": scenarios.runs * RUNS_FACTOR[architecture],
         "scratch": str(scenarios.scratch / f"travel-{architecture}"),
     }
-    out = scenarios.scratch / f"travel-{architecture}.json"
-    log = scenarios.scratch / f"travel-{architecture}.log"
-    print(f"starting travel ({architecture}) ...", file=sys.stderr, flush=True)
-    with open(log, "w+") as stderr:
-        code = subprocess.run(
-            [PYTHON, "-m", "benchmarks.travel", json.dumps(config), str(out)],
-            cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        ).returncode
-        if code != 0 or not out.is_file():
-            stderr.seek(0)
-            raise RuntimeError(f"benchmarks.travel failed (exit {code}):\n{stderr.read()[-4000:]}")
-    return summarise(json.loads(out.read_text()))
+    return summarise(measuring_process(["benchmarks.travel"], config, scenarios.scratch, f"travel-{architecture}"))
 
 
 def summarise(raw: dict) -> dict:
