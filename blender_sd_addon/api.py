@@ -863,7 +863,9 @@ HISTORY_FILE = "sdtex-history.jsonl"  # beside the images: one JSON record per l
 
 def add_history(scene, record: HistoryRecord) -> None:
     """Newest first; the oldest entries beyond HISTORY_LIMIT are dropped (their files stay on disk)."""
-    kept = _history.setdefault(scene.name, [HistoryRecord.from_fields(e) for e in reversed(scene.sdtex.history)])
+    if scene.name not in _history:  # first record since the file was loaded: the scene's list is the truth
+        _history[scene.name] = [HistoryRecord.from_fields(e) for e in reversed(scene.sdtex.history)]
+    kept = _history[scene.name]
     kept.append(record)
     del kept[:-HISTORY_LIMIT]
     _append_history_file(record)
