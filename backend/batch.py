@@ -21,10 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -32,11 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blender_sd_addon import protocol
+from blender_sd_addon import protocol, safe_remove
 
 RESULT_FILE = "result.json"
 MAX_ATTEMPTS = 3  # a job whose worker died is tried again on another, at most this often in all
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 DONE, FAILED, SKIPPED = "done", "failed", "skipped"
 
 
@@ -102,8 +98,8 @@ def parse_line(text: str, line: int, base: Path) -> BatchJob:
         failed.error = f"line {line}, field task: {protocol.shown(task)} is not a task; tasks: {tasks}"
         return failed
     job_id = entry.pop("id", None)
-    if job_id is not None and (not isinstance(job_id, str) or not _UNSAFE.sub("", job_id)):
-        failed.error = f"line {line}, field id: must be a name (letters, digits, . _ -), got {protocol.shown(job_id)}"
+    if job_id is not None and (problem := safe_remove.plain_name_problem(job_id)):
+        failed.error = f"line {line}, field id: {problem}; got {protocol.shown(job_id)}"  # it names OUT/<id>/
         return failed
     table = {p.name: p for p in protocol.TASK_PARAMS[task]}
     unknown = sorted(set(entry) - set(table))
@@ -136,7 +132,7 @@ def parse_line(text: str, line: int, base: Path) -> BatchJob:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     if "seed" in params and params["seed"] is None:
         params["seed"] = int(digest[:8], 16)  # reproducible: the same line always gets the same seed
-    key = _UNSAFE.sub("_", job_id) if job_id else f"{task}-{digest[:12]}"
+    key = job_id or f"{task}-{digest[:12]}"
     return BatchJob(line, key, params, inputs)
 
 
@@ -168,14 +164,14 @@ class JobRunner:
         quiet_libraries()
         self._replies: list[dict] = []
         self.worker = Worker(self._replies.append)
-        self.folder = Path(tempfile.mkdtemp(prefix="sdtex-batch-"))
+        self.folder = safe_remove.make_dir("sdtex-batch-")
         self.name = f"pid {os.getpid()}"
 
     def run(self, key: str, params: dict, inputs: dict[str, bytes]) -> dict:
         """{"ok", "result" | "error", "files": [(artifact, bytes)], "worker"}."""
         for data in inputs.values():
             self.worker.inputs.put(data)
-        folder = self.folder / key
+        folder = safe_remove.claim(self.folder / key)
         self._replies.clear()
         self.worker.handle(protocol.request(key, protocol.RUN, params | {"output_dir": str(folder)}))
         reply = next(m for m in reversed(self._replies) if protocol.is_terminal(m))
@@ -186,7 +182,11 @@ class JobRunner:
             files = [(artifact, Path(artifact["path"]).read_bytes()) for artifact in artifacts]
             return {"ok": True, "result": reply["result"], "files": files, "worker": self.name}
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            safe_remove.remove_quietly(folder, self.folder)
+
+    def close(self) -> None:
+        self.worker.inputs.close()
+        safe_remove.remove_quietly(self.folder, self.folder.parent)
 
 
 def job_inputs(job: BatchJob) -> dict[str, bytes]:
@@ -200,8 +200,12 @@ def publish(job: BatchJob, reply: dict, out: Path, seconds: float) -> Outcome:
         return Outcome(job.key, job.line, FAILED, error["message"], error["code"], attempts=job.attempts,
                        worker=reply["worker"], seconds=seconds)  # fmt: skip
     folder = out / job.key
-    shutil.rmtree(folder, ignore_errors=True)  # an earlier, unfinished attempt's files
-    folder.mkdir(parents=True)
+    try:
+        safe_remove.remove(folder, out)  # an earlier, unfinished attempt's files
+        safe_remove.claim(folder)
+    except OSError as exc:  # e.g. a folder of that name that this batch did not make: left as it is
+        return Outcome(job.key, job.line, FAILED, f"cannot write the job's folder: {exc}", protocol.OUTPUT_FAILED,
+                       attempts=job.attempts, worker=reply["worker"], seconds=seconds)  # fmt: skip
     names: dict[str, str] = {}  # worker path -> name here
     digests: dict[str, str] = {}
     for artifact, data in reply["files"]:
@@ -278,7 +282,7 @@ def run_local(jobs: list[BatchJob], out: Path, progress: Progress, threads: int 
             progress(outcomes[-1])
     finally:
         torch.set_num_threads(before)  # this process goes on with its own setting
-        shutil.rmtree(runner.folder, ignore_errors=True)
+        runner.close()
     return outcomes
 
 

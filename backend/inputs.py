@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from blender_sd_addon import safe_remove
 from blender_sd_addon.protocol import (
     ARRAY_DTYPES,
     INPUT_PIXELS_MAX,
@@ -35,7 +34,7 @@ class InputStore:
     """Uploaded bytes, one file per sha256 in a private folder that lives as long as the worker."""
 
     def __init__(self, folder: Path | None = None):
-        self.folder = Path(folder or tempfile.mkdtemp(prefix="sdtex-uploads-"))
+        self.folder = Path(folder) if folder else safe_remove.make_dir("sdtex-uploads-")
         self._lock = threading.Lock()
 
     def put(self, data: bytes) -> str:
@@ -73,7 +72,7 @@ class InputStore:
         raise ProtocolError(INVALID_PARAMS, f"{name}: no such file: {ref['path']}", {"param": name})
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        safe_remove.remove_quietly(self.folder, self.folder.parent)  # a folder the caller gave is theirs
 
 
 def open_image(store: InputStore, ref: dict, name: str) -> PIL.Image.Image:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths
+from . import paths, safe_remove
 from .model_catalog import size_text, transfer_text
 
 LOG_NAME = "backend-install.log"
@@ -406,7 +406,8 @@ def switch_to_new(user_dir: Path) -> None:
     to rebuild, and the old backend keeps working."""
     current, new = venv_dir(user_dir), new_venv_dir(user_dir)
     old = Path(str(current) + OLD_SUFFIX)
-    shutil.rmtree(old, ignore_errors=True)
+    _adopt_earlier_venv(current)
+    _remove(old, user_dir)
     try:
         if current.exists():
             current.rename(old)
@@ -418,7 +419,20 @@ def switch_to_new(user_dir: Path) -> None:
             f"The new backend is built but could not replace {current} ({exc.strerror or exc}): stop the backend "
             "(Preferences > Stop Backend) and install again"
         ) from exc
-    shutil.rmtree(old, ignore_errors=True)
+    safe_remove.remove_quietly(old, user_dir)  # the new backend works; a leftover old folder is harmless
+
+
+def _adopt_earlier_venv(venv: Path) -> None:
+    """Installers before the marker made this venv at this path of ours: it is ours to replace."""
+    if (venv / "pyvenv.cfg").is_file() and not venv.is_symlink() and not safe_remove.is_ours(venv):
+        safe_remove.claim_existing(venv)
+
+
+def _remove(folder: Path, user_dir: Path) -> None:
+    try:
+        safe_remove.remove(folder, user_dir)
+    except OSError as exc:
+        raise InstallError(f"{folder} is in the way and was not removed ({exc}): move it elsewhere") from exc
 
 
 def run_phases(phases: Sequence[Phase], user_dir: Path | None = None) -> None:
@@ -447,7 +461,7 @@ def run_phases(phases: Sequence[Phase], user_dir: Path | None = None) -> None:
         STATE.error, STATE.message = True, str(exc)
     finally:
         if user_dir is not None and not STATE.succeeded:
-            shutil.rmtree(new_venv_dir(user_dir), ignore_errors=True)
+            safe_remove.remove_quietly(new_venv_dir(user_dir), user_dir)
         STATE.log(STATE.message)
         STATE.running = False
 
@@ -461,6 +475,9 @@ def start_phases(
     """Run the phases in a daemon thread (one installation at a time); returns the thread."""
     if STATE.running:
         raise InstallError("An installation is already running")
+    if user_dir is not None:
+        _remove(new_venv_dir(user_dir), user_dir)  # what an interrupted run (Blender killed) left
+        safe_remove.claim(new_venv_dir(user_dir))  # marked before `venv` fills it, so a failed run can delete it
     STATE.reset(log_path, choice)
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -506,7 +523,7 @@ def start_install(
     choice = plan_install(user_dir, torch_spec=torch_spec, index_url=index_url, machine=machine)
     base = find_base_python(base_python)
     phases = install_phases(user_dir, worker_dir, base, choice.requirement, choice.index_url, choice)
-    shutil.rmtree(new_venv_dir(user_dir), ignore_errors=True)  # what an interrupted run (Blender killed) left
+    _remove(new_venv_dir(user_dir), user_dir)  # before measuring the free space it takes up
     check_free_space(user_dir, choice.disk_mb, disk_usage)
     return start_phases(phases, user_dir / LOG_NAME, user_dir, choice)
 

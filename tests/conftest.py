@@ -1,11 +1,29 @@
-"""Shared fixtures: tiny seeded random models (SD and SDXL, built once) and the real worker as a subprocess."""
+"""Shared fixtures: tiny seeded random models (SD and SDXL, built once) and the real worker as a subprocess.
+
+The whole run, and every worker and Blender it starts, uses a private temp folder (TMPDIR): a test that deletes
+the wrong folder, or fills one, only ever reaches what this run made."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 from worker_process import WorkerProcess
+
+from blender_sd_addon import safe_remove
+
+_system_temp = tempfile.gettempdir()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    private = safe_remove.make_dir("sdtex-tests-", _system_temp)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(private)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    safe_remove.remove_quietly(tempfile.gettempdir(), _system_temp)
 
 
 @pytest.fixture(scope="session")

@@ -271,6 +271,7 @@ def test_switches_to_the_new_venv_only_on_success(tmp_path):
     user = tmp_path / "user data"
     old = installer.venv_dir(user)
     old.mkdir(parents=True)
+    (old / "pyvenv.cfg").write_text("home = /usr/bin\n")  # a venv an earlier installer made (no owner marker)
     (old / "marker").write_text("old")
 
     installer.start_phases(fake_install(user, "new", fail="fail"), user_dir=user).join(timeout=60)
@@ -310,3 +311,22 @@ def test_operators_in_blender():
         assert STATE.cancelled and not thread.is_alive()
     finally:
         addon_utils.disable("blender_sd_addon", default_set=True)
+
+
+def test_never_deletes_a_folder_in_its_place_that_it_did_not_make(tmp_path):
+    user = tmp_path / "user data"
+    theirs = installer.new_venv_dir(user)
+    theirs.mkdir(parents=True)
+    (theirs / "precious.txt").write_text("keep me")
+    with pytest.raises(installer.InstallError, match="backend-venv.new is in the way and was not removed"):
+        installer.start_phases(fake_install(user, "new"), user_dir=user)
+    assert (theirs / "precious.txt").read_text() == "keep me" and not STATE.running
+
+    shutil.rmtree(theirs)
+    current = installer.venv_dir(user)
+    current.mkdir()
+    (current / "precious.txt").write_text("not a venv: someone else's folder")
+    installer.start_phases(fake_install(user, "new"), user_dir=user).join(timeout=60)
+    assert STATE.succeeded and (current / "marker").read_text() == "new"
+    kept = Path(str(current) + installer.OLD_SUFFIX) / "precious.txt"
+    assert kept.read_text() == "not a venv: someone else's folder"  # moved aside, never deleted
