@@ -29,6 +29,9 @@ class BatchActor:
     def run(self, key: str, params: dict, inputs: dict[str, bytes]) -> dict:
         return self.runner.run(key, params, inputs)
 
+    def close(self) -> None:
+        self.runner.close()
+
 
 class Scheduler:
     """The driver's view: actors, the jobs in flight on them, the jobs left per model."""
@@ -122,6 +125,8 @@ def run_on_ray(
             outcomes.append(outcome)
             progress(outcome)
     finally:
+        closing = [actor.close.remote() for actor in scheduler.actors]  # each deletes its own temp folders
+        ray.wait(closing, num_returns=len(closing), timeout=30)
         for actor in scheduler.actors:
             ray.kill(actor)
     return outcomes
