@@ -1,19 +1,32 @@
-# `make demo` textures a scene in headless Blender; `make test` runs every test. Both create .venv first.
+# `make demo` textures a scene in headless Blender; `make test` runs every test. Both create .venv first,
+# from the lock (locks/dev-linux.txt): the exact versions, with hashes, that were tested together.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_LOCK := locks/dev-linux.txt
+PLATFORMS := linux windows macos
+LOCK_PYTHONS := 3.11 3.12  # the installer's SUPPORTED_PYTHON: each backend lock must install there from wheels
+# Python 3.11: Blender 4.2-5.x's own Python (the installer's first choice) and bpy 5.0.1's. torch is left out:
+# the installer picks its CPU or CUDA build (locks/uv.toml keeps torch's own dependencies out too).
+LOCK_ARGS := --config-file locks/uv.toml --python-version 3.11 --generate-hashes --no-emit-package torch \
+	--custom-compile-command "make lock" --quiet
+LATEST := build/latest-venv
 
-.PHONY: demo test lint bench addon clean
+.PHONY: demo test test-latest lock lint bench addon clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned first, so installing the project keeps it. This project's machines resolve it to a local CPU
 	# build; PyPI's Linux wheel may be a CUDA build (several GB): add --index-url https://download.pytorch.org/whl/cpu
 	# to stay on the CPU.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# The lock has every package but torch: pip's hash checking accepts the torch already there (it downloads
+	# nothing for it) and refuses to fetch anything the lock lacks. (uv pip install refuses torch without a hash
+	# unless given --no-deps; Install Backend uses pip as here, see locks/README.md.)
+	$(PY) -m pip install -q --require-hashes -r $(DEV_LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 demo: $(STAMP)
@@ -22,6 +35,31 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Refresh the locks to the newest versions pyproject.toml allows, within locks/constraints.txt (known breaks).
+# The backend's locks take the dev lock's versions (bpy holds numpy below 2), so users get what the tests ran.
+lock: $(STAMP)
+	$(PY) -m uv pip compile pyproject.toml --extra dev -c locks/constraints.txt $(LOCK_ARGS) --upgrade \
+		--python-platform linux -o $(DEV_LOCK)
+	for platform in $(PLATFORMS); do \
+		$(PY) -m uv pip compile pyproject.toml -c $(DEV_LOCK) $(LOCK_ARGS) --upgrade \
+			--python-platform $$platform -o locks/backend-$$platform.txt || exit 1; \
+		for python in $(LOCK_PYTHONS); do \
+			$(PY) -m uv pip compile locks/backend-$$platform.txt --no-deps --only-binary :all: --quiet \
+				--python-platform $$platform --python-version $$python -o /dev/null || exit 1; \
+		done; \
+	done
+
+# Opt-in: the newest versions pyproject.toml allows, no lock and no known-break constraints, in a throw-away venv
+# (.venv is left as it is), then the whole suite: an upstream release that breaks us shows here before users see it.
+test-latest: $(STAMP)
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q torch==2.13.0
+	$(PY) -m uv pip install --quiet --python $(LATEST)/bin/python -e '.[dev]'
+	$(PY) -m uv pip list --python $(LATEST)/bin/python | grep -iE '^(diffusers|transformers|peft) '
+	# SDTEX_BACKEND_PYTHON: the add-on's tests start their workers with it too, not with the checkout's .venv
+	SDTEX_BACKEND_PYTHON=$(CURDIR)/$(LATEST)/bin/python $(LATEST)/bin/python -m pytest
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

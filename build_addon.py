@@ -7,7 +7,7 @@ Layout (one top folder, the add-on package itself):
     blender_sd_addon/__init__.py ...          the add-on (bl_info for Blender 3.4-4.1)
     blender_sd_addon/blender_manifest.toml    the extension manifest (Blender 4.2+)
     blender_sd_addon/worker/backend/...       the backend package, run by the backend's own Python
-    blender_sd_addon/worker/requirements.txt  its dependencies, from pyproject.toml
+    blender_sd_addon/worker/locks/backend-<platform>.txt   its dependencies: the locks Install Backend uses
 
 Why one zip works for both: Blender 4.2+ accepts an extension zip whose manifest sits in a single top
 folder (`pkg_zipfile_detect_subdir_or_none` in bl_pkg/cli/blender_ext.py) and installs that folder's
@@ -67,10 +67,13 @@ def agreed_version(versions: dict[str, str]) -> str:
     return next(iter(versions.values()))
 
 
-def requirements(root: Path = ROOT) -> str:
-    pyproject = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
-    lines = ["# The backend's runtime dependencies (from pyproject.toml); torch is installed first, on its own."]
-    return "\n".join(lines + pyproject["project"]["dependencies"]) + "\n"
+def locks(root: Path = ROOT) -> dict[str, bytes]:
+    """The locks the installer reads (its LOCKS), by file name: exact versions with hashes, torch left out."""
+    names = sorted(_assigned_literal(root / ADDON / "installer.py", "LOCKS").values())
+    missing = [name for name in names if not (root / "locks" / name).is_file()]
+    if missing:
+        raise SystemExit(f"error: locks/{', locks/'.join(missing)} missing in {root}: run `make lock`")
+    return {name: (root / "locks" / name).read_bytes() for name in names}
 
 
 def _source_files(folder: Path):
@@ -88,7 +91,7 @@ def zip_entries(root: Path = ROOT) -> dict[str, bytes]:
     entries.update(
         {f"{ADDON}/worker/backend/{p.relative_to(backend).as_posix()}": p.read_bytes() for p in _source_files(backend)}
     )
-    entries[f"{ADDON}/worker/requirements.txt"] = requirements(root).encode("utf-8")
+    entries.update({f"{ADDON}/worker/locks/{name}": content for name, content in locks(root).items()})
     return entries
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -20,7 +21,26 @@ from blender_sd_addon.model_catalog import transfer_text
 from blender_sd_addon.protocol import EVENT_DOWNLOAD, EVENT_PROGRESS, INVALID_PARAMS, ImageInput, ProtocolError
 
 ALIASES = {"guidance_scale": ["--guidance"], "batch_size": ["--batch"], "output_dir": ["--out"]}
-CLI_DEFAULTS = {"output_dir": "./outputs"}
+# transformers' notice, logged on every import of diffusers, that its image processors fall back to PIL without
+# torchvision: the backend uses none of them (no safety checker), so it is noise on every command.
+TORCHVISION_NOTICE = ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to")
+
+
+def user_data_dir() -> Path:
+    """The per-user data folder + sd-textures: $XDG_DATA_HOME (else ~/.local/share), ~/Library/Application
+    Support on macOS, %LOCALAPPDATA% on Windows."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "sd-textures"
+
+
+# Defaults the CLI changes, computed when the parser is built: files go to the user's data folder, never into
+# whatever folder the command runs in (a checkout, say).
+CLI_DEFAULTS = {"output_dir": lambda: str(user_data_dir() / "outputs")}
 COMMANDS = {  # command -> task
     "generate": "txt2img",
     "pbr": "pbr",
@@ -44,7 +64,7 @@ def _add_task_flags(parser: argparse.ArgumentParser, task: str) -> None:
         if p.name == "task":
             continue
         flags = ["--" + p.name.replace("_", "-"), *ALIASES.get(p.name, [])]
-        default = CLI_DEFAULTS.get(p.name, p.default)
+        default = CLI_DEFAULTS[p.name]() if p.name in CLI_DEFAULTS else p.default
         kwargs: dict = {"dest": p.name, "default": default, "help": f"{p.help} Accepts {p.accepted()}."}
         if p.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -155,6 +175,8 @@ def run_task(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     for artifact in result.get("artifacts", ()):
         print(artifact["path"])
+    if result.get("artifacts") and values.get("output_dir"):
+        print(f"files written to {values['output_dir']}", file=sys.stderr)  # stdout keeps the paths alone
     return 0
 
 
@@ -176,6 +198,8 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logger, notice = TORCHVISION_NOTICE
+    logging.getLogger(logger).addFilter(lambda record: notice not in record.getMessage())  # before any import
     args = build_parser().parse_args(argv)
     if args.command == "batch":
         from backend.batch import main as batch_main

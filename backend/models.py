@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 PIPELINE_CLASSES = {family.txt2img.__name__: family.txt2img for family in FAMILIES.values()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The names diffusers and transformers load a component's safetensors weights from (variant and shards
+# included); any other .safetensors file in a component folder is not its weights and makes nothing safe.
+SAFE_WEIGHTS = re.compile(r"(diffusion_pytorch_model|model)(\.\w+)?(-\d{5}-of-\d{5})?\.safetensors")
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -107,14 +110,19 @@ def _unsafe(model: str, what: str) -> ProtocolError:
     )
 
 
+def _safe_weights(component: Path) -> list[str]:
+    """The component's safetensors weight files by the names the loaders read (not any .safetensors file)."""
+    return [f.name for f in component.iterdir() if SAFE_WEIGHTS.fullmatch(f.name)]
+
+
 def _pickle_only_components(folder: Path) -> list[str]:
     """Components of a diffusers folder whose weights exist only in a pickle format."""
     return sorted(
         part.name
         for part in folder.iterdir()
         if part.is_dir()
-        and not any(part.glob("*.safetensors"))
-        and any(f.suffix in PICKLE_SUFFIXES for f in part.iterdir())
+        and not _safe_weights(part)
+        and any(f.suffix.lower() in PICKLE_SUFFIXES for f in part.iterdir())
     )
 
 
@@ -153,6 +161,10 @@ def locate(model: str, allow_pickle: bool = False) -> ModelSource:
             )
         return ModelSource("single_file", str(path.resolve()), True)
     if _HUB_ID.match(model) and not model.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+        snapshot = _hub_snapshot(model)  # a cached copy is checked like a folder: loading it must not fail later
+        pickled = _pickle_only_components(snapshot) if snapshot else []
+        if pickled and not allow_pickle:
+            raise _unsafe(model, f"{model} ({', '.join(pickled)}: only .bin/.pt weights in the cache)")
         return ModelSource("hub", model, not allow_pickle)
     raise _not_found(model, "no such file or folder, and not a hub id like `owner/name`")
 
@@ -172,7 +184,7 @@ def weights_variant(folder: Path, dtype: str) -> str | None:
     (half the bytes to read). None loads the full-precision files."""
     has_fp16 = has_full = False
     for component in (part for part in folder.iterdir() if part.is_dir()):
-        names = [f.name for f in component.glob("*.safetensors")]
+        names = _safe_weights(component)
         fp16 = any(".fp16." in name or ".fp16-" in name for name in names)
         full = any(".fp16" not in name for name in names)
         if fp16 and not full:

@@ -1,10 +1,11 @@
 """Write a job's files: complete under a temporary name first, then published under a final name that
 never overwrites anything, each announced as an artifact the moment it is complete.
 
-Each albedo PNG carries an A1111-style `parameters` text chunk (read by most SD tools) and an `sdtex`
-chunk with the full settings as JSON, so any texture can be regenerated from the file alone. PBR maps
-carry only the `sdtex` chunk (naming the map and its albedo): other tools must not list a normal map as
-a generated image.
+Every PNG goes through write_png. Each generated picture (albedo, projection view, training sample) carries
+an A1111 `parameters` text chunk describing what its task ran (backend.infotext; read by most SD tools) and
+an `sdtex` chunk with the full settings as JSON, so any texture can be regenerated from the file alone. PBR
+maps, masks and depth images carry only the `sdtex` chunk (naming the role and the albedo): other tools must
+not list a normal map as a generated image.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
 from backend import __version__
+from backend.infotext import GENERATED_ROLES, a1111_parameters
 from backend.pbr import derive_maps
-from backend.schedulers import display_name
 from blender_sd_addon.protocol import (
     INVALID_PARAMS,
     OUTPUT_FAILED,
@@ -48,10 +49,9 @@ def sanitise_prefix(prefix: str) -> str:
     return cleaned or "sdtex"
 
 
-def model_name(model: str) -> str:
-    """A short model name for metadata: a hub id as is, a local path by its file or folder name."""
-    path = Path(model)
-    return path.stem if path.suffix.lower() == ".safetensors" else (path.name if path.is_absolute() else model)
+def run_stamp() -> str:
+    """A job's part of its file names: the time and a random part, so no other client can guess them."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 def _output_failed(folder: str | Path, exc: OSError) -> ProtocolError:
@@ -88,25 +88,18 @@ def output_folder(params: TaskParams) -> Path:
     return folder
 
 
-def a1111_parameters(params: TaskParams, seed: int) -> str:
-    lines = [params.prompt]
-    if params.negative_prompt:
-        lines.append(f"Negative prompt: {params.negative_prompt}")
-    settings = (
-        f"Steps: {params.steps}, Sampler: {display_name(params.scheduler)}, CFG scale: {params.guidance_scale:g}, "
-        f"Seed: {seed}, Size: {params.width}x{params.height}, Model: {model_name(params.model)}"
-    )
-    if params.seamless != "none":
-        settings += f", Seamless: {params.seamless}"
-    lines.append(settings)
-    return "\n".join(lines)
-
-
-def png_info(params: TaskParams, seed: int | None, role: str = "albedo", source: str = "") -> PngInfo:
-    """Metadata: the `sdtex` JSON chunk always; the A1111 chunk only on generated albedos."""
+def png_info(
+    params: TaskParams,
+    seed: int | None,
+    size: tuple[int, int],
+    role: str = "albedo",
+    source: str = "",
+    context: Mapping | None = None,
+) -> PngInfo:
+    """Metadata: the `sdtex` JSON chunk always; the A1111 `parameters` chunk on generated pictures."""
     info = PngInfo()
-    if role == "albedo" and params.task == "txt2img":
-        info.add_text("parameters", a1111_parameters(params, seed))
+    if role in GENERATED_ROLES:
+        info.add_text("parameters", a1111_parameters(params, seed, size, context))
     settings = {
         "params": params.to_dict(),
         "seed": seed,
@@ -139,10 +132,21 @@ def publish(temporary: Path, folder: Path, stem: str, suffix: str = ".png") -> P
     raise ProtocolError(INVALID_PARAMS, f"too many files named {stem}_N{suffix} in {folder}", {"param": "output_dir"})
 
 
-def write_png(image: PIL.Image.Image, folder: Path, stem: str, info: PngInfo) -> tuple[Path, int, str]:
-    """Write one PNG completely (flushed to disk) and publish it. Returns (path, size, sha256)."""
+def write_png(
+    image: PIL.Image.Image,
+    folder: Path,
+    stem: str,
+    params: TaskParams,
+    seed: int | None,
+    role: str = "albedo",
+    *,
+    source: str = "",
+    context: Mapping | None = None,
+) -> tuple[Path, int, str]:
+    """Write one PNG with both metadata chunks (png_info) completely (flushed to disk) and publish it: every PNG
+    a task writes comes through here. Returns (path, size, sha256)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=png_info(params, seed, image.size, role, source, context))
     data = buffer.getvalue()
     temporary = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}.png"
     try:
@@ -174,7 +178,7 @@ def save_image_set(
     the task is `pbr`, its maps; announce each file as it is complete."""
 
     def write(picture: PIL.Image.Image, file_stem: str, role: str, source: str = "") -> str:
-        path, size, digest = write_png(picture, folder, file_stem, png_info(params, seed, role, source))
+        path, size, digest = write_png(picture, folder, file_stem, params, seed, role, source=source)
         if announce:
             kind = "image" if role == "albedo" else "map"
             announce(Artifact(path=str(path), kind=kind, size=size, sha256=digest, index=index, role=role))
@@ -203,7 +207,7 @@ def save_images(
     """Save each generated image (and its PBR maps when asked), announcing every file once complete."""
     folder = output_folder(params)
     prefix = sanitise_prefix(params.filename_prefix)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = run_stamp()
     return [
         save_image_set(image, params, folder, f"{prefix}_{stamp}_{seed}", index=i, seed=seed, announce=announce)
         for i, (image, seed) in enumerate(zip(images, seeds, strict=True))

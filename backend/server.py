@@ -11,192 +11,59 @@ Security:
   user-only permissions in the config folder). The token is checked for loopback too unless --no-token.
 - The first message must be `handshake` with `"token"`; anything else (or a wrong token, compared in constant
   time) is answered `unauthorized` and the connection closed, before any other work.
+- Until then a connection may send one short line (Limits.handshake_line), has handshake_timeout seconds, and
+  counts against its address's cap of unauthenticated connections (not against max_connections, which counts
+  token holders): idle or flooding strangers cannot lock token holders out.
 - TLS with --certfile/--keyfile (stdlib ssl).
-- Remote clients never name paths on this machine (Policy): outputs go to the server's folder and come back
-  with `fetch`, inputs are uploaded, models are hub ids or lie inside --models-dir, pickle is refused.
+- Clients are isolated: each fetches only its own jobs' files and uses only its own uploads (per-client and total
+  quotas; deleted when it disconnects), and the handshake does not tell it what another client loaded.
+- Remote clients never name paths on this machine (backend.remote_policy): outputs go to the server's folder
+  and come back with `fetch`, inputs are uploaded, models are hub ids or lie inside --models-dir.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
-import ipaddress
 import logging
 import os
 import queue
-import re
-import secrets
 import select
 import socket
 import ssl
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import INVALID_PARAMS, PARSE_ERROR, ProtocolError
+from backend.inputs import InputStore, UploadQuota, remove_stale
+from backend.remote_policy import Policy
+from backend.server_token import TOKEN_FILE, config_dir, is_loopback, load_or_create_token, token_matches
+from blender_sd_addon import protocol, safe_remove
+from blender_sd_addon.protocol import PARSE_ERROR, ProtocolError
 from blender_sd_addon.transport import turn_recv, turn_sendall
 
 log = logging.getLogger("backend.server")
 
 UNAUTHORIZED = "unauthorized"  # no handshake first, or a missing or wrong token
 TOO_MANY = "too_many_requests"  # a connection's request or job limit, or the server's connection limit
-TOKEN_FILE = "server-token"
 POLL = 0.5  # seconds between a reader's checks for idleness and server stop
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-MODEL_PARAMS = ("model", "upscaler_model")  # a hub id, or a file or folder inside --models-dir
 
 
 @dataclass(frozen=True)
 class Limits:
     max_message: int = protocol.MAX_LINE  # bytes in one line; a longer one closes the connection
-    max_connections: int = 8
-    idle_timeout: float = 300.0  # seconds without a message while the connection has no unfinished job
-    handshake_timeout: float = 10.0  # seconds to connect (TLS included) and send the handshake
+    max_connections: int = 8  # clients that passed the handshake
+    idle_timeout: float = 300.0  # seconds without a message nor an unfinished job
+    handshake_timeout: float = 5.0  # seconds to connect (TLS included) and send the handshake
+    handshake_line: int = 64 * 2**10  # bytes in a line before the handshake passed
+    max_unauthenticated: int = 16  # connections of one address that have not passed the handshake yet
+    max_unauthenticated_total: int = 256  # the same, all addresses together
     max_requests: int = 100_000  # per connection; then it is closed (the client reconnects)
     max_jobs: int = 64  # unfinished jobs per connection
     outbox_bytes: int = 2 * protocol.MAX_LINE  # replies a client has not read yet; more closes it
     write_timeout: float = 60.0  # seconds one write may block
-
-
-# --- the token -----------------------------------------------------------------------------------------------
-
-
-def config_dir() -> Path:
-    """Where the token lives: $SDTEX_CONFIG_DIR, else the platform's user config folder + sd-textures."""
-    if custom := os.environ.get("SDTEX_CONFIG_DIR"):
-        return Path(custom)
-    if sys.platform == "win32":
-        return Path(os.environ.get("APPDATA", Path.home())) / "sd-textures"
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "sd-textures"
-
-
-def load_or_create_token(folder: Path) -> tuple[str, bool]:
-    """The server's token and whether it was just made. A token file others can read is refused."""
-    path = folder / TOKEN_FILE
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        token = path.read_text().strip()
-    else:
-        token = secrets.token_urlsafe(32)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        return token, True
-    if os.name == "posix" and path.stat().st_mode & 0o077:
-        raise SystemExit(f"{path} is readable by other users: chmod 600 it (or delete it for a new token)")
-    if len(token) < 16:
-        raise SystemExit(f"{path} holds no usable token (at least 16 characters): delete it for a new one")
-    return token, False
-
-
-def token_matches(expected: str, given: Any) -> bool:
-    """Constant-time comparison (on bytes: compare_digest refuses non-ASCII str)."""
-    return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
-
-
-def is_loopback(host: str) -> bool:
-    """Every address `host` resolves to is a loopback address."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
-# --- what remote clients may ask for -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Rewrites a remote client's job parameters so it never names a path on this machine."""
-
-    output_dir: Path  # every file is written here and fetched by the client
-    models_dirs: tuple[Path, ...] = ()  # local models must lie inside one of these
-
-    def check(self, method: str, params: dict) -> dict:
-        """The parameters to run, or ProtocolError(INVALID_PARAMS) naming the parameter that is refused."""
-        params = dict(params)
-        if method == protocol.RUN:
-            if params.get("output_dir"):
-                raise _refused(
-                    "output_dir", "left out: a remote backend writes to its own folder; fetch the files", "a path"
-                )
-            params["output_dir"] = str(self.output_dir)
-            if params.get("task") == "list_models" and not params.get("models_dir") and self.models_dirs:
-                params["models_dir"] = str(self.models_dirs[0])  # "my models" means the server's
-        for name, value in list(params.items()):
-            params[name] = self._value(name, name, value)
-        return params
-
-    def _value(self, name: str, shown_name: str, value: Any) -> Any:
-        if name == "allow_pickle" and value is not False:
-            raise _refused(shown_name, "false: a remote backend never loads pickle checkpoints", value)
-        if isinstance(value, dict):
-            if "path" in value:
-                upload = "an upload: send the bytes with `upload`, then use their sha256"
-                raise _refused(f"{shown_name}.path", upload, "a path")
-            return value
-        if isinstance(value, list):
-            return [
-                {k: self._value(k, f"{shown_name}[{i}].{k}", v) for k, v in item.items()}
-                if isinstance(item, dict)
-                else item
-                for i, item in enumerate(value)
-            ]
-        if not isinstance(value, str) or not value or name == "output_dir":
-            return value
-        if name in (*MODEL_PARAMS, "path"):
-            return self.model(shown_name, value)
-        if name == "models_dir":
-            return self._inside(shown_name, value, "one of the server's models folders")
-        if name.endswith("_dir") or ("prompt" not in name and _looks_like_path(value)):
-            raise _refused(shown_name, "no path: a remote client cannot name files on the server", value)
-        return value
-
-    def model(self, name: str, value: str) -> str:
-        """A hub id, or a model inside a models folder (absolute, or relative to one)."""
-        if os.path.isabs(value) or _looks_like_path(value):
-            return self._inside(name, value, "a hub id or a model inside the server's models folder")
-        if _HUB_ID.match(value) and ".." not in value and not os.path.lexists(value):
-            return value
-        for folder in self.models_dirs:
-            candidate = os.path.realpath(folder / value)
-            if _within(candidate, folder) and os.path.exists(candidate):
-                return candidate
-        raise _refused(name, self._accepted("a hub id like owner/name, or the name of a model in"), value)
-
-    def _inside(self, name: str, value: str, what: str) -> str:
-        real = os.path.realpath(os.path.expanduser(value)) if os.path.isabs(value) else None
-        if real and any(_within(real, folder) for folder in self.models_dirs):
-            return real
-        raise _refused(name, self._accepted(what + ":"), value)
-
-    def _accepted(self, what: str) -> str:
-        folders = ", ".join(str(folder) for folder in self.models_dirs) or "(none: the server has no --models-dir)"
-        return f"{what} {folders}"
-
-
-def _looks_like_path(value: str) -> bool:
-    return value.startswith(("/", "~", "\\", "./")) or bool(_DRIVE.match(value)) or ".." in re.split(r"[\\/]", value)
-
-
-def _within(path: str, folder: Path) -> bool:
-    root = os.path.realpath(folder)
-    return os.path.commonpath([path, root]) == root
-
-
-def _refused(name: str, accepted: str, value: Any) -> ProtocolError:
-    return ProtocolError(
-        INVALID_PARAMS,
-        f"{name} is refused by the remote backend: it accepts {accepted}; got {protocol.shown(value)}",
-        {"param": name, "accepted": accepted, "value": protocol.shown(value)},
-    )
 
 
 # --- connections ---------------------------------------------------------------------------------------------
@@ -214,14 +81,17 @@ class Connection:
 
         self.server = server
         self.sock = sock
+        self.host = address[0]
         self.name = f"{address[0]}:{address[1]}"
-        self.peer = Peer(self.emit, self.name)
+        self.peer = Peer(self.emit, self.name, remote=True)
+        self.authenticated = False
         self.closed = threading.Event()
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._outbox_bytes = 0
         self._lock = threading.Lock()
         self._io = threading.Lock()  # one socket operation at a time (TLS)
-        self._last_message = time.monotonic()
+        self._last_active = time.monotonic()
+        self._deadline = self._last_active + server.limits.handshake_timeout  # for the handshake, TLS included
         self.requests = 0
 
     # --- writing: never blocks the caller (the worker's main thread emits job events) ------------------
@@ -265,6 +135,8 @@ class Connection:
             self.closed.set()
             self._outbox.put(None)
         self.server.worker.cancel_all(self.peer)  # nobody will read what its jobs make
+        if self.peer.inputs is not None:
+            self.peer.inputs.close()  # its uploads: nobody else may use them
         try:
             # socket.socket.shutdown: SSLSocket.shutdown drops the TLS layer first, and a later write goes out plain
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
@@ -306,44 +178,51 @@ class Connection:
                 self._writer.join(limits.write_timeout)
             self.sock.close()
 
-    def _lines(self):
-        """The client's lines; _Closed on a line longer than max_message, idleness or server stop."""
-        limits = self.server.limits
+    def _lines(self) -> Iterator[bytes]:
+        """The client's lines; _Closed on a line over the limit (handshake_line until the handshake passed,
+        then max_message; answered `parse_error`), idleness or server stop."""
         buffer = bytearray()
         searched = 0
-        handshake_deadline = time.monotonic() + limits.handshake_timeout
         while True:
             newline = buffer.find(b"\n", searched)
+            limit = self.server.limits.max_message if self.authenticated else self.server.limits.handshake_line
+            if newline > limit or (newline < 0 and len(buffer) > limit):
+                too_long = f"message longer than {limit} bytes"
+                self.finish(protocol.error(None, ProtocolError(PARSE_ERROR, too_long + ": closing the connection")))
+                raise _Closed(too_long)
             if newline >= 0:
                 line = bytes(buffer[:newline])
                 del buffer[: newline + 1]
                 searched = 0
-                self._last_message = time.monotonic()
+                self._last_active = time.monotonic()
                 if line.strip():
                     yield line
                 continue
             searched = len(buffer)
-            if len(buffer) > limits.max_message:
-                too_long = f"message longer than {limits.max_message} bytes"
-                self.finish(protocol.error(None, ProtocolError(PARSE_ERROR, too_long + ": closing the connection")))
-                raise _Closed(too_long)
-            # Checked whether bytes come or not: a client trickling a line byte by byte is idle all the same.
-            if self.closed.is_set() or self.server.stopping.is_set():
-                raise _Closed("closed")
-            now = time.monotonic()
-            if self.requests == 0 and now > handshake_deadline:
-                raise _Closed("no handshake in time")
-            if now - self._last_message > limits.idle_timeout and not self.server.worker.unfinished(self.peer):
-                raise _Closed(f"idle for {limits.idle_timeout:g} s")
-            pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
-            if not pending and not select.select([self.sock], [], [], POLL)[0]:
-                continue
-            chunk = turn_recv(self.sock, self._io, min(1 << 20, limits.max_message + 1))
-            if chunk is None:  # TLS records but no data yet
+            self._check_open()
+            # Read first, wait only when the read found nothing: bytes the TLS layer has already taken off the
+            # socket are invisible to select (and to pending() while their record is still undecrypted).
+            chunk = turn_recv(self.sock, self._io, min(1 << 20, limit + 1))
+            if chunk is None:
+                select.select([self.sock], [], [], POLL)
                 continue
             if not chunk:
                 return
             buffer += chunk
+
+    def _check_open(self) -> None:
+        """_Closed when the connection must end: closed, server stopping, no handshake in time, or idle.
+        Checked whether bytes come or not: a client trickling a line byte by byte is idle all the same."""
+        limits = self.server.limits
+        if self.closed.is_set() or self.server.stopping.is_set():
+            raise _Closed("closed")
+        now = time.monotonic()
+        if not self.authenticated and now > self._deadline:
+            raise _Closed("no handshake in time")
+        if self.server.worker.unfinished(self.peer):
+            self._last_active = now  # idle counts from its last job's end: it has the files to fetch then
+        elif now - self._last_active > limits.idle_timeout:
+            raise _Closed(f"idle for {limits.idle_timeout:g} s")
 
     def _authenticate(self, line: bytes | None) -> bool:
         """The first message must be a handshake with the token; else `unauthorized` and the end."""
@@ -360,6 +239,10 @@ class Connection:
             why = "the first message must be a handshake with the server's token"
         elif self.server.token is not None and not token_matches(self.server.token, token):
             why = "wrong token" if token else "the handshake lacks the server's token"
+        elif not self.server.admit(self):
+            full = f"the server already serves {self.server.limits.max_connections} clients: try again later"
+            self.finish(protocol.error(request_id, ProtocolError(TOO_MANY, full)))
+            return False
         else:
             self.requests = 1
             self.server.worker.receive(message, self.peer)
@@ -407,14 +290,16 @@ class Server:
     policy: Policy
     ssl_context: ssl.SSLContext | None = None
     limits: Limits = field(default_factory=Limits)
+    quota: UploadQuota = field(default_factory=UploadQuota)
 
     def __post_init__(self) -> None:
         from backend.worker import Worker
 
-        self.worker = Worker(lambda message: None)  # every reply goes to its connection's peer
+        self.worker = Worker(lambda message: None, InputStore(quota=self.quota))  # replies go to each peer
         self.work: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection] = set()  # authenticated
+        self.strangers: list[Connection] = []  # not authenticated yet
         self._lock = threading.Lock()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self.listener = socket.create_server((self.host, self.port), family=family, backlog=32)
@@ -424,11 +309,15 @@ class Server:
         """Accept on a thread; run the jobs on this one until stop()."""
         from backend.worker import run_jobs
 
+        # A hub id is tried as a path relative to the working folder first: let it find nothing there.
+        previous = os.getcwd()
+        os.chdir(safe_remove.claim(self.worker.inputs.folder / "cwd"))
         threading.Thread(target=self._accept, daemon=True, name="accept").start()
         try:
             run_jobs(self.worker, self.work)
         finally:
             self.stop()
+            os.chdir(previous)
             self.worker.inputs.close()
 
     def stop(self) -> None:
@@ -443,20 +332,36 @@ class Server:
     def forget(self, connection: Connection) -> None:
         with self._lock:
             self.connections.discard(connection)
+            if connection in self.strangers:
+                self.strangers.remove(connection)
+
+    def admit(self, connection: Connection) -> bool:
+        """A stranger passed the handshake: it becomes a client, with its own uploads, if there is room."""
+        with self._lock:
+            if connection in self.strangers:
+                self.strangers.remove(connection)
+            if len(self.connections) >= self.limits.max_connections:
+                return False
+            self.connections.add(connection)
+        connection.peer.inputs = self.worker.inputs.for_client(connection.name)
+        connection.authenticated = True
+        return True
 
     def _accept(self) -> None:
+        limits = self.limits
         while not self.stopping.is_set():
             try:
                 sock, address = self.listener.accept()
             except OSError:
                 return  # the listener was closed
             with self._lock:
-                full = len(self.connections) >= self.limits.max_connections
+                same = sum(stranger.host == address[0] for stranger in self.strangers)
+                full = same >= limits.max_unauthenticated or len(self.strangers) >= limits.max_unauthenticated_total
                 if not full:
                     connection = Connection(self, sock, address)
-                    self.connections.add(connection)
+                    self.strangers.append(connection)
             if full:
-                log.warning("%s:%s refused: %d connections already", *address[:2], self.limits.max_connections)
+                log.warning("%s:%s refused: %d connections without a handshake already", *address[:2], same)
                 sock.close()
                 continue
             threading.Thread(target=connection.run, daemon=True, name=f"read {connection.name}").start()
@@ -482,10 +387,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, help="Where remote jobs write (default: <config dir>/outputs).")
     parser.add_argument("--config-dir", type=Path, help=f"Token folder (default: {config_dir()}).")
     parser.add_argument("--no-token", action="store_true", help="Accept clients without the token (loopback only).")
-    parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    parser.add_argument(
+        "--max-connections", type=int, default=defaults.max_connections, help="Clients that passed the handshake."
+    )
     parser.add_argument("--max-message", type=int, default=defaults.max_message, help="Bytes in one message.")
     parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout, help="Seconds.")
     parser.add_argument("--max-requests", type=int, default=defaults.max_requests, help="Per connection.")
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=defaults.handshake_timeout,
+        help="Seconds to connect and hand over the token (TLS included).",
+    )
+    parser.add_argument(
+        "--max-unauthenticated", type=int, default=defaults.max_unauthenticated,
+        help="Connections one address may have open before their handshake.",
+    )  # fmt: skip
+    quota = UploadQuota()
+    parser.add_argument("--upload-quota", type=int, default=quota.per_client, help="Upload bytes kept per client.")
+    parser.add_argument("--upload-total", type=int, default=quota.total, help="Upload bytes kept for all clients.")
+    parser.add_argument("--upload-expiry", type=float, default=quota.expiry, help="Seconds an unused upload is kept.")
 
 
 def serve_tcp(args: argparse.Namespace) -> int:
@@ -516,11 +437,16 @@ def serve_tcp(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
         max_requests=args.max_requests,
+        handshake_timeout=args.handshake_timeout,
+        max_unauthenticated=args.max_unauthenticated,
     )
+    quota = UploadQuota(args.upload_quota, args.upload_total, args.upload_expiry)
     from backend.worker import quiet_libraries
 
     quiet_libraries()
-    server = Server(host, port, token, policy, context, limits)
+    if removed := remove_stale():
+        log.info("removed %d uploads folder(s) that killed workers left behind", len(removed))
+    server = Server(host, port, token, policy, context, limits, quota)
     scheme = "tls" if context else "tcp"
     # The address line is for people and scripts (a test binds port 0 and reads the port from it).
     print(f"sdtex-server listening on {scheme}://{host}:{server.port}", flush=True)
@@ -531,4 +457,3 @@ def serve_tcp(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-

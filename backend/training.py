@@ -443,12 +443,6 @@ def checkpoint_bytes(trainer: LoraTrainer, losses: list[float]) -> bytes:
     return buffer.getvalue()
 
 
-def png_bytes(image: PIL.Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def lora_bytes(trainer: LoraTrainer, metadata: dict) -> bytes:
     """The LoRA as diffusers' save_lora_weights lays it out (unet./text_encoder. prefixes), with the training
     settings in the safetensors metadata (`sdtex_training`)."""

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ import diffusers
 import torch
 import transformers
 
-from backend import __version__
+from backend import __version__, compat
 from backend.context import Cancelled, JobContext
 from backend.inputs import InputStore
 from backend.models import ModelManager, available_devices
@@ -76,6 +77,9 @@ class Peer:
 
     emit: Emit
     name: str = "local"
+    # A TCP client: its own uploads, and it is not told what another client loaded (None, False: the worker's).
+    inputs: InputStore | None = None
+    remote: bool = False
 
 
 @dataclass
@@ -120,7 +124,8 @@ class Worker:
         self.closing = False
         self._lock = threading.Lock()
         self._jobs: OrderedDict[tuple[Peer, Any], Job] = OrderedDict()  # (peer, id): one queue for all peers
-        self._artifacts: set[str] = set()  # paths `fetch` may read: only files this worker announced
+        # Paths `fetch` may read: only the files a peer's own jobs announced (forgotten with the peer).
+        self._artifacts: weakref.WeakKeyDictionary[Peer, set[str]] = weakref.WeakKeyDictionary()
 
     # --- the reader thread: checks every message, answers the cheap ones ---------------------------
 
@@ -163,6 +168,7 @@ class Worker:
             return Work(request_id, method, None, peer)
         # Parameters are checked now, so a bad request is answered before the jobs queued ahead of it.
         checked = protocol.task_params(params) if method == protocol.RUN else protocol.model_params(params)
+        compat.check_task(checked.task)  # a task the installed packages cannot run is refused before it queues
         key = (peer, request_id)
         with self._lock:
             if key in self._jobs and self._jobs[key].state not in FINISHED_STATES:
@@ -173,11 +179,11 @@ class Worker:
 
     def _answer(self, method: str, params: dict, peer: Peer) -> dict:
         if method == protocol.HANDSHAKE:
-            return self.handshake(params)
+            return self.handshake(params) | ({"loaded_model": None} if peer.remote else {})
         if method == protocol.UPLOAD:
-            return self.upload(params)
+            return self.upload(params, peer.inputs or self.inputs)
         if method == protocol.FETCH:
-            return self.fetch(params)
+            return self.fetch(params, peer)
         if method == protocol.JOBS:
             return {"jobs": self.job_list(peer)}
         return self.job_info(params.get("id"), cancel=method == protocol.CANCEL, peer=peer)  # job, cancel
@@ -195,10 +201,11 @@ class Worker:
                 torch_version=torch.__version__,
                 diffusers_version=diffusers.__version__,
                 loaded_model=self.models.loaded_name,
+                unavailable=compat.unavailable(),
             )
         )
 
-    def upload(self, params: dict) -> dict:
+    def upload(self, params: dict, store: InputStore) -> dict:
         data = params.get("data")
         if not isinstance(data, str):
             raise protocol.invalid("data", "the file's bytes as base64 text", data)
@@ -206,17 +213,20 @@ class Worker:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise protocol.invalid("data", "the file's bytes as base64 text", data) from None
-        digest = self.inputs.put(raw)
+        digest = store.put(raw)
         expected = params.get("sha256")
         if expected is not None and expected != digest:
             raise protocol.invalid("sha256", f"the sha256 of the data ({digest})", expected)
         return {"sha256": digest, "size": len(raw)}
 
-    def fetch(self, params: dict) -> dict:
+    def fetch(self, params: dict, peer: Peer) -> dict:
         path, offset = params.get("path"), params.get("offset", 0)
         length = params.get("length", protocol.FETCH_CHUNK)
-        if not isinstance(path, str) or path not in self._artifacts:
-            raise ProtocolError(NOT_FOUND, f"no artifact {protocol.shown(path)}: fetch reads only announced files")
+        with self._lock:
+            announced = isinstance(path, str) and path in self._artifacts.get(peer, ())
+        if not announced:
+            why = "fetch reads only the files this client's jobs announced"
+            raise ProtocolError(NOT_FOUND, f"no artifact {protocol.shown(path)}: {why}")
         for name, value, low, high in (("offset", offset, 0, 2**53), ("length", length, 1, protocol.FETCH_CHUNK)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise protocol.invalid(name, f"an integer from {low} to {high}", value)
@@ -291,7 +301,7 @@ class Worker:
             ctx = JobContext(
                 work.id,
                 self.models,
-                self.inputs,
+                peer.inputs or self.inputs,
                 emit=lambda kind, data: self._emit_event(job, kind, data),
                 is_cancelled=lambda: job.cancel_requested,
             )
@@ -358,7 +368,7 @@ class Worker:
         elif kind == protocol.EVENT_ARTIFACT:
             with self._lock:
                 job.artifacts.append(data)
-                self._artifacts.add(data["path"])
+                self._artifacts.setdefault(job.peer, set()).add(data["path"])
         job.peer.emit(protocol.event(job.id, kind, data))
 
     def _forget_old_jobs(self) -> None:

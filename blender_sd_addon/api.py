@@ -50,6 +50,7 @@ from .client import BackendClient, BackendError, SDTexError
 from .history import HISTORY_LIMIT, HistoryRecord
 from .jobs import DONE, Job
 from .remote import RemoteSettings
+from .rpc import check_timeout
 
 __all__ = [
     "BackendError",
@@ -131,7 +132,7 @@ def generate_texture(
     loras: LoRAs to apply, each {"model": .safetensors file, folder or hub id, "weight": 1.0} (train_lora makes them).
     seed: None picks one (reported in the result). output_dir: None uses the preferences' output folder.
     shared_material ... pack: how the material is built and assigned (see apply_options).
-    timeout: seconds before the request is cancelled and SDTexError raised (None waits).
+    timeout: seconds before the request is cancelled and SDTexError raised (None or inf waits; NaN is refused).
     """
     # 1. Check inputs
     options = apply_options(
@@ -201,6 +202,7 @@ def derive_pbr_maps(
     )
     meshes = mesh_objects(objects) if apply and objects is not None else []
     source = source_image(image)
+    check_timeout(timeout)  # before the image is sent
     settings = dict(
         seamless=seamless,
         normal_format=normal_format,
@@ -288,6 +290,7 @@ def image_task(
     params = image_task_params(task, settings, model=model, output_dir=output_dir)
     given = {name: image for name, image in images.items() if image is not None}
     check_inputs(task, params, given)
+    check_timeout(timeout)  # before the images are sent
     sources = {name: source_image(image, name) for name, image in given.items()}
 
     # 2. Send the images and run the task (blocks until the files are written)
@@ -391,7 +394,7 @@ def _document(function, task: str) -> None:
         "\n    image (and mask): a bpy.types.Image (file, packed, generated or painted and unsaved: read, never\n"
         "    changed) or an image file path. Blocks until the files are written (and applied). Options:\n"
         "        apply, shared_material, slot, projection, texture_scale, displacement, ao_multiply, pack: as\n"
-        "        derive_pbr_maps; model, output_dir: None uses the preferences'; timeout: seconds (None waits).\n"
+        "        derive_pbr_maps; model, output_dir: None uses the preferences'; timeout: seconds (None/inf wait).\n"
         f"    The {task} task's parameters (protocol.TASK_PARAMS[{task!r}]), as keywords:\n" + "\n".join(lines) + "\n"
     )
 
@@ -785,6 +788,7 @@ def run(params: dict, task: str = "txt2img", timeout: float | None = None) -> pr
 
 def run_job(params: dict, task: str, timeout: float | None = None) -> Job:
     """Run a job, wait for it and return it done (its `data` is the task's whole result); raise otherwise."""
+    timeout = check_timeout(timeout)  # before the job is sent
     job = Job.submit(get_client(), task, params)
     job.handle(job.client.wait(job.request_id, on_event=job.handle, timeout=timeout))
     if job.state != DONE:

@@ -26,7 +26,16 @@ from pathlib import Path
 
 from . import protocol
 from .remote import RemoteFiles, RemoteSettings
-from .rpc import BACKEND_START_FAILED, BACKEND_STOPPED, BackendError, RequestTimeout, Rpc, SDTexError, Session
+from .rpc import (
+    BACKEND_START_FAILED,
+    BACKEND_STOPPED,
+    BackendError,
+    RequestTimeout,
+    Rpc,
+    SDTexError,
+    Session,
+    check_timeout,
+)
 from .transport import Connection, LogFile, StdioConnection, TcpConnection
 
 __all__ = ["BACKEND_START_FAILED", "BACKEND_STOPPED", "BackendClient", "BackendError", "SDTexError"]
@@ -113,8 +122,9 @@ class BackendClient:
         return session.connection.pid if session is not None and session.usable else None
 
     def start(self, timeout: float | None = 300) -> protocol.HandshakeResult:
-        """Start the worker unless it runs, and handshake. Raises SDTexError on any failure."""
-        return self._ready_session(timeout)[1]
+        """Start the worker unless it runs, and handshake (timeout: None or inf waits). Raises SDTexError on any
+        failure."""
+        return self._ready_session(check_timeout(timeout))[1]
 
     def shutdown(self, timeout: float = 3.0) -> None:
         """Ask the worker to exit, then terminate it, then kill it; open requests get an error.
@@ -286,9 +296,10 @@ class BackendClient:
     ) -> dict:
         """Block until the request's terminal reply, passing its events to on_event; return the reply.
 
-        The timeout covers the worker's start too. On timeout the request is cancelled and forgotten, and
-        SDTexError raised.
+        The timeout covers the worker's start too (None or inf: no timeout). On timeout the request is cancelled
+        and forgotten, and SDTexError raised.
         """
+        timeout = check_timeout(timeout)
         try:
             return self._rpc.wait(request_id, on_event, timeout)
         except RequestTimeout:
@@ -315,6 +326,7 @@ class BackendClient:
 
     def request(self, method: str, params: dict | None = None, timeout: float | None = None) -> dict:
         """submit + wait + result, for simple calls; the timeout covers the start too."""
+        check_timeout(timeout)  # before anything is sent
         return self.result(self.wait(self.submit(method, params), timeout=timeout))
 
     result = staticmethod(Rpc.result)
@@ -331,6 +343,7 @@ class BackendClient:
         if len(data) > protocol.UPLOAD_MAX:
             raise SDTexError(f"The upload is {len(data)} bytes; at most {protocol.UPLOAD_MAX} are accepted")
         digest = hashlib.sha256(data).hexdigest()
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         session, _ = self._ready_session(timeout)
         if digest in session.uploaded:
@@ -347,6 +360,7 @@ class BackendClient:
 
     def fetch(self, path: str, timeout: float | None = None) -> bytes:
         """The bytes of an artifact the worker wrote, fetched in chunks."""
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks: list[bytes] = []
         offset = 0

@@ -13,7 +13,9 @@ phases. Every output line of pip goes to `STATE.log_lines` and to `<user data>/b
    `backend-venv` (renames). A failed or cancelled installation deletes the new folder and leaves the previous
    backend as it was.
 4. pip runs with `--progress-bar raw`: its "Progress X of Y" lines become MB of MB and a speed in STATE; phases
-   without them move the bar by phase.
+   without them move the bar by phase. After torch, pip installs the platform's lock (worker/locks/, hashes
+   checked). pip, not uv: into a fresh venv uv was 2.4 s against pip's 26 s, but 25 s once it also compiles
+   the .pyc files pip writes, and it would need its own download and prints no byte progress.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ CUDA_INDEXES = (  # (lowest NVIDIA driver major version, index): the newest CUDA
 )
 NEW_SUFFIX = ".new"  # the folder an installation builds before it replaces the backend
 OLD_SUFFIX = ".old"  # the previous backend, for the moment of the switch
-SUPPORTED_PYTHON = ((3, 10), (3, 13))  # inclusive; what torch and diffusers publish wheels for
+SUPPORTED_PYTHON = ((3, 11), (3, 12))  # inclusive; the locks' wheels (`make lock` checks both; numpy 1.26: no 3.13)
+LOCKS = {"linux": "backend-linux.txt", "win32": "backend-windows.txt", "darwin": "backend-macos.txt"}  # worker/locks/
 CHECK_SCRIPT = "import diffusers, torch; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 LOG_LINES_KEPT = 1000  # in memory; the log file keeps everything
 TERMINATE_GRACE = 5.0  # seconds between terminate() and kill() on cancel
@@ -293,7 +296,8 @@ def find_base_python(preferred: str | None = None) -> str:
             return python
         tried.append(f"{python}: {problem}")
     raise InstallError(
-        "No Python to create the backend environment with. Install Python 3.10 to 3.13 (with venv and pip). "
+        f"No Python to create the backend environment with. Install Python 3.{SUPPORTED_PYTHON[0][1]} to "
+        f"3.{SUPPORTED_PYTHON[1][1]} (with venv and pip). "
         "Tried: " + "; ".join(tried or ["no python on PATH"])
     )
 
@@ -305,13 +309,18 @@ def install_phases(
     torch_spec: str = DEFAULT_TORCH_SPEC,
     index_url: str = "",
     choice: TorchChoice | None = None,
+    system: str = sys.platform,
 ) -> list[Phase]:
     """The commands that build the backend in the new folder (new_venv_dir), from scratch each time (pip's
-    cache keeps a rerun's downloads short). `choice` gives the expected download of the torch phase."""
-    requirements = Path(worker_dir) / "requirements.txt"
-    if not requirements.is_file():
+    cache keeps a rerun's downloads short). `choice` gives the expected download of the torch phase.
+
+    torch first, from the index chosen for the machine; then the lock for `system` (sys.platform): every other
+    package at the version tested with the others, each file checked against its hash. pip's hash checking
+    accepts the torch already there (the lock leaves torch out) and refuses anything the lock lacks."""
+    lock = Path(worker_dir) / "locks" / LOCKS.get(system, f"backend-{system}.txt")
+    if not lock.is_file():
         raise InstallError(
-            f"{requirements} is missing: install the add-on from its release zip (built by build_addon.py), "
+            f"{lock} is missing: install the add-on from its release zip (built by build_addon.py), "
             "or set Preferences > Backend interpreter to a Python that has the backend's packages"
         )
     new = new_venv_dir(user_dir)
@@ -325,7 +334,8 @@ def install_phases(
         Phase("Creating the backend environment", [base_python, "-m", "venv", str(new)]),
         Phase("Updating pip", [python, "-m", "pip", "install", "--upgrade", "pip"]),
         Phase("Installing torch (a large download)", [*pip, *torch_spec.split(), *torch_index], 6, torch_mb),
-        Phase("Installing diffusers and the other packages", [*pip, "-r", str(requirements)], 3, REQUIREMENTS_MB),
+        Phase("Installing diffusers and the other packages", [*pip, "--require-hashes", "-r", str(lock)], 3,
+              REQUIREMENTS_MB),
         Phase("Checking the backend", [python, "-c", CHECK_SCRIPT]),
     ]
 
@@ -515,14 +525,15 @@ def start_install(
     base_python: creates the venv (None: Blender's Python, else a python3 on PATH).
     torch_spec: the torch requirement(s), e.g. "torch==2.5.1" ("" = "torch").
     index_url: pip index for torch (None: chosen for this machine, "" : PyPI).
-    Raises InstallError at once when no base Python or no requirements file is found, or the disk is too full.
+    Raises InstallError at once when no base Python or no lock file is found, or the disk is too full.
     """
     if STATE.running:
         raise InstallError("An installation is already running")
     user_dir = Path(user_dir)
     choice = plan_install(user_dir, torch_spec=torch_spec, index_url=index_url, machine=machine)
     base = find_base_python(base_python)
-    phases = install_phases(user_dir, worker_dir, base, choice.requirement, choice.index_url, choice)
+    system = (machine or this_machine()).system
+    phases = install_phases(user_dir, worker_dir, base, choice.requirement, choice.index_url, choice, system)
     _remove(new_venv_dir(user_dir), user_dir)  # before measuring the free space it takes up
     check_free_space(user_dir, choice.disk_mb, disk_usage)
     return start_phases(phases, user_dir / LOG_NAME, user_dir, choice)

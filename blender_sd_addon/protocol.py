@@ -95,8 +95,8 @@ SEED_MAX = 2**32 - 1
 SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 64, 2048, 8
 TEXT_MAX = 4000  # characters in a prompt or any other string parameter (CLIP reads 77 tokens anyway)
 PATH_MAX = 4096
-MAX_LINE = 64 * 2**20  # bytes in one message (an upload of a 48 MiB file, base64-encoded)
 UPLOAD_MAX = 48 * 2**20  # bytes in one uploaded file
+MAX_LINE = UPLOAD_MAX * 4 // 3 + 2**20  # bytes in one message: the largest upload, base64-encoded, and its JSON
 FETCH_CHUNK = 8 * 2**20  # bytes per fetch reply
 LORAS_MAX = 8  # LoRAs in one request
 INPUT_PIXELS_MAX = 8192 * 8192  # an input image larger than this is refused before decoding
@@ -206,6 +206,11 @@ class Range:
         return text + (f" in multiples of {self.multiple}" if self.multiple else "")
 
 
+# Path-like parameters (Param.path). One policy covers every one of them on a remote backend (backend/server.py).
+READS = "reads"  # a file or folder the task reads: a checkpoint, photos
+READS_OR_HUB = "reads_or_hub"  # the same, or a hub id owner/name: models, LoRAs, ControlNets
+WRITES = "writes"  # a folder the task writes into: outputs, downloads, caches
+
 KIND_NAMES = {
     str: "string", int: "integer", float: "number", bool: "boolean", ImageInput: "image", ArrayInput: "array",
     list: "list",
@@ -229,6 +234,7 @@ class Param:
     optional: bool = False  # None is accepted (meaning "pick for me", e.g. a random seed)
     required: bool = False  # a string that must not be empty, or an input that must be given
     max_length: int = TEXT_MAX
+    path: str = ""  # a path-like string: READS, READS_OR_HUB or WRITES (how a remote backend polices it)
     # kind list: a list of at most max_items objects, each checked against this table (LoRAs, keyframes).
     items: tuple[Param, ...] = ()
     max_items: int = 0
@@ -318,7 +324,10 @@ class Param:
 
 # Shared groups: tasks combine these with their own parameters.
 MODEL_PARAMS: tuple[Param, ...] = (
-    Param("model", str, "", "Hub id, local diffusers folder, or single-file .safetensors checkpoint.", required=True),
+    Param(
+        "model", str, "", "Hub id, local diffusers folder, or single-file .safetensors checkpoint.",
+        required=True, max_length=PATH_MAX, path=READS_OR_HUB,
+    ),
     Param("device", str, "auto", "Where to run.", choices=DEVICES),
     Param("dtype", str, "auto", "Precision (auto: fp16 on GPU, fp32 on CPU).", choices=DTYPES),
     Param("cpu_offload", bool, False, "Keep weights on the CPU until needed (less VRAM, slower)."),
@@ -328,7 +337,10 @@ MODEL_PARAMS: tuple[Param, ...] = (
         "loras", list, (),
         "LoRAs to apply, each a .safetensors file, a folder holding one, or a hub id, with a weight.",
         items=(
-            Param("model", str, "", "LoRA file, folder or hub id.", required=True, max_length=PATH_MAX),
+            Param(
+                "model", str, "", "LoRA file, folder or hub id.", required=True, max_length=PATH_MAX,
+                path=READS_OR_HUB,
+            ),
             Param("weight", float, 1.0, "Strength (negative: the opposite).", Range(-4.0, 4.0)),
         ),
         max_items=LORAS_MAX,
@@ -366,7 +378,10 @@ PBR_MAP_PARAMS: tuple[Param, ...] = (
     Param("ao_strength", float, 1.0, "Darkness of derived ambient occlusion (0 = none).", Range(0.0, 10.0)),
 )
 OUTPUT_PARAMS: tuple[Param, ...] = (
-    Param("output_dir", str, "", "Absolute folder the files are written to.", required=True, max_length=PATH_MAX),
+    Param(
+        "output_dir", str, "", "Absolute folder the files are written to.", required=True, max_length=PATH_MAX,
+        path=WRITES,
+    ),
     Param("filename_prefix", str, "sdtex", "Start of each file name (sanitised).", max_length=200),
 )
 # Tasks that start from an image: the image, how it meets width/height, and seamless with "auto".
@@ -453,7 +468,7 @@ UPSCALE_PARAMS: tuple[Param, ...] = (
     Param(
         "upscaler_model", str, "",
         "An SD x4 upscaler (hub id, local diffusers folder or .safetensors file); empty: tiled img2img with model.",
-        max_length=PATH_MAX,
+        max_length=PATH_MAX, path=READS_OR_HUB,
     ),
     Param("image", ImageInput, None, "The image to upscale.", required=True),
     Param("scale", int, 2, "Upscaling factor: 2 or 4.", Range(2, 4, 2)),
@@ -495,14 +510,14 @@ DOWNLOAD_MODEL_PARAMS: tuple[Param, ...] = (
     Param(
         "local_dir", str, "",
         "Absolute folder to download into as a plain model folder; empty: the Hugging Face cache.",
-        max_length=PATH_MAX,
+        max_length=PATH_MAX, path=WRITES,
     ),
 )  # fmt: skip
 LIST_MODELS_PARAMS: tuple[Param, ...] = (
     Param(
         "models_dir", str, "",
         "Absolute folder of models to list too (diffusers folders and .safetensors files); empty: none.",
-        max_length=PATH_MAX,
+        max_length=PATH_MAX, path=READS,
     ),
     Param("include_cache", bool, True, "List the diffusers pipelines in the Hugging Face cache."),
 )  # fmt: skip
@@ -555,10 +570,10 @@ TRAVEL_SAMPLING = tuple(p for p in SAMPLING_PARAMS if p.name not in ("prompt", "
 # DreamBooth-LoRA training: photos of a subject (or a style) and a prompt with a rare token; the result is a LoRA.
 TRAIN_MODEL_PARAMS = tuple(p for p in MODEL_PARAMS if p.name in ("model", "device", "dtype", "allow_pickle"))
 TRAIN_LORA_PARAMS: tuple[Param, ...] = (
-    Param("photos_dir", str, "", "Folder of photos (JPEG, PNG, WebP; any size).", max_length=PATH_MAX),
+    Param("photos_dir", str, "", "Folder of photos (JPEG, PNG, WebP; any size).", max_length=PATH_MAX, path=READS),
     Param(
         "photo_files", list, (), "Photo files, instead of (or besides) a folder.",
-        items=(Param("path", str, "", "Absolute path of a photo.", required=True, max_length=PATH_MAX),),
+        items=(Param("path", str, "", "Absolute path of a photo.", required=True, max_length=PATH_MAX, path=READS),),
         max_items=1000,
     ),
     Param("token", str, "sks", "The rare word that names the subject; it must appear in instance_prompt."),
@@ -572,7 +587,7 @@ TRAIN_LORA_PARAMS: tuple[Param, ...] = (
     Param("prior_loss_weight", float, 1.0, "Prior preservation: weight of the class images' loss.", Range(0.0, 10.0)),
     Param(
         "class_images_dir", str, "", "Where class images are cached (empty: the user cache folder).",
-        max_length=PATH_MAX,
+        max_length=PATH_MAX, path=WRITES,
     ),
     Param("resolution", int, 512, "Training size in pixels (photos: scaled, centre-cropped).", Range(32, 1024, 8)),
     Param("steps", int, 500, "Training steps (optimizer updates).", Range(1, 100_000)),
@@ -584,7 +599,10 @@ TRAIN_LORA_PARAMS: tuple[Param, ...] = (
     Param("sample_prompt", str, "", "Prompt of the sample images (empty: instance_prompt)."),
     Param("sample_every", int, 0, "Make a sample image every N steps, and at the end (0 = never).", Range(0, 100_000)),
     Param("checkpoint_every", int, 0, "A resumable checkpoint every N steps (0: on cancel only).", Range(0, 100_000)),
-    Param("resume_from", str, "", "A checkpoint file to continue (same photos and settings).", max_length=PATH_MAX),
+    Param(
+        "resume_from", str, "", "A checkpoint file to continue (same photos and settings).", max_length=PATH_MAX,
+        path=READS,
+    ),
 )  # fmt: skip
 
 
@@ -599,7 +617,7 @@ PROJECT_PARAMS: tuple[Param, ...] = (
         "controlnet", str, "",
         "Depth ControlNet for the model: hub id, local folder or single-file .safetensors "
         "(e.g. lllyasviel/control_v11f1p_sd15_depth).",
-        required=True, max_length=PATH_MAX,
+        required=True, max_length=PATH_MAX, path=READS_OR_HUB,
     ),
     Param("controlnet_scale", float, 1.0, "How strongly the depth steers the picture.", Range(0.0, 2.0)),
     Param("control_start", float, 0.0, "Fraction of the steps after which the depth starts to steer.", Range(0.0, 1.0)),
@@ -689,6 +707,7 @@ TASK_PARAMS: dict[str, tuple[Param, ...]] = {
                 "model", str, "",
                 "Model for tiled upscaling (hub id, local diffusers folder or .safetensors); not used with "
                 "upscaler_model.",
+                max_length=PATH_MAX, path=READS_OR_HUB,
             ),
         ),
         *UPSCALE_PARAMS,
@@ -1039,6 +1058,7 @@ class HandshakeResult:
     torch_version: str = ""
     diffusers_version: str = ""
     loaded_model: str | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)  # task -> why the installed packages cannot run it
 
     @classmethod
     def from_dict(cls, data: dict) -> HandshakeResult:

@@ -19,6 +19,8 @@ DOWNLOAD = ("sdtex.download_model", "Download Model")
 CHOOSE = ("sdtex.browse_model", "Choose Model")
 ON_DISK = ("sdtex.pick_model", "Models on Disk")
 TEST_REMOTE = ("sdtex.test_connection", "Test Connection")
+REINSTALL = ("sdtex.install_backend", "Reinstall Backend")  # installs the lock's versions, which work together
+FEATURES = {"train_lora": "Training"}  # task -> its name in the panels
 
 
 @dataclass(frozen=True)
@@ -114,3 +116,15 @@ def model_line(f: Facts) -> Line:
     if state == "missing":
         return Line(f"Model not found: {f.model}", False, (ON_DISK, CHOOSE))
     return Line(f"Not a model (no model_index.json, not a .safetensors file): {name}", False, (ON_DISK, CHOOSE))
+
+
+def feature_line(unavailable: dict[str, str], task: str, remote: bool = False) -> Line | None:
+    """What a feature's panel says when the backend's handshake listed its task as unavailable (its installed
+    packages do not work together for it); None when the task can run or no handshake is known yet."""
+    reason = unavailable.get(task)
+    if not reason:
+        return None
+    name = FEATURES.get(task, task)
+    if remote:  # the server's packages: only whoever runs it can reinstall them
+        return Line(f"{name} unavailable on the server: {reason}", False)
+    return Line(f"{name} unavailable: {reason}", False, (REINSTALL,))

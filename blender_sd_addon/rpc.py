@@ -9,6 +9,7 @@ of the session gets a `backend_stopped` error quoting why; a request sent after 
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 import time
@@ -37,6 +38,17 @@ class BackendError(SDTexError):
 
 class RequestTimeout(SDTexError):
     """wait() gave up; the request's mailbox is closed."""
+
+
+def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """A caller's timeout as the waits take it: seconds >= 0, or None for no timeout. `inf` means no timeout
+    too (returned as None); NaN is refused (it compares false with everything, so every deadline check would
+    pass and it would silently wait forever), as are negatives and non-numbers."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
+        raise SDTexError(f"{name} must be a number of seconds >= 0, or None or inf for no timeout; got {timeout!r}")
+    return None if math.isinf(timeout) else float(timeout)
 
 
 class Rpc:
@@ -93,8 +105,9 @@ class Rpc:
     ) -> dict:
         """Block until the request's terminal reply, passing its events to on_event; return the reply.
 
-        RequestTimeout after `timeout` seconds; the mailbox is then closed (forgotten).
+        RequestTimeout after `timeout` seconds (None or inf: no timeout); the mailbox is then closed (forgotten).
         """
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self.lock:

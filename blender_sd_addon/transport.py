@@ -220,13 +220,13 @@ class TcpConnection(Connection):
                 if len(buffer) > protocol.MAX_LINE:
                     self._reason = f"the backend sent a line longer than {protocol.MAX_LINE} bytes"
                     return
-                pending = self._sock.pending() if isinstance(self._sock, ssl.SSLSocket) else 0
-                if not pending and not select.select([self._sock], [], [], READ_POLL)[0]:
+                # Read first, wait only when the read found nothing: bytes the TLS layer has already taken off the
+                # socket are invisible to select (and to pending() while their record is still undecrypted).
+                chunk = turn_recv(self._sock, self._write_lock, 1 << 20)
+                if chunk is None:  # nothing yet, or TLS records without data (a session ticket)
                     if self._closed.is_set():
                         return
-                    continue
-                chunk = turn_recv(self._sock, self._write_lock, 1 << 20)
-                if chunk is None:  # TLS records but no data yet (a session ticket)
+                    select.select([self._sock], [], [], READ_POLL)
                     continue
                 if not chunk:
                     if not self._closed.is_set():

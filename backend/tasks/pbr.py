@@ -8,7 +8,7 @@ from pathlib import Path
 
 from backend.context import JobContext
 from backend.inputs import open_image
-from backend.outputs import output_folder, sanitise_prefix, save_image_set
+from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set
 from blender_sd_addon.protocol import GenerateResult, PbrParams
 
 
@@ -23,7 +23,7 @@ def run(ctx: JobContext, params: PbrParams) -> GenerateResult:
     # 2. Derive and write the maps, each announced when complete
     ctx.stage("saving")
     # Maps of a file are named after it, like a generated albedo's maps; maps of uploaded bytes take the prefix.
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = run_stamp()
     stem = sanitise_prefix(Path(source).stem) if source else f"{sanitise_prefix(params.filename_prefix)}_{stamp}"
     record = save_image_set(image, params, folder, stem, albedo=False, announce=ctx.artifact)
     record.path = source

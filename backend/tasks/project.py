@@ -33,7 +33,7 @@ from backend import projection as geometry
 from backend.context import Cancelled, JobContext
 from backend.families import size_multiple
 from backend.inputs import InputStore, open_array
-from backend.outputs import output_folder, png_info, sanitise_prefix, save_image_set, write_png
+from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set, write_png
 from backend.schedulers import make_scheduler
 from backend.tasks.txt2img import (
     JobProgress,
@@ -231,11 +231,13 @@ class _Writer:
     def __init__(self, ctx: JobContext, params: ProjectParams, seed: int):
         self.ctx, self.params, self.seed = ctx, params, seed
         self.folder = output_folder(params)
-        self.stem = f"{sanitise_prefix(params.filename_prefix)}_{time.strftime('%Y%m%d-%H%M%S')}_{seed}"
+        self.stem = f"{sanitise_prefix(params.filename_prefix)}_{run_stamp()}_{seed}"
 
-    def view(self, index: int, role: str, image: PIL.Image.Image, seed: int) -> str:
+    def view(self, index: int, role: str, image: PIL.Image.Image, seed: int, inpainted: bool) -> str:
+        """inpainted: the view repainted only what earlier views left (its metadata names the mask blur)."""
         stem = f"{self.stem}_view{index + 1:02d}_{role}"
-        path, size, digest = write_png(image, self.folder, stem, png_info(self.params, seed, role))
+        context = {"inpainted": inpainted}
+        path, size, digest = write_png(image, self.folder, stem, self.params, seed, role, context=context)
         self.ctx.artifact(Artifact(path=str(path), kind="view", size=size, sha256=digest, index=index, role=role))
         return str(path)
 
@@ -330,7 +332,7 @@ def run(ctx: JobContext, params: ProjectParams) -> ProjectResult:
             record.timings["bake"] = time.perf_counter() - start
 
             for role, picture in (("image", generated), ("mask", mask), ("depth", depth), ("normal", normals)):
-                setattr(record, role, writer.view(index, role, picture, view_seed))
+                setattr(record, role, writer.view(index, role, picture, view_seed, not first))
             views.append(record)
             for name in ("render", "generate", "bake"):
                 timings[name] += record.timings[name]

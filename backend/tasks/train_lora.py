@@ -21,8 +21,9 @@ import torch
 from backend import training
 from backend.context import Cancelled, JobContext
 from backend.families import SD, family_of, size_multiple
+from backend.infotext import sampler_of
 from backend.models import load_pipeline, locate, pick_device, pick_dtype
-from backend.outputs import output_folder, sanitise_prefix
+from backend.outputs import output_folder, run_stamp, sanitise_prefix, write_png
 from blender_sd_addon.model_catalog import size_text
 from blender_sd_addon.protocol import (
     EVENT_PROGRESS,
@@ -38,6 +39,7 @@ from blender_sd_addon.protocol import (
 
 MIN_PHOTOS = 3  # DreamBooth learns a subject from 3 to 5 photos at the least; fewer gives a copy machine
 SAMPLE_STEPS = 25  # denoising steps of a sample image
+SAMPLE_GUIDANCE = 7.5  # its CFG scale (diffusers' default, named so the sample's metadata can say it)
 LOSS_WINDOW = 20  # steps the reported final loss is averaged over
 SPACE_MARGIN = 50 * 10**6  # bytes kept free beyond the estimate
 
@@ -179,7 +181,7 @@ def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
         trainer.load_state(resumed)
         losses = list(resumed["losses"])
     prefix = (
-        f"{sanitise_prefix(params.filename_prefix)}_{sanitise_prefix(params.token)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        f"{sanitise_prefix(params.filename_prefix)}_{sanitise_prefix(params.token)}_{run_stamp()}"
     )
     written: dict[str, list[str]] = {"sample": [], "checkpoint": []}
 
@@ -198,12 +200,14 @@ def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
         with trainer.evaluating():
             image = pipe(
                 params.sample_prompt or params.instance_prompt, height=params.resolution, width=params.resolution,
-                num_inference_steps=SAMPLE_STEPS, generator=generator,
+                num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE, generator=generator,
             ).images[0]  # fmt: skip
-        announce(
-            *training.write_file(training.png_bytes(image), folder, f"{prefix}_sample{trainer.step_count}", ".png"),
-            "sample",
-        )
+        context = {
+            "steps": SAMPLE_STEPS, "sampler": sampler_of(pipe.scheduler), "guidance_scale": SAMPLE_GUIDANCE,
+            "step": trainer.step_count,
+        }  # fmt: skip
+        stem = f"{prefix}_sample{trainer.step_count}"
+        announce(*write_png(image, folder, stem, params, params.seed, "sample", context=context), "sample")
         ctx.stage("training")
 
     # 6. Train: progress with the loss and the time left after every step; cancel saves a checkpoint

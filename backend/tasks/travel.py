@@ -30,7 +30,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from backend.context import JobContext
-from backend.outputs import TEMP_PREFIX, _output_failed, output_folder, png_info, sanitise_prefix, write_png
+from backend.outputs import TEMP_PREFIX, _output_failed, output_folder, sanitise_prefix, write_png
 from backend.pbr import derive_maps
 from backend.previews import preview_event
 from backend.schedulers import make_scheduler
@@ -239,10 +239,18 @@ def announce_file(ctx: JobContext, path: Path, index: int, role: str) -> None:
 
 
 def save_frame(
-    ctx: JobContext, image: PIL.Image.Image, index: int, sequence: Sequence, params: TravelParams, seed: int | None
+    ctx: JobContext,
+    image: PIL.Image.Image,
+    frame: Frame,
+    index: int,
+    sequence: Sequence,
+    params: TravelParams,
+    seed: int | None,
 ) -> None:
     """Write a frame's maps, then its albedo (the albedo's file marks the frame complete), each announced once
-    complete; files an interrupted run already finished are kept and announced."""
+    complete; files an interrupted run already finished are kept and announced. frame: the keyframes it blends
+    (its A1111 metadata names them)."""
+    context = {"frame": frame}
     maps = {}
     if params.pbr:
         maps = derive_maps(
@@ -259,8 +267,9 @@ def save_frame(
     for role, picture in (*maps.items(), ("albedo", image)):
         path = sequence.path(index, role)
         if not path.is_file():
-            info = png_info(params, seed, role, source=albedo if role != "albedo" else "")
-            path = write_png(picture, sequence.folder, sequence.stem(index, role), info)[0]
+            source = albedo if role != "albedo" else ""
+            stem = sequence.stem(index, role)
+            path = write_png(picture, sequence.folder, stem, params, seed, role, source=source, context=context)[0]
         announce_file(ctx, path, index, role)
 
 
@@ -366,7 +375,7 @@ def run(ctx: JobContext, params: TravelParams) -> GenerateResult:
                 timings["decode"] += time.perf_counter() - start
                 progress.stage("saving")
                 start = time.perf_counter()
-                save_frame(ctx, image, index, sequence, params, frame_seeds[index])
+                save_frame(ctx, image, plan[index], index, sequence, params, frame_seeds[index])
                 timings["save"] += time.perf_counter() - start
                 ctx.check_cancelled()
 

@@ -34,7 +34,7 @@ from backend.context import Cancelled, JobContext
 from backend.families import family_of, size_multiple
 from backend.images import tiling_axes, to_rgb
 from backend.inputs import open_image
-from backend.outputs import output_folder, sanitise_prefix, save_image_set
+from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set
 from backend.schedulers import make_scheduler
 from backend.seamless import seamless, wrap_axes
 from backend.tasks.img2img import check_strength, encode_source, pixels_of
@@ -444,7 +444,7 @@ def run(ctx: JobContext, params: UpscaleParams) -> GenerateResult:
     # 3. Save: the file (and its maps) announced as soon as each is complete
     ctx.stage("saving")
     save_start = time.perf_counter()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = run_stamp()
     suffix = output.seed if output.seed is not None else "lanczos"
     stem = f"{sanitise_prefix(params.filename_prefix)}_{stamp}_x{params.scale}_{suffix}"
     record = save_image_set(

@@ -78,18 +78,23 @@ def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
     """The backend and model lines; a line that is not ready gets its fixes as buttons, one per row (side by
     side they are cut off at the default sidebar width)."""
     box = layout.box()
-    scale = bpy.context.preferences.system.ui_scale or 1.0
     for line in (ready.backend, ready.model):
-        column = box.column(align=True)
-        if line.progress is not None:
-            draw_progress(column, line.progress, line.text)
-        else:
-            for i, text in enumerate(message_lines(line.text, width - 70, scale)):  # less the icon and margins
-                column.label(text=text, icon=line.icon if i == 0 else "BLANK1")
-        for operator, text in line.fixes:
-            button = column.operator(operator, text=text)
-            if operator == "sdtex.browse_model":
-                button.target = "PREFERENCES"  # a newcomer's choice holds for every file
+        draw_line(box, line, width)
+
+
+def draw_line(layout, line: readiness.Line, width: int) -> None:
+    """One readiness line, wrapped to the sidebar's width, with its fixes as buttons."""
+    column = layout.column(align=True)
+    if line.progress is not None:
+        draw_progress(column, line.progress, line.text)
+    else:
+        scale = bpy.context.preferences.system.ui_scale or 1.0
+        for i, text in enumerate(message_lines(line.text, width - 70, scale)):  # less the icon and margins
+            column.label(text=text, icon=line.icon if i == 0 else "BLANK1")
+    for operator, text in line.fixes:
+        button = column.operator(operator, text=text)
+        if operator == "sdtex.browse_model":
+            button.target = "PREFERENCES"  # a newcomer's choice holds for every file
 
 
 def draw_output_folder(layout, width: int) -> None:

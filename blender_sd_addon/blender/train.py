@@ -23,7 +23,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from .. import api, protocol
+from .. import api, protocol, readiness
 from ..client import SDTexError
 from ..jobs import CANCELLED, DONE, Job
 from . import panels
@@ -319,6 +319,14 @@ class SDTEX_UL_loras(bpy.types.UIList):
         row.prop(item, "weight", text="")
 
 
+def unavailable_line() -> readiness.Line | None:
+    """Why the running backend cannot train (its handshake says), or None."""
+    client = api.current_client()
+    shake = client.handshake if client and client.alive else None
+    remote = api.remote_settings() is not None
+    return readiness.feature_line(shake.unavailable if shake else {}, "train_lora", remote)
+
+
 class TrainPanel(panels.SidebarPanel):
     bl_label = "Train"
     bl_options = {"DEFAULT_CLOSED"}
@@ -326,6 +334,9 @@ class TrainPanel(panels.SidebarPanel):
     def draw(self, context):
         layout = self.layout
         train = context.scene.sdtex_train
+        blocked = unavailable_line()
+        if blocked:
+            panels.draw_line(layout.box(), blocked, context.region.width)
         layout.prop(train, "photos_dir")
         layout.row().prop(train, "preset", expand=True)
         col = layout.column(align=True)
@@ -353,6 +364,7 @@ class TrainPanel(panels.SidebarPanel):
             row.operator("sdtex.train_cancel", text="", icon="CANCEL")
         else:
             row = layout.row(align=True)
+            row.enabled = blocked is None  # the worker would refuse it with the same reason
             row.operator("sdtex.train", icon="OUTLINER_OB_ARMATURE").resume = False
             if STATE.checkpoint:
                 row.operator("sdtex.train", text="Resume", icon="PLAY").resume = True

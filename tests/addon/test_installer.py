@@ -16,6 +16,14 @@ from blender_sd_addon import installer
 from blender_sd_addon.installer import CPU_INDEX, MB, STATE, Machine, Phase
 
 
+def worker_with_lock(tmp_path: Path, system: str = sys.platform) -> Path:
+    """A worker/ folder as the zip lays it out, with a one-line lock for `system`."""
+    worker = tmp_path / "worker"
+    (worker / "locks").mkdir(parents=True, exist_ok=True)
+    (worker / "locks" / installer.LOCKS[system]).write_text("diffusers==0.42.1 --hash=sha256:00\n")
+    return worker
+
+
 def python_phase(message: str, code: str, weight: float = 1.0) -> Phase:
     return Phase(message, [sys.executable, "-u", "-c", code], weight)
 
@@ -100,9 +108,7 @@ def test_a_second_installation_is_refused_while_one_runs(tmp_path):
 
 
 def test_venv_phase_creates_a_working_python(tmp_path):
-    worker = tmp_path / "worker"
-    worker.mkdir()
-    (worker / "requirements.txt").write_text("diffusers>=0.35\n")
+    worker = worker_with_lock(tmp_path)
     user = tmp_path / "user data"  # a space, as in real user folders
 
     phases = installer.install_phases(
@@ -110,7 +116,8 @@ def test_venv_phase_creates_a_working_python(tmp_path):
     )
     assert [p.message.split()[0] for p in phases] == ["Creating", "Updating", "Installing", "Installing", "Checking"]
     assert phases[2].command[-3:] == ["torch==2.5.1", "--index-url", "https://example.test/whl"]
-    assert phases[3].command[-2:] == ["-r", str(worker / "requirements.txt")]
+    # torch first, then the lock: exact versions, every file checked against its hash
+    assert phases[3].command[-3:] == ["--require-hashes", "-r", str(worker / "locks" / installer.LOCKS[sys.platform])]
     new = installer.new_venv_dir(user)
     assert phases[0].command[-1] == str(new)  # always a new folder: the backend in use is never touched
 
@@ -125,8 +132,19 @@ def test_venv_phase_creates_a_working_python(tmp_path):
     assert Path(done.stdout.strip()) == new
 
 
-def test_missing_requirements_is_a_clear_error(tmp_path):
-    with pytest.raises(installer.InstallError, match="requirements.txt is missing"):
+@pytest.mark.parametrize(("system", "lock"), [("linux", "backend-linux.txt"), ("win32", "backend-windows.txt"),
+                                             ("darwin", "backend-macos.txt")])  # fmt: skip
+def test_each_platform_installs_its_own_lock(tmp_path, system, lock):
+    worker = worker_with_lock(tmp_path, system)
+    phases = installer.install_phases(tmp_path, worker, sys.executable, system=system)
+    assert phases[3].command[-3:] == ["--require-hashes", "-r", str(worker / "locks" / lock)]
+    other = next(name for name in installer.LOCKS if name != system)
+    with pytest.raises(installer.InstallError, match=f"{installer.LOCKS[other]} is missing"):
+        installer.install_phases(tmp_path, worker, sys.executable, system=other)
+
+
+def test_missing_lock_is_a_clear_error(tmp_path):
+    with pytest.raises(installer.InstallError, match=rf"{installer.LOCKS[sys.platform]} is missing.*release zip"):
         installer.install_phases(tmp_path, tmp_path / "worker", sys.executable)
 
 
@@ -181,10 +199,10 @@ def test_torch_choice_and_pip_command_per_machine(tmp_path, system, arch, smi, e
     elif system != "darwin":
         assert choice.download_mb < 500
 
-    worker = tmp_path / "worker"
-    worker.mkdir()
-    (worker / "requirements.txt").write_text("diffusers\n")
-    phases = installer.install_phases(tmp_path, worker, sys.executable, choice.requirement, choice.index_url, choice)
+    worker = worker_with_lock(tmp_path, system)
+    phases = installer.install_phases(
+        tmp_path, worker, sys.executable, choice.requirement, choice.index_url, choice, system
+    )
     torch_phase = phases[2]
     python = str(installer.paths.venv_python(installer.new_venv_dir(tmp_path)))
     expected = [python, "-m", "pip", "install", "--upgrade", "--progress-bar", "raw", "torch"]
@@ -203,9 +221,7 @@ def test_preferences_override_the_choice():
 
 
 def test_disk_space_is_checked_first(tmp_path):
-    worker = tmp_path / "worker"
-    worker.mkdir()
-    (worker / "requirements.txt").write_text("diffusers\n")
+    worker = worker_with_lock(tmp_path, "linux")
     full = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 300 * MB, 300 * MB)  # noqa: E731
     user = tmp_path / "user data"
     with pytest.raises(installer.InstallError, match="Not enough free space") as info:
@@ -299,7 +315,7 @@ def test_operators_in_blender():
 
     assert addon_utils.enable("blender_sd_addon", default_set=True) is not None
     try:
-        with pytest.raises(RuntimeError, match="requirements.txt is missing"):
+        with pytest.raises(RuntimeError, match=r"locks/backend-\w+\.txt is missing"):
             bpy.ops.sdtex.install_backend()
         assert not STATE.running
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from blender_sd_addon import installer
 from blender_sd_addon.protocol import PROTOCOL_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,9 +100,19 @@ def test_zip_layout(zip_path, pyproject):
     assert backend_files == {n.removeprefix(f"{ADDON}/worker/") for n in names if "/worker/backend/" in n}
     assert f"{ADDON}/worker/backend/configs/sdxl/unet/config.json" in names
 
-    requirements = zipfile.ZipFile(zip_path).read(f"{ADDON}/worker/requirements.txt").decode()
-    listed = [line for line in requirements.splitlines() if line and not line.startswith("#")]
-    assert listed == pyproject["project"]["dependencies"]
+    # The locks Install Backend reads, one per platform, as `make lock` wrote them (torch is not in them).
+    for lock in installer.LOCKS.values():
+        assert zipfile.ZipFile(zip_path).read(f"{ADDON}/worker/locks/{lock}") == (REPO / "locks" / lock).read_bytes()
+    assert not [n for n in names if n.endswith("requirements.txt")]
+
+
+def test_a_missing_lock_stops_the_build(tmp_path):
+    build_addon = load_build_script()
+    shutil.copytree(REPO / "locks", tmp_path / "locks")
+    shutil.copytree(REPO / ADDON, tmp_path / ADDON, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "locks" / installer.LOCKS["win32"]).unlink()
+    with pytest.raises(SystemExit, match=f"locks/{installer.LOCKS['win32']} missing.*make lock"):
+        build_addon.zip_entries(tmp_path)
 
 
 def test_build_is_reproducible(zip_path, tmp_path):
@@ -181,4 +192,4 @@ def test_installs_as_legacy_addon(zip_path, tmp_path):
     assert report["outcome"] == ["FINISHED"] and report["enabled"]
     assert report["file"] == str(installed / "__init__.py")
     assert report["generate"] and report["install_backend"]
-    assert (installed / "worker/requirements.txt").is_file()
+    assert (installed / "worker/locks" / installer.LOCKS[sys.platform]).is_file()

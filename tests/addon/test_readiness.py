@@ -136,3 +136,14 @@ def test_a_remote_backend_needs_no_interpreter_here_and_its_model_is_the_servers
     assert ready.model.text == "Model on the server: owner/m"
     running = readiness.check(Facts(remote="gpu-box:8765", running=True, device="cuda", model_state="remote"))
     assert running.backend.text == "Remote backend ready: gpu-box:8765 (cuda)"
+
+
+def test_a_task_the_backend_cannot_run_says_why_and_offers_a_reinstall():
+    reason = "PEFT 0.21.2 is older than transformers 5.24.0 needs (0.22.0)"
+    line = readiness.feature_line({"train_lora": reason}, "train_lora")
+    assert line.text == f"Training unavailable: {reason}" and not line.ready and line.icon == "ERROR"
+    assert line.fixes == (("sdtex.install_backend", "Reinstall Backend"),)
+    remote = readiness.feature_line({"train_lora": reason}, "train_lora", remote=True)
+    assert remote.text == f"Training unavailable on the server: {reason}" and remote.fixes == ()
+    assert readiness.feature_line({}, "train_lora") is None  # a backend that can train, or none started yet
+    assert readiness.feature_line({"train_lora": reason}, "txt2img") is None

@@ -97,3 +97,21 @@ def test_missing_photos_folder_is_a_clear_report(scene):
     scene.sdtex_train.photos_dir = ""
     with pytest.raises(RuntimeError, match="photos_dir: choose the folder"):
         bpy.ops.sdtex.train()
+
+
+def test_the_panel_says_when_the_backend_cannot_train(monkeypatch):
+    from types import SimpleNamespace
+
+    from blender_sd_addon import protocol
+
+    reason = "PEFT 0.21.2 is older than transformers 5.24.0 needs (0.22.0)"
+    shake = protocol.HandshakeResult.from_dict(
+        {"protocol_version": 2, "backend_version": "x", "devices": ["cpu"], "schedulers": [], "tasks": {},
+         "unavailable": {"train_lora": reason}}
+    )  # fmt: skip
+    monkeypatch.setattr(train.api, "remote_settings", lambda: None)
+    monkeypatch.setattr(train.api, "current_client", lambda: SimpleNamespace(alive=True, handshake=shake))
+    line = train.unavailable_line()
+    assert line.text == f"Training unavailable: {reason}" and line.fixes[0][1] == "Reinstall Backend"
+    shake.unavailable = {}
+    assert train.unavailable_line() is None

@@ -18,14 +18,14 @@ from blender_sd_addon.protocol import GENERATE_PARAMS
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "backend", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})},
     )
 
 
@@ -99,6 +99,27 @@ def test_bad_flag_value_exits_nonzero_naming_it(flags, name, tmp_path):
     assert done.returncode == 2
     assert name.replace("_", "-") in done.stderr or name in done.stderr, done.stderr
     assert done.stdout == ""
+
+
+def test_without_out_files_go_to_the_users_data_folder_not_the_cwd(tiny_model_dir, tmp_path):
+    work, data = tmp_path / "checkout", tmp_path / "data"
+    work.mkdir()
+    flags = ["--model", str(tiny_model_dir), "--prompt", "bark", "--steps", "1", "--width", "64", "--height", "64"]
+    done = run_cli("generate", *flags, cwd=work, env={"XDG_DATA_HOME": str(data)})
+    assert done.returncode == 0, done.stderr
+    folder = data / "sd-textures" / "outputs"
+    (path,) = [Path(line) for line in done.stdout.splitlines()]
+    assert path.parent == folder and path.is_file()
+    assert list(work.iterdir()) == []  # nothing written where the command ran
+    assert f"files written to {folder}" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["--help"], ["info"]])
+def test_commands_print_no_torchvision_notice(command):
+    """transformers' "requires torchvision (not installed); falling back to ...Pil" notice, once per import."""
+    done = run_cli(*command)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr, done.stderr
 
 
 def test_info_prints_versions():

@@ -185,6 +185,22 @@ def test_pickle_folder_loads_only_when_allowed(tiny_model_dir, tmp_path):
     assert tuple(model.pipe.unet.config.block_out_channels) == (32, 64)
 
 
+@pytest.mark.parametrize("decoy", ["decoy.safetensors", "notes.safetensors.txt.safetensors"])
+def test_pickle_folder_with_a_decoy_safetensors_is_refused_as_unsafe(tiny_model_dir, tmp_path, decoy):
+    """A .safetensors file that is not a component's weights makes no pickle safe: refused before loading."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir).save_pretrained(folder, safe_serialization=False)
+    for component in (p for p in folder.iterdir() if p.is_dir()):
+        (component / decoy).write_bytes(b"\x08\0\0\0\0\0\0\0{}      ")
+    (folder / decoy).write_bytes(b"{}")
+    with pytest.raises(ProtocolError) as info:
+        ModelManager().get(params_for(folder))
+    assert info.value.code == protocol.UNSAFE_CHECKPOINT and "unet" in info.value.message
+    assert not locate(str(folder), allow_pickle=True).use_safetensors  # allowed: loads its .bin weights
+
+
 @pytest.mark.parametrize(
     ("model", "code"),
     [

@@ -6,67 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import ssl
 import stat
 import time
 from pathlib import Path
 
 import PIL.Image
 import pytest
-from remote_server_process import ServerProcess
+from remote_server_process import Raw, ServerProcess, self_signed
 
-from backend.server import Policy, is_loopback, load_or_create_token, token_matches
+from backend.remote_policy import Policy
+from backend.server_token import is_loopback, load_or_create_token, token_matches
 from blender_sd_addon import protocol
 from blender_sd_addon.client import BackendError
 
 MAX_MESSAGE = 1 << 20
-
-
-class Raw:
-    """A hand-driven client: JSON lines (or anything) over TLS trusting `cafile`, or plain TCP without."""
-
-    def __init__(self, port: int, cafile: str = ""):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        if cafile:
-            self.sock = ssl.create_default_context(cafile=cafile).wrap_socket(self.sock, server_hostname="127.0.0.1")
-        self.buffer = b""
-
-    def send(self, message: dict) -> None:
-        self.sock.sendall(protocol.encode(message))
-
-    def handshake(self, token: str | None) -> dict:
-        params = {"protocol_version": protocol.PROTOCOL_VERSION} | ({"token": token} if token is not None else {})
-        self.send(protocol.request("h", protocol.HANDSHAKE, params))
-        return self.receive()
-
-    def receive(self) -> dict | None:
-        """The next message; None when the server closed the connection."""
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def terminal(self, request_id: str) -> dict:
-        while (message := self.receive()) is not None:
-            if message.get("id") == request_id and protocol.is_terminal(message):
-                return message
-        raise AssertionError(f"connection closed before {request_id} was answered")
-
-    def closed_by_server(self) -> bool:
-        """Whether the server ends the connection (everything it still sends is read and dropped)."""
-        try:
-            while self.sock.recv(1 << 16):
-                pass
-        except (ConnectionResetError, ssl.SSLError):  # reset, or TLS cut without its closing message
-            pass
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -192,18 +145,19 @@ def test_policy_keeps_models_inside_the_allowed_folders(tmp_path: Path):
     (tmp_path / "secret").mkdir()
     (models / "link").symlink_to(tmp_path / "secret")
     policy = Policy(tmp_path / "out", (models,))
-    assert policy.model("model", str(models / "tiny")) == str(models / "tiny")
-    assert policy.model("model", "tiny") == str(models / "tiny")  # a name inside the folder
-    assert policy.model("model", "stabilityai/sd-turbo") == "stabilityai/sd-turbo"  # a hub id
+    model = protocol.READS_OR_HUB
+    assert policy.path(model, "model", str(models / "tiny")) == str(models / "tiny")
+    assert policy.path(model, "model", "tiny") == str(models / "tiny")  # a name inside the folder
+    assert policy.path(model, "model", "stabilityai/sd-turbo") == "stabilityai/sd-turbo"  # a hub id
     for bad in (str(models / "link"), "../secret", "~/x", str(models / ".." / "secret"), "link", "C:\\models\\x"):
         with pytest.raises(protocol.ProtocolError, match="model is refused") as info:
-            policy.model("model", bad)
+            policy.path(model, "model", bad)
         assert info.value.data["param"] == "model"
     checked = policy.check(protocol.RUN, {"task": "txt2img", "prompt": "/imagine ../stone", "model": "tiny"})
     assert checked["output_dir"] == str(tmp_path / "out") and checked["prompt"] == "/imagine ../stone"
     with pytest.raises(protocol.ProtocolError) as info:
-        policy.check(protocol.RUN, {"task": "travel", "keyframes": [{"prompt": "x", "model": "/etc"}]})
-    assert info.value.data["param"] == "keyframes[0].model"
+        policy.check(protocol.RUN, {"task": "txt2img", "loras": [{"model": "/etc", "weight": 1.0}]})
+    assert info.value.data["param"] == "loras[0].model"
 
 
 def test_garbage_and_idle_clients_do_not_stop_a_job(server: ServerProcess, tiny_model_dir: Path, tmp_path: Path):
@@ -232,6 +186,24 @@ def test_garbage_and_idle_clients_do_not_stop_a_job(server: ServerProcess, tiny_
         silent.close()
 
 
+def test_an_over_long_line_is_answered_and_closes_the_connection(server: ServerProcess):
+    raw = connect(server)
+    assert "result" in raw.handshake(server.token)
+    raw.sock.sendall(b'{"id": "x", "method": "jobs", "pad": "' + b"y" * MAX_MESSAGE + b'"}\n')
+    raw.send(protocol.request("after", protocol.JOBS))  # never read: the connection ends with the long line
+    error = raw.receive()["error"]
+    assert error["code"] == "parse_error" and f"longer than {MAX_MESSAGE} bytes" in error["message"]
+    assert raw.receive() is None
+
+
+def test_before_the_handshake_a_line_may_be_64_kib(server: ServerProcess):
+    stranger = connect(server)
+    stranger.sock.sendall(b"x" * (65 * 2**10))  # far below --max-message, no newline, no token
+    error = stranger.receive()["error"]
+    assert error["code"] == "parse_error" and "longer than 65536 bytes" in error["message"]
+    assert stranger.receive() is None
+
+
 def test_request_and_connection_limits(server: ServerProcess):
     raw = connect(server)
     assert "result" in raw.handshake(server.token)
@@ -246,7 +218,8 @@ def test_request_and_connection_limits(server: ServerProcess):
     held = [connect(server) for _ in range(6)]
     for connection in held:
         assert "result" in connection.handshake(server.token)
-    refused = Raw(server.port)  # closed before any TLS: a plain socket sees it
+    refused = connect(server)  # a seventh token holder: the server already serves its 6 (--max-connections)
+    assert refused.handshake(server.token)["error"]["code"] == "too_many_requests"
     assert refused.closed_by_server()
     for connection in held:
         connection.close()
@@ -254,40 +227,6 @@ def test_request_and_connection_limits(server: ServerProcess):
     again = connect(server)
     assert "result" in again.handshake(server.token)
     again.close()
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost, made here with `cryptography`."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sdtex test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(names, critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert, key_file = folder / "cert.pem", folder / "key.pem"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert, key_file
 
 
 def test_tls_with_a_self_signed_certificate(server: ServerProcess, models: Path):

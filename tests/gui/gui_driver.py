@@ -3,7 +3,11 @@
     blender --factory-startup --enable-event-simulate scene.blend --python gui_driver.py -- '{"zip": ..., ...}'
 
 Arguments (JSON): zip (the built add-on), model (a diffusers folder), python (the backend interpreter),
-out (report and screenshots), steps, size, timeout (seconds).
+out (report and screenshots), steps, size, timeout (seconds), preview_box (left, top, right, bottom of the
+screenshot region the textured cube fills) and preview_saturation (the mean HSV saturation, 0-255, it must pass).
+
+Nothing waits a fixed time for a condition: each wait polls the condition itself (the tab drawn, the textured
+cube on screen once EEVEE has compiled its shaders) until a deadline, so a loaded machine only makes it slower.
 
 It does what a user does: install the zip (legacy add-on path), open the sidebar on the SD Textures tab,
 follow the setup lines (no backend: set the interpreter; the default model not on disk: choose the tiny model's
@@ -13,6 +17,7 @@ Generate runs from `bpy.app.timers` callbacks, so the report also shows that Ble
 event loop while the backend worked. Any exception ends the run with the traceback in the report.
 """
 
+import array
 import json
 import os
 import sys
@@ -26,6 +31,8 @@ ARGS = json.loads(sys.argv[sys.argv.index("--") + 1])
 ADDON = "blender_sd_addon"
 TAB = "SD Textures"
 TICK = 0.1  # seconds between driver steps
+TAB_WAIT = 60.0  # seconds the sidebar may take to show the add-on's tab
+PREVIEW_WAIT = 150.0  # seconds EEVEE may take to compile its shaders (minutes-long on a loaded llvmpipe)
 REPORT = {"errors": [], "ticks_during_job": 0, "progress_seen": [], "screenshots": {}, "timeline": {}}
 START = time.monotonic()
 
@@ -67,6 +74,25 @@ def screenshot(name: str) -> None:
     with override():
         bpy.ops.screen.screenshot(filepath=path)
     REPORT["screenshots"][name] = path
+
+
+def mean_saturation(path: str, box: list[int]) -> float:
+    """The mean HSV saturation (0-255, as PIL's HSV has it) of `box` (left, top, right, bottom; rows from the top)
+    in a screenshot. Blender's Python has no PIL: the pixels come through bpy (rows from the bottom)."""
+    image = bpy.data.images.load(path, check_existing=False)
+    try:
+        width, height = image.size
+        pixels = array.array("f", bytes(16 * width * height))
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    left, top, right, bottom = box
+    total = 0.0
+    for y in range(height - bottom, height - top):
+        for i in range(4 * (y * width + left), 4 * (y * width + right), 4):
+            high = max(pixels[i : i + 3])
+            total += (high - min(pixels[i : i + 3])) / high if high else 0.0
+    return 255 * total / ((right - left) * (bottom - top))
 
 
 def object_state(name: str) -> dict:
@@ -122,7 +148,8 @@ def scenario():
         bpy.ops.ed.undo_push(message="Scene set up")
 
     # 1. Switch the sidebar to the add-on's tab (Ctrl+Wheel over the sidebar cycles tabs; 3.4 has no API)
-    for _ in range(12):
+    deadline = time.monotonic() + TAB_WAIT
+    while time.monotonic() < deadline:
         yield 0.3
         if TabProbe.draws:
             break
@@ -199,8 +226,17 @@ def scenario():
     ):
         bpy.ops.view3d.view_selected()
     area.spaces.active.region_3d.view_distance *= 2.2  # view_selected fills the view edge to edge
-    yield ARGS.get("preview_wait", 8.0)
-    screenshot("material_preview.png")
+    # Until the texture shows: while EEVEE compiles its shaders the cube is grey ("Compiling Shaders")
+    deadline, REPORT["preview_tries"] = time.monotonic() + PREVIEW_WAIT, 0
+    while True:
+        yield 0.5
+        screenshot("material_preview.png")
+        REPORT["preview_tries"] += 1
+        saturation = mean_saturation(REPORT["screenshots"]["material_preview.png"], ARGS["preview_box"])
+        REPORT["preview_saturation"] = round(saturation, 1)
+        if saturation > ARGS["preview_saturation"] or time.monotonic() > deadline:
+            break
+    mark("preview_shown")
 
     # 6. Undo, once per applied job (and nothing else), puts the old materials back but keeps the history;
     # redo brings the materials again
