@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_LOCK := locks/dev-linux.txt
 PLATFORMS := linux windows macos
-LOCK_PYTHONS := 3.11 3.12  # the installer's SUPPORTED_PYTHON: each backend lock must install there from wheels
-# Python 3.11: Blender 4.2-5.x's own Python (the installer's first choice) and bpy 5.0.1's. torch is left out:
-# the installer picks its CPU or CUDA build (locks/uv.toml keeps torch's own dependencies out too).
-LOCK_ARGS := --config-file locks/uv.toml --python-version 3.11 --generate-hashes --no-emit-package torch \
+# The installer's SUPPORTED_PYTHON, by lock (its LOCKS table): each backend lock must install there from wheels.
+# Python 3.11: Blender 4.2-5.x's own Python (the installer's first choice) and bpy 5.0.1's; 3.10: Blender 3.4-4.1's.
+LOCK_PYTHONS := 3.11 3.12
+PY310_LOCK_PYTHONS := 3.10
+# torch is left out: the installer picks its CPU or CUDA build (locks/uv.toml keeps torch's own dependencies out too).
+LOCK_ARGS := --config-file locks/uv.toml --generate-hashes --no-emit-package torch \
 	--custom-compile-command "make lock" --quiet
 LATEST := build/latest-venv
 
@@ -38,17 +40,25 @@ test: $(STAMP)
 
 # Refresh the locks to the newest versions pyproject.toml allows, within locks/constraints.txt (known breaks).
 # The backend's locks take the dev lock's versions (bpy holds numpy below 2), so users get what the tests ran.
+# The 3.10 locks start as a copy of the 3.11 lock: without --upgrade uv keeps an output file's pins wherever they
+# resolve (on 3.10 too) and picks the newest that does for the rest (accelerate 1.16 needs 3.11). The dev lock
+# cannot constrain them: a hard pin that needs 3.11 would fail the resolve instead of being replaced.
 lock: $(STAMP)
 	$(PY) -m uv pip compile pyproject.toml --extra dev -c locks/constraints.txt $(LOCK_ARGS) --upgrade \
-		--python-platform linux -o $(DEV_LOCK)
+		--python-version 3.11 --python-platform linux -o $(DEV_LOCK)
 	for platform in $(PLATFORMS); do \
 		$(PY) -m uv pip compile pyproject.toml -c $(DEV_LOCK) $(LOCK_ARGS) --upgrade \
-			--python-platform $$platform -o locks/backend-$$platform.txt || exit 1; \
-		for python in $(LOCK_PYTHONS); do \
-			$(PY) -m uv pip compile locks/backend-$$platform.txt --no-deps --only-binary :all: --quiet \
-				--python-platform $$platform --python-version $$python -o /dev/null || exit 1; \
-		done; \
+			--python-version 3.11 --python-platform $$platform -o locks/backend-$$platform.txt || exit 1; \
+		cp locks/backend-$$platform.txt locks/backend-$$platform-py310.txt; \
+		$(PY) -m uv pip compile pyproject.toml -c locks/constraints.txt $(LOCK_ARGS) \
+			--python-version 3.10 --python-platform $$platform -o locks/backend-$$platform-py310.txt || exit 1; \
+		for python in $(LOCK_PYTHONS); do $(call wheels_for,backend-$$platform.txt,$$python) done; \
+		for python in $(PY310_LOCK_PYTHONS); do $(call wheels_for,backend-$$platform-py310.txt,$$python) done; \
 	done
+
+# Fails unless every package of lock $(1) has a wheel for $$platform and Python $(2).
+wheels_for = $(PY) -m uv pip compile locks/$(1) --no-deps --only-binary :all: --quiet \
+	--python-platform $$platform --python-version $(2) -o /dev/null || exit 1;
 
 # Opt-in: the newest versions pyproject.toml allows, no lock and no known-break constraints, in a throw-away venv
 # (.venv is left as it is), then the whole suite: an upstream release that breaks us shows here before users see it.

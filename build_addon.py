@@ -7,7 +7,7 @@ Layout (one top folder, the add-on package itself):
     blender_sd_addon/__init__.py ...          the add-on (bl_info for Blender 3.4-4.1)
     blender_sd_addon/blender_manifest.toml    the extension manifest (Blender 4.2+)
     blender_sd_addon/worker/backend/...       the backend package, run by the backend's own Python
-    blender_sd_addon/worker/locks/backend-<platform>.txt   its dependencies: the locks Install Backend uses
+    blender_sd_addon/worker/locks/backend-<platform>[-py310].txt   its dependencies: the locks Install Backend uses
 
 Why one zip works for both: Blender 4.2+ accepts an extension zip whose manifest sits in a single top
 folder (`pkg_zipfile_detect_subdir_or_none` in bl_pkg/cli/blender_ext.py) and installs that folder's
@@ -69,7 +69,8 @@ def agreed_version(versions: dict[str, str]) -> str:
 
 def locks(root: Path = ROOT) -> dict[str, bytes]:
     """The locks the installer reads (its LOCKS), by file name: exact versions with hashes, torch left out."""
-    names = sorted(_assigned_literal(root / ADDON / "installer.py", "LOCKS").values())
+    by_platform = _assigned_literal(root / ADDON / "installer.py", "LOCKS").values()
+    names = sorted({name for by_python in by_platform for name in by_python.values()})
     missing = [name for name in names if not (root / "locks" / name).is_file()]
     if missing:
         raise SystemExit(f"error: locks/{', locks/'.join(missing)} missing in {root}: run `make lock`")

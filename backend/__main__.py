@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("dir", type=Path)
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--architecture", choices=ARCHITECTURES, default="tiny")
+    make.add_argument(
+        "--controlnet-for", type=Path, metavar="MODEL_DIR", help="Write a depth ControlNet for this test model "
+        "folder instead (for the project task without weights)."
+    )  # fmt: skip
     commands.add_parser("info", help="Print versions, devices and the Hugging Face cache folder.")
     add_batch_arguments(commands.add_parser("batch", help="Run a manifest of jobs, here or on a Ray cluster."))
     return parser
@@ -216,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in COMMANDS:
         return run_task(args)
     if args.command == "make-test-model":
-        from backend.tiny_model import make_test_model
+        from backend.tiny_model import make_test_controlnet, make_test_model
 
-        print(make_test_model(args.dir, seed=args.seed, architecture=args.architecture))
+        if args.controlnet_for is None:
+            print(make_test_model(args.dir, seed=args.seed, architecture=args.architecture))
+            return 0
+        try:
+            print(make_test_controlnet(args.dir, args.controlnet_for, seed=args.seed))
+        except ValueError as exc:
+            print(f"error: --controlnet-for: {exc}", file=sys.stderr)
+            return 2
         return 0
     return info()
 

@@ -250,8 +250,14 @@ def make_test_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) 
     from diffusers import ControlNetModel
 
     path, model = Path(path).resolve(), Path(model)
+    if not (model / "unet" / "config.json").is_file() or not (model / "vae" / "config.json").is_file():
+        raise ValueError(f"{model} is not a model folder (no unet/ and vae/ configs): make one with make-test-model")
+    vae = json.loads((model / "vae" / "config.json").read_text(encoding="utf-8"))
     unet = UNet2DConditionModel.from_pretrained(model / "unet")
-    vae_levels = len(json.loads((model / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"])
+    if unet.config.in_channels != vae.get("latent_channels", 4):  # an inpainting or upscaler U-Net
+        raise ValueError(f"{model}'s U-Net takes {unet.config.in_channels} channels: ControlNets here go with "
+                         "text-to-image models (architecture tiny or tiny-sdxl)")  # fmt: skip
+    vae_levels = len(vae["block_out_channels"])
     channels = (16, 32, 96, 256)[:vae_levels]  # one stride-2 block per VAE downsampling
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     generator = torch.Generator().manual_seed(seed)

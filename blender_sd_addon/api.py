@@ -413,10 +413,10 @@ class ProjectedTexture:
     """project_texture's outcome, per object in the order given."""
 
     images: list  # bpy.types.Image: the baked texture of each object
-    materials: list  # bpy.types.Material made for each object (empty when not applied)
+    materials: list  # bpy.types.Material made for each object applied (none for unseen ones, unless apply_unseen)
     uv_maps: list[str]  # the UV map each texture is baked into
     coverage: dict[str, float]  # object name -> fraction of its texels some view saw (the rest was filled)
-    warnings: list[str]  # e.g. overlapping UV islands (allow_uv_overlap)
+    warnings: list[str]  # e.g. overlapping UV islands (allow_uv_overlap), objects no view saw (not applied)
     files: list[str]  # every file written: textures, maps, and each view's image, mask, depth and normals
     result: protocol.ProjectResult
 
@@ -548,7 +548,9 @@ def finish_projection(
     textures = [materials.load_image(record.path, "albedo", pack) for record in result.images]
     made = []
     if apply:
-        for obj, uv_name, record in zip(found.objects, found.uv_maps, result.images, strict=True):
+        for index, (obj, uv_name, record) in enumerate(zip(found.objects, found.uv_maps, result.images, strict=True)):
+            if index in result.unseen and not request.params.get("apply_unseen"):
+                continue  # no view saw it: its texture is a flat fill, and its own material beats that
             maps = {"albedo": record.path, **record.maps}
             try:
                 made += materials.apply_images([obj], maps, options, f"{material_name(request.prompt)}.{obj.name}")

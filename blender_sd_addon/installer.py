@@ -13,7 +13,7 @@ phases. Every output line of pip goes to `STATE.log_lines` and to `<user data>/b
    `backend-venv` (renames). A failed or cancelled installation deletes the new folder and leaves the previous
    backend as it was.
 4. pip runs with `--progress-bar raw`: its "Progress X of Y" lines become MB of MB and a speed in STATE; phases
-   without them move the bar by phase. After torch, pip installs the platform's lock (worker/locks/, hashes
+   without them move the bar by phase. After torch, pip installs the platform's and Python's lock (worker/locks/, hashes
    checked). pip, not uv: into a fresh venv uv was 2.4 s against pip's 26 s, but 25 s once it also compiles
    the .pyc files pip writes, and it would need its own download and prints no byte progress.
 """
@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from . import paths, safe_remove
 from .model_catalog import size_text, transfer_text
@@ -46,8 +47,14 @@ CUDA_INDEXES = (  # (lowest NVIDIA driver major version, index): the newest CUDA
 )
 NEW_SUFFIX = ".new"  # the folder an installation builds before it replaces the backend
 OLD_SUFFIX = ".old"  # the previous backend, for the moment of the switch
-SUPPORTED_PYTHON = ((3, 11), (3, 12))  # inclusive; the locks' wheels (`make lock` checks both; numpy 1.26: no 3.13)
-LOCKS = {"linux": "backend-linux.txt", "win32": "backend-windows.txt", "darwin": "backend-macos.txt"}  # worker/locks/
+SUPPORTED_PYTHON = ((3, 10), (3, 12))  # inclusive: the Pythons LOCKS has a lock for (numpy 1.26: no 3.13)
+# sys.platform -> base Python -> its lock in worker/locks/ (`make lock` checks each installs there from wheels).
+# 3.10 (Blender 3.4-4.1's own Python) gets older versions where the tested ones need 3.11 (locks/README.md).
+LOCKS = {
+    "linux": {"3.10": "backend-linux-py310.txt", "3.11": "backend-linux.txt", "3.12": "backend-linux.txt"},
+    "win32": {"3.10": "backend-windows-py310.txt", "3.11": "backend-windows.txt", "3.12": "backend-windows.txt"},
+    "darwin": {"3.10": "backend-macos-py310.txt", "3.11": "backend-macos.txt", "3.12": "backend-macos.txt"},
+}
 CHECK_SCRIPT = "import diffusers, torch; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 LOG_LINES_KEPT = 1000  # in memory; the log file keeps everything
 TERMINATE_GRACE = 5.0  # seconds between terminate() and kill() on cancel
@@ -258,8 +265,15 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _python_problem(python: str) -> str | None:
-    """None if `python` is a supported Python that can create venvs with pip, else what is wrong."""
+class BasePython(NamedTuple):
+    """The interpreter that creates the venv, and its version ("3.11"), which picks the lock."""
+
+    path: str
+    version: str
+
+
+def _probe_python(python: str) -> BasePython | str:
+    """`python` if it is a supported Python that can create venvs with pip, else what is wrong."""
     if not Path(python).name.lower().startswith("python"):  # e.g. the blender binary: never run it with -c
         return "not a Python interpreter"
     probe = "import sys, venv, ensurepip; print('%d.%d' % sys.version_info[:2])"
@@ -276,25 +290,25 @@ def _python_problem(python: str) -> str | None:
     low, high = SUPPORTED_PYTHON
     if not low <= version <= high:
         return f"Python {done.stdout.strip()} is not supported (needs {low[0]}.{low[1]} to {high[0]}.{high[1]})"
-    return None
+    return BasePython(python, f"{version[0]}.{version[1]}")
 
 
-def find_base_python(preferred: str | None = None) -> str:
+def find_base_python(preferred: str | None = None) -> BasePython:
     """The interpreter that creates the venv: `preferred` if given, else Blender's own Python, else a
     python3 on PATH. Raises InstallError listing what was tried."""
     if preferred:
-        problem = _python_problem(preferred)
-        if problem:
-            raise InstallError(f"The base Python {preferred} cannot be used: {problem}")
-        return preferred
+        found = _probe_python(preferred)
+        if isinstance(found, str):
+            raise InstallError(f"The base Python {preferred} cannot be used: {found}")
+        return found
     names = [f"python3.{minor}" for minor in range(SUPPORTED_PYTHON[1][1], SUPPORTED_PYTHON[0][1] - 1, -1)]
     candidates = [sys.executable] + [found for name in (*names, "python3", "python") if (found := shutil.which(name))]
     tried = []
     for python in dict.fromkeys(candidates):
-        problem = _python_problem(python)
-        if problem is None:
-            return python
-        tried.append(f"{python}: {problem}")
+        found = _probe_python(python)
+        if isinstance(found, BasePython):
+            return found
+        tried.append(f"{python}: {found}")
     raise InstallError(
         f"No Python to create the backend environment with. Install Python 3.{SUPPORTED_PYTHON[0][1]} to "
         f"3.{SUPPORTED_PYTHON[1][1]} (with venv and pip). "
@@ -302,10 +316,20 @@ def find_base_python(preferred: str | None = None) -> str:
     )
 
 
+def lock_name(system: str, python_version: str) -> str:
+    """The lock in worker/locks/ for sys.platform `system` and a base Python "3.X"."""
+    by_python = LOCKS.get(system)
+    if by_python is None:  # no lock is made for it: install_phases says it is missing
+        return f"backend-{system}.txt"
+    if python_version not in by_python:
+        raise InstallError(f"python_version {python_version!r} has no lock; accepted: {', '.join(by_python)}")
+    return by_python[python_version]
+
+
 def install_phases(
     user_dir: Path,
     worker_dir: Path,
-    base_python: str,
+    base_python: BasePython,
     torch_spec: str = DEFAULT_TORCH_SPEC,
     index_url: str = "",
     choice: TorchChoice | None = None,
@@ -314,10 +338,11 @@ def install_phases(
     """The commands that build the backend in the new folder (new_venv_dir), from scratch each time (pip's
     cache keeps a rerun's downloads short). `choice` gives the expected download of the torch phase.
 
-    torch first, from the index chosen for the machine; then the lock for `system` (sys.platform): every other
-    package at the version tested with the others, each file checked against its hash. pip's hash checking
-    accepts the torch already there (the lock leaves torch out) and refuses anything the lock lacks."""
-    lock = Path(worker_dir) / "locks" / LOCKS.get(system, f"backend-{system}.txt")
+    torch first, from the index chosen for the machine; then the lock for `system` (sys.platform) and the base
+    Python's version: every other package at the version tested with the others (on 3.10 an older one where that
+    needs 3.11), each file checked against its hash. pip's hash checking accepts the torch already there (the
+    lock leaves torch out) and refuses anything the lock lacks."""
+    lock = Path(worker_dir) / "locks" / lock_name(system, base_python.version)
     if not lock.is_file():
         raise InstallError(
             f"{lock} is missing: install the add-on from its release zip (built by build_addon.py), "
@@ -331,7 +356,7 @@ def install_phases(
     torch_index = ["--index-url", index_url] if index_url else []
     torch_mb = (choice.download_mb - REQUIREMENTS_MB) if choice else 0
     return [
-        Phase("Creating the backend environment", [base_python, "-m", "venv", str(new)]),
+        Phase("Creating the backend environment", [base_python.path, "-m", "venv", str(new)]),
         Phase("Updating pip", [python, "-m", "pip", "install", "--upgrade", "pip"]),
         Phase("Installing torch (a large download)", [*pip, *torch_spec.split(), *torch_index], 6, torch_mb),
         Phase("Installing diffusers and the other packages", [*pip, "--require-hashes", "-r", str(lock)], 3,

@@ -643,6 +643,11 @@ PROJECT_PARAMS: tuple[Param, ...] = (
     ),
     MASK_BLUR,
     Param("allow_uv_overlap", bool, False, "Bake even where UV islands overlap (they then share paint)."),
+    Param(
+        "apply_unseen", bool, False,
+        "Give objects no view saw (hidden inside another, say) their flat grey texture anyway; off: they keep "
+        "the material they had.",
+    ),
 )  # fmt: skip
 
 
@@ -916,6 +921,7 @@ class ProjectResult(GenerateResult):
     task: str = "project"
     texture_size: int = 0
     coverage: list[float] = field(default_factory=list)  # per object: fraction of its texels some view saw
+    unseen: list[int] = field(default_factory=list)  # objects no view saw (coverage 0): a flat grey texture
     views: list[dict] = field(default_factory=list)  # ViewRecord per view, in order
     warnings: list[str] = field(default_factory=list)
 

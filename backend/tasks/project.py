@@ -11,7 +11,9 @@ For each view, in order:
 3. Project the picture back: every texel the camera sees (depth test) takes its colour, weighted by how
    squarely the surface faces the camera (and by the feathered mask: only new paint counts); the views are
    blended by those weights.
-Then a margin around the UV islands is dilated and texels no view saw are filled; coverage is reported.
+Then a margin around the UV islands is dilated and texels no view saw are filled; coverage is reported, with
+a warning per object the views saw little or nothing of (an object no view saw, hidden inside another, say,
+is flagged `unseen`: its texture is a flat grey fill, and clients leave it unapplied unless `apply_unseen`).
 Every view's picture, mask, depth and normals are written and announced as they are made; a cancelled job
 still bakes and writes the textures of the views it finished.
 """
@@ -33,6 +35,7 @@ from backend import projection as geometry
 from backend.context import Cancelled, JobContext
 from backend.families import size_multiple
 from backend.inputs import InputStore, open_array
+from backend.models import LoadedModel
 from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set, write_png
 from backend.schedulers import make_scheduler
 from backend.tasks.txt2img import (
@@ -58,6 +61,7 @@ from blender_sd_addon.protocol import (
 
 BACKGROUND = 0.5  # grey where the partial render shows no textured surface
 OVERLAP_LIMIT = 0.01  # fraction of an object's texels in two UV triangles above which baking is refused
+COVERAGE_WARNING = 0.5  # an object the views saw less of than this gets a warning: most of it is filled
 
 
 def _bad(param: str, message: str, value: Any = None) -> ProtocolError:
@@ -155,6 +159,21 @@ def _check_in_view(mesh: geometry.Mesh, cameras: list[geometry.Camera], count: i
         raise _bad("cameras", f"object {missing} is outside every view", missing)
 
 
+def coverage_warnings(coverage: list[float], apply_unseen: bool = False) -> tuple[list[int], list[str]]:
+    """(the objects no view saw, a warning per object the views saw nothing or little of)."""
+    unseen, warnings = [], []
+    fate = "applied as asked (apply_unseen)" if apply_unseen else "left unapplied unless apply_unseen"
+    for obj, share in enumerate(coverage):
+        if share == 0:
+            unseen.append(obj)
+            warnings.append(f"object {obj}: no view sees it (hidden inside another object or behind the cameras); "
+                            f"its texture is a flat grey fill, {fate}")  # fmt: skip
+        elif share < COVERAGE_WARNING:
+            warnings.append(f"object {obj}: the views saw only {share:.0%} of it; the rest of its texture is filled "
+                            "from around (add views that face it)")  # fmt: skip
+    return unseen, warnings
+
+
 # --- 2. One view's generation --------------------------------------------------------------------------
 
 
@@ -245,13 +264,75 @@ class _Writer:
         records = []
         for index, bake in enumerate(bakes):
             size = bake.texels.size
-            texture, known = bake.texture(torch.zeros(size, size, 3))
+            texture, known = bake.texture(torch.full((size, size, 3), BACKGROUND))  # stays where no view saw any
             filled = geometry.fill(texture, known, self.params.margin)
             records.append(
                 save_image_set(to_image(filled), _AsSaved(self.params), self.folder, f"{self.stem}_object{index}",
                                index=index, seed=self.seed, announce=self.ctx.artifact)  # fmt: skip
             )
         return records
+
+
+class _Painter:
+    """Paints a job's views in order onto its objects' bakes, writing each view's files as it goes."""
+
+    def __init__(
+        self, ctx: JobContext, params: ProjectParams, scene: Scene, writer: _Writer, model: LoadedModel,
+        pipes: list[DiffusionPipeline], embeds: dict,
+    ) -> None:  # fmt: skip
+        self.ctx, self.params, self.mesh, self.writer = ctx, params, scene.mesh, writer
+        self.model, (self.text_pipe, self.inpaint_pipe), self.embeds = model, pipes, embeds
+        self.bakes = [geometry.Bake.empty(texels) for texels in scene.texels]
+
+    def _render(self, camera: geometry.Camera) -> tuple[geometry.Raster, torch.Tensor, PIL.Image.Image | None]:
+        """(the view's raster, the pixels to paint, the render of what is painted so far: None for the first)."""
+        mesh = self.mesh
+        raster = geometry.render(mesh, camera)
+        textured = raster.covered & (mesh.objects[raster.triangle.clamp(min=0)] >= 0)
+        if not any(bool(b.seen.any()) for b in self.bakes):
+            return raster, textured, None
+        # What is painted so far, seen from here, and where it is missing or poorly seen.
+        seen = geometry.render_textures(raster, mesh, [b.painted() for b in self.bakes])
+        coverage = seen[..., 3:4]
+        colour = torch.where(coverage > 0, seen[..., :3] / coverage.clamp(min=1e-6), BACKGROUND)
+        return raster, textured & (seen[..., 4] <= self.params.refine_below), to_image(colour)
+
+    def paint(self, index: int, camera: geometry.Camera, view_seed: int) -> ViewRecord:
+        params, record = self.params, ViewRecord(index, view_seed, "", "", "", "", 0)
+        start = time.perf_counter()
+        raster, repaint, source = self._render(camera)
+        first = source is None
+        depth = to_image(geometry.depth_image(raster))
+        normals = to_image(geometry.normal_image(raster, self.mesh, camera))
+        record.timings["render"] = time.perf_counter() - start
+        record.new_pixels = int(repaint.sum())
+        if not record.new_pixels:
+            record.skipped = True
+            return record
+
+        start = time.perf_counter()
+        progress = JobProgress(self.ctx, params.preview_every, self.model.family.preview_factors)
+        mask = to_image(repaint.float())
+        generated = generate_view(
+            self.text_pipe if first else self.inpaint_pipe, params, depth.convert("RGB"), view_seed, self.embeds,
+            source=source, mask=None if first else mask, on_step=progress.step, should_cancel=self.ctx.is_cancelled,
+        )  # fmt: skip
+        record.timings["generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        weight = None
+        if not first:
+            feathered = masks.feather(repaint.numpy(), params.mask_blur)
+            generated = masks.paste_back(source, generated, feathered)
+            weight = torch.from_numpy(feathered.astype(np.float32) / 255.0)
+        image = to_tensor(generated)
+        for bake in self.bakes:
+            bake.add(image, camera, raster, weight)
+        record.timings["bake"] = time.perf_counter() - start
+
+        for role, picture in (("image", generated), ("mask", mask), ("depth", depth), ("normal", normals)):
+            setattr(record, role, self.writer.view(index, role, picture, view_seed, not first))
+        return record
 
 
 def run(ctx: JobContext, params: ProjectParams) -> ProjectResult:
@@ -263,90 +344,41 @@ def run(ctx: JobContext, params: ProjectParams) -> ProjectResult:
     seed = params.seed if params.seed is not None else secrets.randbelow(SEED_MAX + 1)
     writer = _Writer(ctx, params, seed)
 
-    # 2. Model, and its ControlNet pipelines sharing the warm weights
+    # 2. Model, and its ControlNet pipelines sharing the warm weights (a ControlNet that does not fit is refused)
     ctx.stage("loading_model")
     model, timings["load"] = ctx.models.get(model_params(params.to_dict()))
     ctx.check_cancelled()
     _check_model(model.pipe, params)
     start = time.perf_counter()
-    text_pipe = controlnets.pipeline(model, params.controlnet, "controlnet", params.allow_pickle)
-    inpaint_pipe = controlnets.pipeline(model, params.controlnet, "controlnet_inpaint", params.allow_pickle)
-    embeds = encode_prompt(text_pipe, params, uses_guidance(text_pipe, params.guidance_scale), model.device, count=1)
+    pipes = [controlnets.pipeline(model, params.controlnet, task, params.allow_pickle)
+             for task in ("controlnet", "controlnet_inpaint")]  # fmt: skip
+    embeds = encode_prompt(pipes[0], params, uses_guidance(pipes[0], params.guidance_scale), model.device, count=1)
     timings["load"] += time.perf_counter() - start
 
     # 3. The views, in order
-    mesh = scene.mesh
-    bakes = [geometry.Bake.empty(texels) for texels in scene.texels]
+    painter = _Painter(ctx, params, scene, writer, model, pipes, embeds)
     views: list[ViewRecord] = []
-    total = len(scene.cameras)
     try:
         for index, camera in enumerate(scene.cameras):
-            ctx.stage(f"view {index + 1}/{total}")
-            view_seed = (seed + index) % (SEED_MAX + 1)
-            record = ViewRecord(index, view_seed, "", "", "", "", 0)
-            start = time.perf_counter()
-            raster = geometry.render(mesh, camera)
-            textured = raster.covered & (mesh.objects[raster.triangle.clamp(min=0)] >= 0)
-            first = not any(bool(b.seen.any()) for b in bakes)
-            repaint, source = textured, None
-            if not first:  # what is painted so far, seen from here, and where it is missing or poorly seen
-                seen = geometry.render_textures(raster, mesh, [b.painted() for b in bakes])
-                coverage = seen[..., 3:4]
-                colour = torch.where(coverage > 0, seen[..., :3] / coverage.clamp(min=1e-6), BACKGROUND)
-                source = to_image(colour)
-                repaint = textured & (seen[..., 4] <= params.refine_below)
-            depth = to_image(geometry.depth_image(raster))
-            normals = to_image(geometry.normal_image(raster, mesh, camera))
-            record.timings["render"] = time.perf_counter() - start
-            record.new_pixels = int(repaint.sum())
-            if not record.new_pixels:
-                record.skipped = True
-                views.append(record)
-                continue
-
-            start = time.perf_counter()
-            progress = JobProgress(ctx, params.preview_every, model.family.preview_factors)
-            mask = to_image(repaint.float())
-            generated = generate_view(
-                text_pipe if first else inpaint_pipe,
-                params,
-                depth.convert("RGB"),
-                view_seed,
-                embeds,
-                source=source,
-                mask=None if first else mask,
-                on_step=progress.step,
-                should_cancel=ctx.is_cancelled,
-            )
-            record.timings["generate"] = time.perf_counter() - start
-
-            start = time.perf_counter()
-            weight = None
-            if not first:
-                feathered = masks.feather(repaint.numpy(), params.mask_blur)
-                generated = masks.paste_back(source, generated, feathered)
-                weight = torch.from_numpy(feathered.astype(np.float32) / 255.0)
-            image = to_tensor(generated)
-            for bake in bakes:
-                bake.add(image, camera, raster, weight)
-            record.timings["bake"] = time.perf_counter() - start
-
-            for role, picture in (("image", generated), ("mask", mask), ("depth", depth), ("normal", normals)):
-                setattr(record, role, writer.view(index, role, picture, view_seed, not first))
+            ctx.stage(f"view {index + 1}/{len(scene.cameras)}")
+            record = painter.paint(index, camera, (seed + index) % (SEED_MAX + 1))
             views.append(record)
-            for name in ("render", "generate", "bake"):
-                timings[name] += record.timings[name]
+            if not record.skipped:
+                for name in ("render", "generate", "bake"):
+                    timings[name] += record.timings[name]
     except Cancelled:
         if any(not v.skipped for v in views):  # keep what the finished views painted
-            writer.textures(bakes)
+            writer.textures(painter.bakes)
         raise
 
-    # 4. Fill what no view saw, save each object's texture (and its maps)
+    # 4. Fill what no view saw, save each object's texture (and its maps); warn of objects seen little or not
     ctx.stage("saving")
     start = time.perf_counter()
-    images = writer.textures(bakes)
+    images = writer.textures(painter.bakes)
     timings["fill_save"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - ctx.started
+    coverage = [b.coverage for b in painter.bakes]
+    unseen, warnings = coverage_warnings(coverage, params.apply_unseen)
     return ProjectResult(
         images=images,
         seed=seed,
@@ -357,7 +389,8 @@ def run(ctx: JobContext, params: ProjectParams) -> ProjectResult:
         timings=timings,
         params=params.to_dict(),
         texture_size=params.texture_size,
-        coverage=[b.coverage for b in bakes],
+        coverage=coverage,
+        unseen=unseen,
         views=[asdict(v) for v in views],
-        warnings=scene.warnings,
+        warnings=scene.warnings + warnings,
     )

@@ -23,7 +23,10 @@ VIEW_SOURCES = {
     "CAMERA_ORBIT": ("Camera + Orbit", "The scene camera first, then orbit views", ("CAMERA", "ORBIT")),
     "VIEWPORT": ("Viewport", "This 3D view", ("VIEWPORT",)),
 }
-SETTINGS = ("controlnet", "controlnet_scale", "texture_size", "margin", "refine_below", "mask_blur", "allow_uv_overlap")
+SETTINGS = (
+    "controlnet", "controlnet_scale", "texture_size", "margin", "refine_below", "mask_blur", "allow_uv_overlap",
+    "apply_unseen",
+)  # fmt: skip
 POLL_INTERVAL = 0.1
 
 
@@ -35,6 +38,7 @@ class SDTEX_PG_project(bpy.types.PropertyGroup):
     refine_below: param_property("refine_below", TASK)
     mask_blur: param_property("mask_blur", TASK)
     allow_uv_overlap: param_property("allow_uv_overlap", TASK, name="Allow UV Overlap")
+    apply_unseen: param_property("apply_unseen", TASK, name="Apply Unseen")
     targets: EnumProperty(
         name="Objects",
         items=[("SELECTED", "Selected", "The selected meshes"), ("VISIBLE", "All Visible", "Every visible mesh")],
@@ -134,7 +138,7 @@ class SDTEX_OT_project(bpy.types.Operator):
             if bpy.app.background:
                 done = api.project_texture(**arguments, slot=scene.sdtex.slot)
                 Running.message = summary(done)
-                self.report({"INFO"}, Running.message)
+                self.report({"WARNING"} if done.warnings else {"INFO"}, Running.message)
                 return {"FINISHED"}
             objects, prompt = arguments.pop("objects"), arguments.pop("prompt")
             request = api.prepare_projection(objects, prompt, output_dir=None, **arguments)
@@ -201,6 +205,7 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
         row = layout.row()
         row.prop(settings, "occlude")
         row.prop(settings, "allow_uv_overlap")
+        layout.prop(settings, "apply_unseen")
         if Running.jobs:
             for job, _, _ in Running.jobs:
                 panels.draw_progress(layout.row(), job.fraction, progress_text(job))

@@ -15,13 +15,24 @@ import pytest
 from blender_sd_addon import installer
 from blender_sd_addon.installer import CPU_INDEX, MB, STATE, Machine, Phase
 
+HERE = installer.BasePython(sys.executable, "{}.{}".format(*sys.version_info))  # the suite's Python as the base
 
-def worker_with_lock(tmp_path: Path, system: str = sys.platform) -> Path:
-    """A worker/ folder as the zip lays it out, with a one-line lock for `system`."""
+
+def worker_with_lock(tmp_path: Path, system: str = sys.platform, python: str = HERE.version) -> Path:
+    """A worker/ folder as the zip lays it out, with a one-line lock for `system` and base Python `python`."""
     worker = tmp_path / "worker"
     (worker / "locks").mkdir(parents=True, exist_ok=True)
-    (worker / "locks" / installer.LOCKS[system]).write_text("diffusers==0.42.1 --hash=sha256:00\n")
+    (worker / "locks" / installer.LOCKS[system][python]).write_text("diffusers==0.42.1 --hash=sha256:00\n")
     return worker
+
+
+def fake_python(tmp_path: Path, version: str) -> str:
+    """A "python3" that answers the base Python probe with `version`."""
+    python = tmp_path / version / "python3"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\necho {version}\n")
+    python.chmod(0o755)
+    return str(python)
 
 
 def python_phase(message: str, code: str, weight: float = 1.0) -> Phase:
@@ -117,7 +128,8 @@ def test_venv_phase_creates_a_working_python(tmp_path):
     assert [p.message.split()[0] for p in phases] == ["Creating", "Updating", "Installing", "Installing", "Checking"]
     assert phases[2].command[-3:] == ["torch==2.5.1", "--index-url", "https://example.test/whl"]
     # torch first, then the lock: exact versions, every file checked against its hash
-    assert phases[3].command[-3:] == ["--require-hashes", "-r", str(worker / "locks" / installer.LOCKS[sys.platform])]
+    lock = worker / "locks" / installer.LOCKS[sys.platform][HERE.version]
+    assert phases[3].command[-3:] == ["--require-hashes", "-r", str(lock)]
     new = installer.new_venv_dir(user)
     assert phases[0].command[-1] == str(new)  # always a new folder: the backend in use is never touched
 
@@ -132,20 +144,47 @@ def test_venv_phase_creates_a_working_python(tmp_path):
     assert Path(done.stdout.strip()) == new
 
 
-@pytest.mark.parametrize(("system", "lock"), [("linux", "backend-linux.txt"), ("win32", "backend-windows.txt"),
-                                             ("darwin", "backend-macos.txt")])  # fmt: skip
-def test_each_platform_installs_its_own_lock(tmp_path, system, lock):
-    worker = worker_with_lock(tmp_path, system)
-    phases = installer.install_phases(tmp_path, worker, sys.executable, system=system)
+@pytest.mark.parametrize(
+    ("system", "python", "lock"),
+    [
+        ("linux", "3.11", "backend-linux.txt"), ("linux", "3.12", "backend-linux.txt"),
+        ("linux", "3.10", "backend-linux-py310.txt"),  # Blender 3.4-4.1's own Python
+        ("win32", "3.11", "backend-windows.txt"), ("win32", "3.10", "backend-windows-py310.txt"),
+        ("darwin", "3.12", "backend-macos.txt"), ("darwin", "3.10", "backend-macos-py310.txt"),
+    ],
+)  # fmt: skip
+def test_each_platform_and_python_installs_its_own_lock(tmp_path, system, python, lock):
+    worker = worker_with_lock(tmp_path, system, python)
+    base = installer.BasePython(sys.executable, python)
+    phases = installer.install_phases(tmp_path, worker, base, system=system)
+    assert phases[0].command[0] == sys.executable
     assert phases[3].command[-3:] == ["--require-hashes", "-r", str(worker / "locks" / lock)]
     other = next(name for name in installer.LOCKS if name != system)
-    with pytest.raises(installer.InstallError, match=f"{installer.LOCKS[other]} is missing"):
-        installer.install_phases(tmp_path, worker, sys.executable, system=other)
+    with pytest.raises(installer.InstallError, match=f"{installer.LOCKS[other][python]} is missing"):
+        installer.install_phases(tmp_path, worker, base, system=other)
+
+
+def test_a_python_without_a_lock_is_a_clear_error(tmp_path):
+    worker = worker_with_lock(tmp_path, "linux")
+    old = installer.BasePython(sys.executable, "3.9")
+    accepted = r"python_version '3\.9' has no lock; accepted: 3\.10, 3\.11, 3\.12"
+    with pytest.raises(installer.InstallError, match=accepted):
+        installer.install_phases(tmp_path, worker, old, system="linux")
 
 
 def test_missing_lock_is_a_clear_error(tmp_path):
-    with pytest.raises(installer.InstallError, match=rf"{installer.LOCKS[sys.platform]} is missing.*release zip"):
-        installer.install_phases(tmp_path, tmp_path / "worker", sys.executable)
+    lock = installer.LOCKS[sys.platform][HERE.version]
+    with pytest.raises(installer.InstallError, match=rf"{lock} is missing.*release zip"):
+        installer.install_phases(tmp_path, tmp_path / "worker", HERE)
+
+
+def test_the_base_pythons_version_comes_with_it(tmp_path):
+    assert installer.find_base_python(sys.executable) == HERE
+    # Blender 3.4-4.1's Python is accepted (it gets the 3.10 lock); 3.13 has no numpy 1.26 wheels
+    python310 = fake_python(tmp_path, "3.10")
+    assert installer.find_base_python(python310) == (python310, "3.10")
+    with pytest.raises(installer.InstallError, match=r"Python 3\.13 is not supported \(needs 3\.10 to 3\.12\)"):
+        installer.find_base_python(fake_python(tmp_path, "3.13"))
 
 
 def test_unusable_base_python_is_named(tmp_path):
@@ -200,9 +239,7 @@ def test_torch_choice_and_pip_command_per_machine(tmp_path, system, arch, smi, e
         assert choice.download_mb < 500
 
     worker = worker_with_lock(tmp_path, system)
-    phases = installer.install_phases(
-        tmp_path, worker, sys.executable, choice.requirement, choice.index_url, choice, system
-    )
+    phases = installer.install_phases(tmp_path, worker, HERE, choice.requirement, choice.index_url, choice, system)
     torch_phase = phases[2]
     python = str(installer.paths.venv_python(installer.new_venv_dir(tmp_path)))
     expected = [python, "-m", "pip", "install", "--upgrade", "--progress-bar", "raw", "torch"]

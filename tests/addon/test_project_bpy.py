@@ -172,3 +172,40 @@ def test_ui_job_reports_the_view_and_step_and_applies_when_done(scene, controlne
     stepping = [t for t in texts if re.fullmatch(r"View [1-3]/3, step [12]/2", t)]
     assert len({t.split(",")[0] for t in stepping}) >= 2, texts  # polled every 20 ms: most views are seen
     assert project.Running.message.startswith("Baked 1 texture(s)") and cube.active_material is not None
+
+
+def test_an_object_no_view_sees_keeps_its_material_and_the_warning_names_it(scene, controlnet, tmp_path):
+    box = add("cube", "Box", size=1.4)
+    inner = add("cube", "Cube.001", size=0.3)  # inside the box: no view sees it
+    old = bpy.data.materials.new("Old paint")
+    inner.data.materials.append(old)
+    run = dict(controlnet=controlnet, seed=3, steps=2, width=64, height=64, texture_size=64, views_per_ring=3,
+               elevations=(25.0,), output_dir=str(tmp_path))  # fmt: skip
+
+    result = api.project_texture([box, inner], "rust", **run)
+
+    assert result.coverage["Cube.001"] == 0.0 and result.coverage["Box"] > 0.5
+    assert result.warnings == [
+        "Cube.001: no view sees it (hidden inside another object or behind the cameras); its texture is a flat "
+        "grey fill, left unapplied unless apply_unseen"
+    ]
+    assert list(inner.data.materials) == [old] and len(result.materials) == 1
+    assert box.active_material == result.materials[0]
+
+
+def test_the_operator_reports_an_unseen_object_and_applies_it_when_asked(scene, controlnet):
+    from blender_sd_addon.blender import project
+
+    box = add("cube", "Box", size=1.4)
+    inner = add("cube", "Cube.001", size=0.3)
+    settings = scene.sdtex_project
+    settings.controlnet, settings.texture_size, settings.views_per_ring, settings.both_sides = controlnet, 64, 2, False
+    settings.targets = "VISIBLE"
+    assert bpy.ops.sdtex.project() == {"FINISHED"}
+    assert "Cube.001: no view sees it" in project.Running.message and not inner.data.materials
+    assert box.active_material is not None
+
+    settings.apply_unseen = True
+    assert bpy.ops.sdtex.project() == {"FINISHED"}
+    assert "Cube.001: no view sees it" in project.Running.message
+    assert inner.active_material.name.startswith("SD mossy stone wall.Cube.001")

@@ -273,3 +273,33 @@ def test_controlnets_are_located_safely(tmp_path):
         controlnets.locate(str(tmp_path / "missing"), allow_pickle=False)
     assert caught.value.code == "model_not_found"
     assert controlnets.locate("lllyasviel/control_v11f1p_sd15_depth", allow_pickle=False)[0] == "hub"
+
+
+def test_an_object_hidden_inside_another_is_flagged_and_named(tiny_model_dir, controlnet_dir, manager, tmp_path):
+    store = InputStore()
+    inner = cube(size=0.3)  # inside the box: every view's depth test finds the box in front of it
+    arrays = scene(cube(size=1.4), inner) | {"cameras": cameras()}
+    params = request(store, arrays, tiny_model_dir, controlnet_dir, tmp_path)
+
+    result = project.run(JobContext("p4", manager, store), params)
+
+    assert result.coverage[0] > 0.5 and result.coverage[1] == 0.0
+    assert result.unseen == [1]
+    assert result.warnings == [
+        "object 1: no view sees it (hidden inside another object or behind the cameras); its texture is a flat "
+        "grey fill, left unapplied unless apply_unseen"
+    ]
+    with PIL.Image.open(result.images[1].path) as texture:  # grey, not black, should anyone apply it
+        assert np.unique(np.asarray(texture).reshape(-1, 3), axis=0).tolist() == [[128, 128, 128]]
+
+
+def test_objects_the_views_saw_little_of_get_a_warning_with_their_share():
+    assert project.coverage_warnings([0.95, 0.0, 0.3]) == (
+        [1],
+        [
+            "object 1: no view sees it (hidden inside another object or behind the cameras); its texture is a flat "
+            "grey fill, left unapplied unless apply_unseen",
+            "object 2: the views saw only 30% of it; the rest of its texture is filled from around (add views that "
+            "face it)",
+        ],
+    )
