@@ -35,7 +35,7 @@ import transformers
 
 from backend import __version__, compat
 from backend.context import Cancelled, JobContext
-from backend.inputs import InputStore
+from backend.inputs import InputStore, remove_stale
 from backend.models import ModelManager, available_devices
 from backend.tasks import TASKS
 from backend.tasks.txt2img import run_txt2img, size_multiple
@@ -476,6 +476,8 @@ def serve() -> int:
     # The reader thread may still be blocked in a read at exit: give it a private stdin, because
     # finalising sys.stdin while a daemon thread holds its lock aborts the interpreter.
     stdin = os.fdopen(os.dup(0), "rb")
+    if removed := remove_stale():  # a worker killed with Blender (kill -9) could not delete its uploads
+        log.info("removed %d uploads folder(s) that killed workers left behind", len(removed))
     worker = Worker(_Writer(out))
     work: queue.Queue = queue.Queue()
     threading.Thread(target=_read, args=(stdin, worker, work), daemon=True, name="reader").start()

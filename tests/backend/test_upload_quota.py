@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from worker_process import WorkerProcess
 
 from backend import inputs
 from backend.inputs import InputStore, UploadQuota
@@ -75,3 +76,16 @@ def test_folders_of_killed_workers_are_removed_at_start(private_temp: Path):
     assert inputs.remove_stale() == [stale]
     assert not stale.exists() and live.is_dir() and foreign.is_dir()
     assert os.getpid() == int((live / inputs.PID_FILE).read_text())
+
+
+def test_the_stdio_worker_removes_what_a_killed_one_left(private_temp: Path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = InputStore().folder
+    (stale / inputs.PID_FILE).write_text(dead.stdout.strip())
+    worker = WorkerProcess()  # inherits TMPDIR: this test's folder
+    try:
+        reply, _ = worker.call(protocol.HANDSHAKE, {"protocol_version": protocol.PROTOCOL_VERSION})
+        assert "result" in reply, reply
+        assert not stale.exists()
+    finally:
+        worker.close()
