@@ -6,7 +6,9 @@ Layout (one top folder, the add-on package itself):
 
     blender_sd_addon/__init__.py ...          the add-on (bl_info for Blender 3.4-4.1)
     blender_sd_addon/blender_manifest.toml    the extension manifest (Blender 4.2+)
+    blender_sd_addon/contract/...             the contract (sdtex_contract), vendored: the add-on imports it from here
     blender_sd_addon/worker/backend/...       the backend package, run by the backend's own Python
+    blender_sd_addon/worker/sdtex_contract/...  the same contract, for the worker
     blender_sd_addon/worker/locks/backend-<platform>[-py310].txt   its dependencies: the locks Install Backend uses
 
 Why one zip works for both: Blender 4.2+ accepts an extension zip whose manifest sits in a single top
@@ -33,6 +35,8 @@ import tomllib
 ROOT = Path(__file__).resolve().parent
 ADDON = "blender_sd_addon"
 MANIFEST = "blender_manifest.toml"
+CONTRACT = "sdtex_contract"  # the package both sides import, vendored twice: for the add-on and for the worker
+VENDORED = "contract"  # its folder in the add-on (a link to ../sdtex_contract in a checkout)
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip can hold
 SKIPPED_DIRS = {"__pycache__"}
 SKIPPED_SUFFIXES = {".pyc", ".pyo"}
@@ -68,8 +72,9 @@ def agreed_version(versions: dict[str, str]) -> str:
 
 
 def locks(root: Path = ROOT) -> dict[str, bytes]:
-    """The locks the installer reads (its LOCKS), by file name: exact versions with hashes, torch left out."""
-    by_platform = _assigned_literal(root / ADDON / "installer.py", "LOCKS").values()
+    """The locks the installer reads (installer_choice.LOCKS), by file name: exact versions with hashes, torch
+    left out."""
+    by_platform = _assigned_literal(root / ADDON / "installer_choice.py", "LOCKS").values()
     names = sorted({name for by_python in by_platform for name in by_python.values()})
     missing = [name for name in names if not (root / "locks" / name).is_file()]
     if missing:
@@ -87,11 +92,20 @@ def _source_files(folder: Path):
 
 def zip_entries(root: Path = ROOT) -> dict[str, bytes]:
     """Archive name -> content, for everything the zip holds."""
-    entries = {f"{ADDON}/{p.relative_to(root / ADDON).as_posix()}": p.read_bytes() for p in _source_files(root / ADDON)}
-    backend = root / "backend"
-    entries.update(
-        {f"{ADDON}/worker/backend/{p.relative_to(backend).as_posix()}": p.read_bytes() for p in _source_files(backend)}
-    )
+    addon = root / ADDON
+    entries = {
+        f"{ADDON}/{p.relative_to(addon).as_posix()}": p.read_bytes()
+        for p in _source_files(addon)
+        if p.relative_to(addon).parts[0] != VENDORED  # the checkout's link: its files are vendored below
+    }
+    for folder, place in (
+        (root / "backend", "worker/backend"),
+        (root / CONTRACT, VENDORED),
+        (root / CONTRACT, f"worker/{CONTRACT}"),
+    ):
+        entries.update(
+            {f"{ADDON}/{place}/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in _source_files(folder)}
+        )
     entries.update({f"{ADDON}/worker/locks/{name}": content for name, content in locks(root).items()})
     return entries
 

@@ -1,9 +1,9 @@
 """Command line: `python -m backend serve | generate | pbr | img2img | inpaint | upscale | make-seamless |
 travel | train | make-test-model | info` (also `sd-textures-backend`).
 
-Each task is a command (`generate` runs txt2img) with one flag per entry of its protocol.TASK_PARAMS
-table (image inputs take file paths: `--image PATH`, `--mask PATH`); values are validated exactly as the
-worker does, and the job runs through the same Worker.
+Each task with a `command` in its spec (sdtex_contract/tasks.py; `generate` runs txt2img) is a command with
+one flag per entry of its parameter table (image inputs take file paths: `--image PATH`, `--mask PATH`);
+values are validated exactly as the worker does, and the job runs through the same Worker.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
-from blender_sd_addon import protocol
-from blender_sd_addon.model_catalog import transfer_text
-from blender_sd_addon.protocol import EVENT_DOWNLOAD, EVENT_PROGRESS, INVALID_PARAMS, ImageInput, ProtocolError
+from sdtex_contract import protocol
+from sdtex_contract.protocol import EVENT_DOWNLOAD, EVENT_PROGRESS, INVALID_PARAMS, ImageInput, ProtocolError
+from sdtex_contract.units import transfer_text
 
 ALIASES = {"guidance_scale": ["--guidance"], "batch_size": ["--batch"], "output_dir": ["--out"]}
 # transformers' notice, logged on every import of diffusers, that its image processors fall back to PIL without
@@ -41,22 +41,8 @@ def user_data_dir() -> Path:
 # Defaults the CLI changes, computed when the parser is built: files go to the user's data folder, never into
 # whatever folder the command runs in (a checkout, say).
 CLI_DEFAULTS = {"output_dir": lambda: str(user_data_dir() / "outputs")}
-COMMANDS = {  # command -> task
-    "generate": "txt2img",
-    "pbr": "pbr",
-    "img2img": "img2img",
-    "inpaint": "inpaint",
-    "upscale": "upscale",
-    "make-seamless": "make_seamless",
-    "travel": "travel",
-    "train": "train_lora",
-    "download": "download_model",
-}
-COMMAND_HELP = {
-    "generate": "Generate textures and print the written paths.",
-    "pbr": "Derive PBR maps of an image.",
-    **{command: protocol.TASK_HELP[task] for command, task in COMMANDS.items() if task not in ("txt2img", "pbr")},
-}
+COMMANDS = {spec.command: name for name, spec in protocol.SPECS.items() if spec.command}  # command -> task
+COMMAND_HELP = {spec.command: spec.command_help or spec.help for spec in protocol.SPECS.values() if spec.command}
 
 
 def _add_task_flags(parser: argparse.ArgumentParser, task: str) -> None:

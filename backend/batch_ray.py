@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from backend.batch import FAILED, MAX_ATTEMPTS, BatchJob, JobRunner, Outcome, Progress, job_inputs, publish
+from backend.batch_jobs import FAILED, MAX_ATTEMPTS, BatchJob, JobRunner, Outcome, Progress, job_inputs, publish
 
 
 @ray.remote

@@ -15,7 +15,7 @@ from importlib import metadata
 
 from packaging.version import Version
 
-from blender_sd_addon.protocol import INVALID_PARAMS, ProtocolError
+from sdtex_contract.protocol import INVALID_PARAMS, ProtocolError
 
 # (library, the module holding its MIN_PEFT_VERSION): train_lora's adapters go through both.
 PEFT_FLOORS = (("transformers", "transformers.integrations.peft"), ("diffusers", "diffusers.utils.constants"))

@@ -10,15 +10,12 @@ from typing import Any
 
 from backend.inputs import InputStore
 from backend.models import ModelManager
-from backend.outputs import save_images
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     EVENT_ARTIFACT,
     EVENT_PROGRESS,
     EVENT_STATUS,
     Artifact,
-    GenerateResult,
     ProgressEvent,
-    TaskParams,
 )
 
 
@@ -47,26 +44,3 @@ class JobContext:
     def check_cancelled(self) -> None:
         if self.is_cancelled():
             raise Cancelled()
-
-    def save(
-        self, output: Any, params: TaskParams, saved_as: TaskParams, *, width: int, height: int, load_seconds: float
-    ) -> GenerateResult:
-        """The image tasks' last step: write every image (and its maps), each announced once complete, and
-        make the result. output: images, seeds and stage timings; params: as requested (reported back);
-        saved_as: as run (e.g. seamless "auto" resolved), written into the files' metadata."""
-        self.stage("saving")
-        save_start = time.perf_counter()
-        records = save_images(output.images, output.seeds, saved_as, announce=self.artifact)
-        timings = {"load": load_seconds, **output.timings, "save": time.perf_counter() - save_start}
-        timings["total"] = time.perf_counter() - self.started
-        return GenerateResult(
-            images=records,
-            seed=output.seeds[0],
-            width=width,
-            height=height,
-            model=params.model,
-            seamless=saved_as.seamless,
-            timings=timings,
-            params=params.to_dict(),
-            task=params.task,
-        )

@@ -13,14 +13,14 @@ latent layout would otherwise fail in the first denoising step with a bare tenso
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, DiffusionPipeline
 
 from backend.models import PICKLE_SUFFIXES, LoadedModel
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
+    HUB_ID,
     INVALID_PARAMS,
     MODEL_LOAD_FAILED,
     MODEL_NOT_FOUND,
@@ -30,7 +30,6 @@ from blender_sd_addon.protocol import (
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _PREFIX = "controlnet:"  # keys of the ControlNet pipelines among LoadedModel's variants
 # The families real models' cross-attention widths (text encoder hidden sizes) belong to.
 WIDTH_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
@@ -62,7 +61,7 @@ def locate(name: str, allow_pickle: bool) -> tuple[str, str]:
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise _error(MODEL_LOAD_FAILED, f"{path.name}: a single-file ControlNet must be .safetensors", name)
         return "single_file", str(path.resolve())
-    if _HUB_ID.match(name):
+    if HUB_ID.match(name):
         return "hub", name
     raise _error(
         MODEL_NOT_FOUND,

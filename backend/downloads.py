@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from backend import single_file
 from backend.families import family_of_class_name
-from blender_sd_addon import model_catalog
-from blender_sd_addon.protocol import (
+from sdtex_contract import model_catalog, units
+from sdtex_contract.protocol import (
     DOWNLOAD_FAILED,
     MODEL_NOT_FOUND,
     NOT_ENOUGH_SPACE,
@@ -116,8 +116,8 @@ def check_free_space(folder: Path, needed: int) -> None:
     if free < wanted:
         raise ProtocolError(
             NOT_ENOUGH_SPACE,
-            f"not enough free space in {folder}: the download needs {model_catalog.size_text(wanted)} "
-            f"and {model_catalog.size_text(free)} are free; free some space or choose another folder",
+            f"not enough free space in {folder}: the download needs {units.size_text(wanted)} "
+            f"and {units.size_text(free)} are free; free some space or choose another folder",
             {"folder": str(folder), "needed": wanted, "free": free},
         )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.schedulers import SCHEDULER_SPECS, display_name
-from blender_sd_addon.protocol import TaskParams
+from sdtex_contract.protocol import TaskParams
 
 GENERATED_ROLES = ("albedo", "image", "sample")  # albedos, projection views, training samples
 Fields = dict[str, Any]

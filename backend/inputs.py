@@ -21,8 +21,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from blender_sd_addon import safe_remove
-from blender_sd_addon.protocol import (
+from sdtex_contract import safe_remove
+from sdtex_contract.protocol import (
     ARRAY_DTYPES,
     INPUT_PIXELS_MAX,
     INVALID_PARAMS,

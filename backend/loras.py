@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,19 +24,19 @@ from diffusers import DiffusionPipeline
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     MODEL_LOAD_FAILED,
     MODEL_NOT_FOUND,
+    PICKLE_SUFFIXES,
     UNSAFE_CHECKPOINT,
     ProtocolError,
+    is_hub_id,
 )
 
 log = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name inside a LoRA folder or hub repository
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 KEEP_LOADED = 8  # inactive adapters kept in memory for quick switching, most recently used first
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def locate(entries: list[dict], allow_pickle: bool = False) -> list[LoraFile]:
         if path.is_dir():
             path = _folder_file(path, param, value)
         elif not path.is_file():
-            if not (_HUB_ID.match(value) and not value.lower().endswith((".safetensors", *PICKLE_SUFFIXES))):
+            if not is_hub_id(value):
                 raise _error(MODEL_NOT_FOUND, param, value, "no such file or folder, and not a hub id like owner/name")
             path = _hub_file(value, param)
         suffix = path.suffix.lower()

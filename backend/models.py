@@ -13,33 +13,35 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
 from backend import loras, single_file
 from backend.families import FAMILIES, Family, family_of, family_of_class_name
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     INVALID_PARAMS,
     MODEL_LOAD_FAILED,
     MODEL_NOT_FOUND,
+    PICKLE_SUFFIXES,
     UNSAFE_CHECKPOINT,
     GenerateParams,
     ProtocolError,
+    is_hub_id,
 )
 
 log = logging.getLogger(__name__)
 
 PIPELINE_CLASSES = {family.txt2img.__name__: family.txt2img for family in FAMILIES.values()}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The names diffusers and transformers load a component's safetensors weights from (variant and shards
 # included); any other .safetensors file in a component folder is not its weights and makes nothing safe.
 SAFE_WEIGHTS = re.compile(r"(diffusion_pytorch_model|model)(\.\w+)?(-\d{5}-of-\d{5})?\.safetensors")
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def locate(model: str, allow_pickle: bool = False) -> ModelSource:
                 {"param": "model", "value": model},
             )
         return ModelSource("single_file", str(path.resolve()), True)
-    if _HUB_ID.match(model) and not model.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+    if is_hub_id(model):
         snapshot = _hub_snapshot(model)  # a cached copy is checked like a folder: loading it must not fail later
         pickled = _pickle_only_components(snapshot) if snapshot else []
         if pickled and not allow_pickle:
@@ -334,28 +336,20 @@ def model_key(model: str, params: GenerateParams) -> ModelKey:
     return ModelKey(source, device, pick_dtype(params.dtype, device), params.cpu_offload)
 
 
-class ModelManager:
-    """Keeps one pipeline warm; asking for another model, device, dtype or offload mode swaps it."""
+class WarmSlot:
+    """Keeps one loaded pipeline (anything with a `key`) warm: a request for another key releases it first."""
 
     def __init__(self) -> None:
-        self.loaded: LoadedModel | None = None
+        self.loaded: Any = None
 
-    def get(self, params: GenerateParams) -> tuple[LoadedModel, float]:
-        """The pipeline for these params and the seconds spent loading it (0 when it was warm)."""
-        key = model_key(params.model, params)
-        lora_files = loras.locate(params.loras, params.allow_pickle)  # missing or unsafe files: before loading
-        source = key.source
-        seconds = 0.0
-        if self.loaded is None or self.loaded.key != key:
-            self.release()
-            start = time.perf_counter()
-            log.info("loading %s on %s (%s)", source.location, key.device, key.dtype)
-            pipe = load_pipeline(source, key.device, key.dtype, key.cpu_offload)
-            self.loaded = LoadedModel(pipe, key, pipe._execution_device)
-            seconds = time.perf_counter() - start
-        configure(self.loaded, params)
-        loras.apply(self.loaded.pipe, lora_files)  # also when none: switches off the last request's
-        return self.loaded, seconds
+    def _warm(self, key: ModelKey, load: Callable[[], Any]) -> float:
+        """Make `load()` the warm one unless it already has `key`; the seconds spent loading (0 when warm)."""
+        if self.loaded is not None and self.loaded.key == key:
+            return 0.0
+        self.release()
+        start = time.perf_counter()
+        self.loaded = load()
+        return time.perf_counter() - start
 
     def release(self) -> None:
         if self.loaded is None:
@@ -365,6 +359,27 @@ class ModelManager:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+
+
+class ModelManager(WarmSlot):
+    """Keeps one pipeline warm; asking for another model, device, dtype or offload mode swaps it."""
+
+    loaded: LoadedModel | None
+
+    def get(self, params: GenerateParams) -> tuple[LoadedModel, float]:
+        """The pipeline for these params and the seconds spent loading it (0 when it was warm)."""
+        key = model_key(params.model, params)
+        lora_files = loras.locate(params.loras, params.allow_pickle)  # missing or unsafe files: before loading
+
+        def load() -> LoadedModel:
+            log.info("loading %s on %s (%s)", key.source.location, key.device, key.dtype)
+            pipe = load_pipeline(key.source, key.device, key.dtype, key.cpu_offload)
+            return LoadedModel(pipe, key, pipe._execution_device)
+
+        seconds = self._warm(key, load)
+        configure(self.loaded, params)
+        loras.apply(self.loaded.pipe, lora_files)  # also when none: switches off the last request's
+        return self.loaded, seconds
 
     @property
     def loaded_name(self) -> str | None:

@@ -26,8 +26,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from backend import __version__
 from backend.infotext import GENERATED_ROLES, a1111_parameters
-from backend.pbr import derive_maps
-from blender_sd_addon.protocol import (
+from backend.pbr import maps_for
+from sdtex_contract.protocol import (
     INVALID_PARAMS,
     OUTPUT_FAILED,
     PROTOCOL_VERSION,
@@ -186,29 +186,26 @@ def save_image_set(
 
     record = ImageRecord(path=write(image, stem, "albedo") if albedo else "", seed=seed)
     if getattr(params, "pbr", False) or params.task == "pbr":
-        maps = derive_maps(
-            image,
-            wrap_x=params.seamless in ("x", "xy"),
-            wrap_y=params.seamless in ("y", "xy"),
-            normal_format=params.normal_format,
-            strength=params.normal_strength,
-            height_contrast=params.height_contrast,
-            roughness_contrast=params.roughness_contrast,
-            ao_strength=params.ao_strength,
-        )
+        maps = maps_for(image, params)
         base = Path(record.path).stem if record.path else stem
         record.maps = {name: write(m, f"{base}_{name}", name, source=record.path) for name, m in maps.items()}
     return record
 
 
 def save_images(
-    images: list[PIL.Image.Image], seeds: list[int], params: TaskParams, announce: Announce | None = None
+    images: list[PIL.Image.Image],
+    seeds: list[int | None],
+    params: TaskParams,
+    announce: Announce | None = None,
+    names: list[str] | None = None,
 ) -> list[ImageRecord]:
-    """Save each generated image (and its PBR maps when asked), announcing every file once complete."""
+    """Save each generated image (and its PBR maps when asked), announcing every file once complete.
+    names: each image's part of its file name after the job's stamp (default: its seed)."""
     folder = output_folder(params)
     prefix = sanitise_prefix(params.filename_prefix)
     stamp = run_stamp()
+    names = names if names is not None else [str(seed) for seed in seeds]
     return [
-        save_image_set(image, params, folder, f"{prefix}_{stamp}_{seed}", index=i, seed=seed, announce=announce)
-        for i, (image, seed) in enumerate(zip(images, seeds, strict=True))
+        save_image_set(image, params, folder, f"{prefix}_{stamp}_{name}", index=i, seed=seed, announce=announce)
+        for i, (image, seed, name) in enumerate(zip(images, seeds, names, strict=True))
     ]

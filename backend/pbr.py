@@ -17,6 +17,8 @@ import numpy as np
 import PIL.Image
 from scipy import ndimage
 
+from sdtex_contract.protocol import TaskParams
+
 NORMAL_FORMATS = ("opengl", "directx")
 LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 weights
 HEIGHT_SIGMA = 1.0  # pixels: smooths pixel noise out of the height, keeps the texture's detail
@@ -46,6 +48,38 @@ def derive_maps(
     Modes: height "I;16", normal "RGB", roughness and AO "L".
     """
     # 1. Check inputs
+    _check_controls(normal_format, strength, height_contrast, roughness_contrast, ao_strength)
+    modes = ("wrap" if wrap_y else "reflect", "wrap" if wrap_x else "reflect")  # per array axis: rows, columns
+    rgb = np.asarray(albedo.convert("RGB"), dtype=np.float64) / 255.0
+    luminance = rgb @ LUMA
+
+    # 2. Height, then 3. normal, 4. roughness, 5. ambient occlusion
+    height = _height(luminance, height_contrast, modes)
+    normal = _normal(height, strength, normal_format, modes)
+    return {
+        "height": PIL.Image.fromarray(_quantise(height, 65535, np.uint16)),
+        "normal": PIL.Image.fromarray(_quantise(normal * 0.5 + 0.5, 255, np.uint8)),
+        "roughness": PIL.Image.fromarray(_quantise(_roughness(luminance, roughness_contrast), 255, np.uint8)),
+        "ao": PIL.Image.fromarray(_quantise(_ambient_occlusion(height, ao_strength, modes), 255, np.uint8)),
+    }
+
+
+def maps_for(albedo: PIL.Image.Image, params: TaskParams) -> dict[str, PIL.Image.Image]:
+    """derive_maps with a task's PBR parameters, wrapping on the axes it tiles on (params.seamless resolved)."""
+    return derive_maps(
+        albedo,
+        wrap_x=params.seamless in ("x", "xy"),
+        wrap_y=params.seamless in ("y", "xy"),
+        normal_format=params.normal_format,
+        strength=params.normal_strength,
+        height_contrast=params.height_contrast,
+        roughness_contrast=params.roughness_contrast,
+        ao_strength=params.ao_strength,
+    )
+
+
+def _check_controls(normal_format: str, strength: float, height_contrast: float, roughness_contrast: float,
+                    ao_strength: float) -> None:  # fmt: skip
     if normal_format not in NORMAL_FORMATS:
         raise ValueError(f"normal_format must be one of {', '.join(NORMAL_FORMATS)}, got {normal_format!r}")
     controls = {
@@ -57,42 +91,40 @@ def derive_maps(
     for name, value in controls.items():
         if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    modes = ("wrap" if wrap_y else "reflect", "wrap" if wrap_x else "reflect")  # per array axis: rows, columns
-    rgb = np.asarray(albedo.convert("RGB"), dtype=np.float64) / 255.0
-    size = min(rgb.shape[:2])
 
-    # 2. Height: smoothed luminance stretched to 0..1
-    luminance = rgb @ LUMA
+
+def _height(luminance: np.ndarray, contrast: float, modes: tuple[str, str]) -> np.ndarray:
+    """Smoothed luminance stretched to 0..1, scaled around its middle by `contrast`."""
     height = ndimage.gaussian_filter(luminance, HEIGHT_SIGMA, mode=modes)
     low, high = height.min(), height.max()
     height = (height - low) / (high - low) if high - low > 1e-6 else np.full_like(height, 0.5)
-    height = np.clip(0.5 + height_contrast * (height - 0.5), 0, 1)
+    return np.clip(0.5 + contrast * (height - 0.5), 0, 1)
 
-    # 3. Normal: the surface z = relief * height; Sobel is 8x the per-pixel derivative. Rows run down the
-    # image while +Y points up, so the up-derivative is minus the row derivative: n = (-dz/dx, +dz/drow, 1).
-    relief = strength * RELIEF * size
+
+def _normal(height: np.ndarray, strength: float, normal_format: str, modes: tuple[str, str]) -> np.ndarray:
+    """Unit normals of the surface z = relief * height. Sobel is 8x the per-pixel derivative. Rows run down the
+    image while +Y points up, so the up-derivative is minus the row derivative: n = (-dz/dx, +dz/drow, 1)."""
+    relief = strength * RELIEF * min(height.shape)
     dz_dx = ndimage.sobel(height, axis=1, mode=modes) / 8 * relief
     dz_drow = ndimage.sobel(height, axis=0, mode=modes) / 8 * relief
     normal = np.stack([-dz_dx, dz_drow, np.ones_like(height)], axis=-1)
     normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
     if normal_format == "directx":
         normal[..., 1] *= -1
+    return normal
 
-    # 4. Roughness: inverted luminance around its mean, contrast set by its spread (bright reads as smoother)
+
+def _roughness(luminance: np.ndarray, contrast: float) -> np.ndarray:
+    """Inverted luminance around its mean, contrast set by its spread (bright reads as smoother)."""
     spread = luminance.std()
     deviation = (luminance - luminance.mean()) / spread if spread > 1e-6 else np.zeros_like(luminance)
-    roughness = ROUGHNESS_MID - roughness_contrast * ROUGHNESS_SPREAD * deviation
+    return ROUGHNESS_MID - contrast * ROUGHNESS_SPREAD * deviation
 
-    # 5. Ambient occlusion: how far each point lies below its wider neighbourhood
-    cavity = ndimage.gaussian_filter(height, AO_SIGMA * size, mode=modes) - height
-    ao = 1 - AO_GAIN * ao_strength * np.clip(cavity, 0, None)
 
-    return {
-        "height": PIL.Image.fromarray(_quantise(height, 65535, np.uint16)),
-        "normal": PIL.Image.fromarray(_quantise(normal * 0.5 + 0.5, 255, np.uint8)),
-        "roughness": PIL.Image.fromarray(_quantise(roughness, 255, np.uint8)),
-        "ao": PIL.Image.fromarray(_quantise(ao, 255, np.uint8)),
-    }
+def _ambient_occlusion(height: np.ndarray, strength: float, modes: tuple[str, str]) -> np.ndarray:
+    """How far each point lies below its wider neighbourhood."""
+    cavity = ndimage.gaussian_filter(height, AO_SIGMA * min(height.shape), mode=modes) - height
+    return 1 - AO_GAIN * strength * np.clip(cavity, 0, None)
 
 
 def _quantise(values: np.ndarray, top: int, dtype: type) -> np.ndarray:

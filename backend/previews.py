@@ -11,7 +11,7 @@ import base64
 import torch
 
 from backend.families import Factors
-from blender_sd_addon.protocol import PreviewEvent
+from sdtex_contract.protocol import PreviewEvent
 
 
 def latents_to_rgb(latents: torch.Tensor, factors: Factors) -> torch.Tensor:

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import INVALID_PARAMS, READS_OR_HUB, WRITES, Param, ProtocolError
+from sdtex_contract import protocol
+from sdtex_contract.protocol import INVALID_PARAMS, READS_OR_HUB, WRITES, Param, ProtocolError, is_hub_id
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _NOT_PLAIN = re.compile(r"^~|\\|^[A-Za-z]:|(^|/)\.\.(/|$)")  # home, Windows separators and drives, '..' parts
-_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class Policy:
             if os.path.isabs(value):
                 if self._inside(real := os.path.realpath(value)):
                     return real
-            elif kind == READS_OR_HUB and _is_hub_id(value) and not self._names(value):
+            elif kind == READS_OR_HUB and is_hub_id(value) and not self._names(value):
                 return value
             elif inside := [c for c in (os.path.realpath(d / value) for d in self.models_dirs) if self._inside(c)]:
                 return next((c for c in inside if os.path.exists(c)), inside[0])  # missing: the task says so
@@ -93,9 +91,6 @@ class Policy:
     def _folders(self) -> str:
         return ", ".join(str(folder) for folder in self.models_dirs) or "none: the server has no --models-dir"
 
-
-def _is_hub_id(value: str) -> bool:
-    return bool(_HUB_ID.match(value)) and not value.lower().endswith(_CHECKPOINT_SUFFIXES)
 
 
 def _within(path: str, folder: Path) -> bool:

@@ -16,7 +16,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from blender_sd_addon.protocol import INVALID_PARAMS, SCHEDULERS, ProtocolError
+from sdtex_contract.protocol import INVALID_PARAMS, SCHEDULERS, ProtocolError
 
 
 @dataclass(frozen=True)

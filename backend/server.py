@@ -40,9 +40,9 @@ from pathlib import Path
 from backend.inputs import InputStore, UploadQuota, remove_stale
 from backend.remote_policy import Policy
 from backend.server_token import TOKEN_FILE, config_dir, is_loopback, load_or_create_token, token_matches
-from blender_sd_addon import protocol, safe_remove
-from blender_sd_addon.protocol import PARSE_ERROR, ProtocolError
-from blender_sd_addon.transport import turn_recv, turn_sendall
+from sdtex_contract import protocol, safe_remove
+from sdtex_contract.protocol import PARSE_ERROR, ProtocolError
+from sdtex_contract.sockets import turn_recv, turn_sendall
 
 log = logging.getLogger("backend.server")
 

@@ -19,7 +19,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from backend.families import SD, SDXL, Family
-from blender_sd_addon.protocol import MODEL_LOAD_FAILED, ProtocolError
+from sdtex_contract.protocol import MODEL_LOAD_FAILED, ProtocolError
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 MERGES_FILE = "clip-merges.txt.gz"

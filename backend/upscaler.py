@@ -8,10 +8,8 @@ generations reloads nothing; asking for another upscaler, device, dtype or offlo
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,11 @@ from backend.models import (
     ModelKey,
     ModelManager,
     ModelSource,
+    WarmSlot,
     _hub_model_index,
     model_key,
 )
-from blender_sd_addon.protocol import MODEL_LOAD_FAILED, ProtocolError, TaskParams
+from sdtex_contract.protocol import MODEL_LOAD_FAILED, ProtocolError, TaskParams
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +96,10 @@ def load_upscaler(source: ModelSource, device: str, dtype: str, cpu_offload: boo
     return pipe
 
 
-class UpscalerCache:
+class UpscalerCache(WarmSlot):
     """Keeps one x4 upscaler warm."""
 
-    def __init__(self) -> None:
-        self.loaded: LoadedUpscaler | None = None
+    loaded: LoadedUpscaler | None
 
     def get(self, params: TaskParams) -> tuple[LoadedUpscaler, float]:
         """The upscaler for these params and the seconds spent loading it (0 when it was warm)."""
@@ -109,15 +107,13 @@ class UpscalerCache:
             key = model_key(params.upscaler_model, params)
         except ProtocolError as exc:
             raise _named(exc) if exc.data.get("param") == "model" else exc from None
-        source = key.source
-        seconds = 0.0
-        if self.loaded is None or self.loaded.key != key:
-            self.release()
-            start = time.perf_counter()
-            log.info("loading upscaler %s on %s (%s)", source.location, key.device, key.dtype)
-            pipe = load_upscaler(source, key.device, key.dtype, key.cpu_offload)
-            self.loaded = LoadedUpscaler(pipe, key, pipe._execution_device)
-            seconds = time.perf_counter() - start
+
+        def load() -> LoadedUpscaler:
+            log.info("loading upscaler %s on %s (%s)", key.source.location, key.device, key.dtype)
+            pipe = load_upscaler(key.source, key.device, key.dtype, key.cpu_offload)
+            return LoadedUpscaler(pipe, key, pipe._execution_device)
+
+        seconds = self._warm(key, load)
         loaded = self.loaded
         if params.attention_slicing != loaded.attention_slicing:
             if params.attention_slicing:
@@ -126,14 +122,6 @@ class UpscalerCache:
                 loaded.pipe.disable_attention_slicing()
             loaded.attention_slicing = params.attention_slicing
         return loaded, seconds
-
-    def release(self) -> None:
-        if self.loaded is not None:
-            cuda = self.loaded.key.device == "cuda"
-            self.loaded = None
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
 
 
 _caches: weakref.WeakKeyDictionary[ModelManager, UpscalerCache] = weakref.WeakKeyDictionary()

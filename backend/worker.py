@@ -1,4 +1,4 @@
-"""The worker: protocol 2 (blender_sd_addon.protocol) over JSON lines, jobs run one at a time.
+"""The worker: protocol 2 (sdtex_contract.protocol) over JSON lines, jobs run one at a time.
 
 One Worker serves one or more peers (clients): stdio serves one, backend/server.py one per TCP connection.
 Each peer has its own `emit` and its own job ids; every peer's jobs share one queue and the main thread.
@@ -35,12 +35,13 @@ import transformers
 
 from backend import __version__, compat
 from backend.context import Cancelled, JobContext
+from backend.families import size_multiple
 from backend.inputs import InputStore, remove_stale
 from backend.models import ModelManager, available_devices
 from backend.tasks import TASKS
-from backend.tasks.txt2img import run_txt2img, size_multiple
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import (
+from backend.tasks.txt2img import run_txt2img
+from sdtex_contract import protocol
+from sdtex_contract.protocol import (
     CANCELLED,
     DONE,
     FAILED,
@@ -68,7 +69,6 @@ OOM_ADVICE = (
     "out of memory: try a smaller width/height, batch_size 1, cpu_offload (CUDA), attention_slicing "
     "or vae_tiling (not while seamless)"
 )
-assert set(TASKS) == set(protocol.TASKS), "backend.tasks and protocol.TASK_PARAMS list different tasks"
 
 
 @dataclass(eq=False)

@@ -5,7 +5,7 @@
    to the shared request (fixed seed).
 3. A first `bpy.ops.sdtex.generate()` starts the worker and loads the model (warm-up, timed apart).
 4. One timed operator call per turn, each generating and applying a new material to the default Cube.
-   api.run (the request) and api.finish (load the image, apply, record history) are wrapped with
+   tasks.run (the request) and ui_jobs.finish (load the image, apply, record history) are wrapped with
    timers, and the worker's own total is kept, so each layer's share can be told apart.
 5. Blender's RSS again, and whether torch ever entered Blender's process.
 """
@@ -24,7 +24,7 @@ def timed(function, log: list):
     def wrapper(*args, **kwargs):
         start = now()
         value = function(*args, **kwargs)
-        timings = getattr(value, "timings", None)  # api.run returns the GenerateResult
+        timings = getattr(value, "timings", None)  # tasks.run returns the GenerateResult
         log.append({"wall": now() - start, "worker": timings["total"] if timings else None})
         return value
 
@@ -44,9 +44,10 @@ def main() -> None:
     if addon_utils.enable("blender_sd_addon", default_set=True) is None:
         raise SystemExit("could not enable the add-on (traceback above)")
     from blender_sd_addon import api
+    from blender_sd_addon.blender import session, tasks, ui_jobs
 
     rss_enabled = proc_status_kib("self", "VmRSS")
-    prefs = api.preferences()
+    prefs = session.preferences()
     prefs.backend_python = PYTHON
     prefs.model = config["model"]
     prefs.output_folder = config["output_dir"]
@@ -63,8 +64,8 @@ def main() -> None:
 
     run_times: list[dict] = []
     finish_times: list[dict] = []
-    api.run = timed(api.run, run_times)
-    api.finish = timed(api.finish, finish_times)
+    tasks.run = timed(tasks.run, run_times)
+    ui_jobs.finish = timed(ui_jobs.finish, finish_times)
 
     # 3. Warm-up: starts the worker and loads the model
     start = now()
@@ -86,7 +87,7 @@ def main() -> None:
 
     # 5. Footprint
     rss_after = proc_status_kib("self", "VmRSS")
-    client = api.current_client()
+    client = session.current_client()
     worker_hwm = proc_status_kib(client.pid, "VmHWM")
     out.write_text(json.dumps({
         "warmup": warmup,

@@ -15,8 +15,8 @@ import json
 import PIL.Image
 
 from benchmarks.common import PYTHON, REPO, next_turn, now, proc_status_kib, scenario_args, signal
-from blender_sd_addon import protocol
 from blender_sd_addon.client import BackendClient
+from sdtex_contract import protocol
 
 
 def new_client(log_path) -> BackendClient:

@@ -117,9 +117,10 @@ def main() -> None:
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
     from backend.models import ModelManager
-    from backend.tasks.img2img import denoising_steps, run_img2img
+    from backend.steps import denoising_steps
+    from backend.tasks.img2img import run_img2img
     from backend.tasks.txt2img import run_txt2img
-    from blender_sd_addon import protocol
+    from sdtex_contract import protocol
 
     settings = SETTINGS[config["architecture"]]
     common = {"model": config["model"], "output_dir": "/unused", **REQUEST, **settings}

@@ -102,8 +102,8 @@ def main() -> None:
     from backend.models import ModelManager
     from backend.tasks import project
     from backend.tiny_model import make_test_controlnet
-    from blender_sd_addon import protocol
     from blender_sd_addon.projection import orbit_views
+    from sdtex_contract import protocol
 
     architecture = config["architecture"]
     controlnet = CACHE / f"controlnet-{architecture}"

@@ -34,9 +34,9 @@ from benchmarks.common import (
     model_dir,
     target,
 )
-from blender_sd_addon import protocol
 from blender_sd_addon.client import BackendClient
 from blender_sd_addon.remote import RemoteSettings
+from sdtex_contract import protocol
 
 OVERHEAD_TARGET = 0.10  # remote overhead / local time, at most (sd15)
 PINGS = 50

@@ -132,7 +132,7 @@ def run_backend(config: dict) -> dict:
     from backend.context import JobContext
     from backend.models import ModelManager
     from backend.tasks import train_lora
-    from blender_sd_addon import protocol
+    from sdtex_contract import protocol
 
     ends: list[float] = []
     peak = [0]

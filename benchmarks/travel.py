@@ -110,7 +110,7 @@ def main() -> None:
     from backend.context import JobContext
     from backend.models import ModelManager
     from backend.tasks import travel, txt2img
-    from blender_sd_addon import protocol
+    from sdtex_contract import protocol
 
     settings = SETTINGS[config["architecture"]]
     frames = FRAMES[config["architecture"]]

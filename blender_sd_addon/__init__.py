@@ -1,7 +1,7 @@
 """SD Textures: text prompts to textures and materials, with Stable Diffusion in a separate worker.
 
-This file stays importable without bpy: the backend worker imports `blender_sd_addon.protocol`, which
-runs this package's __init__. Everything that needs Blender is imported inside register().
+This file stays importable without bpy, so that the add-on's Blender-free modules (client, jobs, installer, ...) run
+and are tested outside Blender. Everything that needs Blender is imported inside register().
 """
 
 bl_info = {
@@ -17,12 +17,12 @@ bl_info = {
 
 
 def register() -> None:
-    from . import blender
+    from . import api, blender
 
-    blender.register()
+    blender.register(api)  # api is handed in for the public-name alias: the Blender side never imports it
 
 
 def unregister() -> None:
-    from . import blender
+    from . import api, blender
 
-    blender.unregister()
+    blender.unregister(api)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import protocol
+from .contract import protocol
 from .remote import RemoteFiles, RemoteSettings
 from .rpc import (
     BACKEND_START_FAILED,

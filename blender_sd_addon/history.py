@@ -11,8 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from . import protocol
-from .protocol import GenerateResult, ImageRecord
+from .contract import protocol
+from .contract.protocol import GenerateResult, ImageRecord
 
 HISTORY_LIMIT = 50  # newest first; older records are dropped, their files stay on disk
 

@@ -4,10 +4,9 @@ Stdlib only and Blender-free: the operators in blender/install_ops.py pass in th
 the add-on's worker/ folder, and a timer redraws the preferences from `STATE` while a thread runs the
 phases. Every output line of pip goes to `STATE.log_lines` and to `<user data>/backend-install.log`.
 
-1. The machine decides the torch build (`detect_machine`, `choose_torch`): an NVIDIA GPU (`nvidia-smi` runs) gets
-   PyTorch's CUDA wheel index, Linux and Windows without one get the CPU index (PyPI's Linux torch would pull
-   ~3 GB of CUDA libraries that nothing uses), macOS gets PyPI (Metal/MPS). The choice and its expected download
-   and disk size are known before anything starts, and the preferences' requirement and index URL override it.
+1. What to install (installer_choice.py): the torch build for this machine, pinned to the tested TORCH_VERSION,
+   and the lock for the base Python; the choice and its expected download and disk size are known before
+   anything starts.
 2. Free disk space is checked first, in the user data folder.
 3. Everything installs into a new folder (`backend-venv.new`); only when every phase succeeded does it replace
    `backend-venv` (renames). A failed or cancelled installation deletes the new folder and leaves the previous
@@ -16,181 +15,69 @@ phases. Every output line of pip goes to `STATE.log_lines` and to `<user data>/b
    without them move the bar by phase. After torch, pip installs the platform's and Python's lock (worker/locks/, hashes
    checked). pip, not uv: into a fresh venv uv was 2.4 s against pip's 26 s, but 25 s once it also compiles
    the .pyc files pip writes, and it would need its own download and prints no byte progress.
+5. A phase ends when its process exits, even while a child it left keeps the output pipe open; a failure says
+   its cause and fix in a line or two (installer_errors.py) and names the log, which has pip's whole output.
 """
 
 from __future__ import annotations
 
-import os
-import platform
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO
 
-from . import paths, safe_remove
-from .model_catalog import size_text, transfer_text
+from . import paths
+from .contract import safe_remove
+from .contract.units import transfer_text
+
+# Re-exported (`X as X`): callers and tests have always found these here.
+from .installer_choice import CPU_INDEX as CPU_INDEX
+from .installer_choice import (
+    DEFAULT_TORCH_SPEC,
+    MB,
+    REQUIREMENTS_MB,
+    BasePython,
+    InstallError,
+    Machine,
+    TorchChoice,
+    check_free_space,
+    choose_torch,
+    clean_env,
+    find_base_python,
+    lock_name,
+    this_machine,
+)
+from .installer_choice import LOCKS as LOCKS
+from .installer_choice import SUPPORTED_PYTHON as SUPPORTED_PYTHON
+from .installer_choice import TORCH_VERSION as TORCH_VERSION
+from .installer_choice import detect_machine as detect_machine
+from .installer_errors import explain
 
 LOG_NAME = "backend-install.log"
-DEFAULT_TORCH_SPEC = "torch"
-PYPI = ""  # the index URL meaning "pip's default index"
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-CUDA_INDEXES = (  # (lowest NVIDIA driver major version, index): the newest CUDA build the driver can run
-    (570, "https://download.pytorch.org/whl/cu128"),
-    (560, "https://download.pytorch.org/whl/cu126"),
-    (0, "https://download.pytorch.org/whl/cu118"),
-)
 NEW_SUFFIX = ".new"  # the folder an installation builds before it replaces the backend
 OLD_SUFFIX = ".old"  # the previous backend, for the moment of the switch
-SUPPORTED_PYTHON = ((3, 10), (3, 12))  # inclusive: the Pythons LOCKS has a lock for (numpy 1.26: no 3.13)
-# sys.platform -> base Python -> its lock in worker/locks/ (`make lock` checks each installs there from wheels).
-# 3.10 (Blender 3.4-4.1's own Python) gets older versions where the tested ones need 3.11 (locks/README.md).
-LOCKS = {
-    "linux": {"3.10": "backend-linux-py310.txt", "3.11": "backend-linux.txt", "3.12": "backend-linux.txt"},
-    "win32": {"3.10": "backend-windows-py310.txt", "3.11": "backend-windows.txt", "3.12": "backend-windows.txt"},
-    "darwin": {"3.10": "backend-macos-py310.txt", "3.11": "backend-macos.txt", "3.12": "backend-macos.txt"},
-}
 CHECK_SCRIPT = "import diffusers, torch; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 LOG_LINES_KEPT = 1000  # in memory; the log file keeps everything
 TERMINATE_GRACE = 5.0  # seconds between terminate() and kill() on cancel
-MB = 10**6
-REQUIREMENTS_MB = 150  # diffusers, transformers, accelerate, scipy, numpy, pillow, safetensors, ... (download)
 SPEED_WINDOW = 3.0  # seconds the download speed is averaged over
+OUTPUT_GRACE = 1.0  # seconds the output of an exited command is still read (what it printed last)
+PHASE_LINES_KEPT = 400  # of the running phase, searched for a failure's cause
+POLL = 0.2  # seconds between checks whether the command has exited
 
 _PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
 _DOWNLOADING = re.compile(r"^\s*Downloading (\S+)")
 
 
-class InstallError(Exception):
-    """The installation cannot start or a phase failed; the message says why."""
-
-
 class Cancelled(Exception):
     pass
-
-
-# --- the machine and its torch ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Machine:
-    """What the torch build depends on."""
-
-    system: str  # sys.platform: "linux", "win32", "darwin"
-    arch: str  # platform.machine(): "x86_64", "AMD64", "arm64", "aarch64"
-    nvidia_gpu: str = ""  # the GPU's name when nvidia-smi runs, else ""
-    nvidia_driver: str = ""  # e.g. "575.51.03"
-
-    @property
-    def has_nvidia(self) -> bool:
-        return bool(self.nvidia_gpu)
-
-
-def detect_machine(
-    system: str | None = None,
-    arch: str | None = None,
-    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-    which: Callable[[str], str | None] = shutil.which,
-) -> Machine:
-    """This computer; each probe can be replaced (tests fake `run` and `which`). An NVIDIA GPU counts only when
-    `nvidia-smi` is found and exits 0 (a driver without a GPU, or a broken driver, fails)."""
-    system = system or sys.platform
-    arch = arch or platform.machine()
-    gpu = driver = ""
-    smi = which("nvidia-smi")
-    if smi and system != "darwin":
-        try:
-            done = run(
-                [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=15,
-            )
-        except (OSError, subprocess.SubprocessError):
-            done = None
-        if done is not None and done.returncode == 0 and done.stdout.strip():
-            first = done.stdout.strip().splitlines()[0]
-            gpu, _, driver = (part.strip() for part in first.partition(","))
-    return Machine(system, arch, gpu, driver)
-
-
-_MACHINE: list[Machine] = []
-
-
-def this_machine() -> Machine:
-    """detect_machine() once per session (nvidia-smi takes a moment; dialogs redraw often)."""
-    if not _MACHINE:
-        _MACHINE.append(detect_machine())
-    return _MACHINE[0]
-
-
-@dataclass(frozen=True)
-class TorchChoice:
-    """The torch build to install, and what it costs; shown before the installation starts."""
-
-    requirement: str  # pip requirement(s), e.g. "torch" or "torch==2.5.1"
-    index_url: str  # "" = PyPI
-    label: str  # for people: "CUDA 12.8 build for NVIDIA GeForce RTX 4070"
-    download_mb: int  # expected download, torch and the other packages
-    disk_mb: int  # free space needed for the new environment (the old one stays until the switch)
-    overridden: bool = False  # the preferences' requirement or index URL replaced the machine's choice
-
-    @property
-    def summary(self) -> str:
-        download, disk = size_text(self.download_mb * MB), size_text(self.disk_mb * MB)
-        return f"{self.label}: about {download} to download, {disk} on disk"
-
-
-def _driver_major(driver: str) -> int:
-    match = re.match(r"(\d+)", driver)
-    return int(match[1]) if match else 0
-
-
-def cuda_index(driver: str) -> str:
-    """The newest CUDA wheel index the NVIDIA driver runs (an unknown driver gets the newest)."""
-    major = _driver_major(driver) or CUDA_INDEXES[0][0]
-    return next(index for low, index in CUDA_INDEXES if major >= low)
-
-
-def choose_torch(machine: Machine, requirement: str = "", index_url: str | None = None) -> TorchChoice:
-    """The torch build for `machine`; a non-empty `requirement` or a non-None `index_url` (the preferences)
-    overrides the machine's choice ("" = PyPI)."""
-    if machine.system == "darwin":
-        label, index, download, disk = "PyPI build (Metal on Apple Silicon)", PYPI, 80, 1200
-    elif machine.has_nvidia:
-        index = cuda_index(machine.nvidia_driver)
-        version = index.rsplit("/cu", 1)[1]
-        label = f"CUDA {version[:-1]}.{version[-1]} build for {machine.nvidia_gpu}"
-        download, disk = (3300, 7000) if machine.system == "win32" else (3000, 7000)
-    else:
-        label, index, download, disk = "CPU build (no NVIDIA GPU found)", CPU_INDEX, 200, 1500
-    overridden = bool(requirement.strip()) or (index_url is not None and index_url != index)
-    if index_url is not None:
-        index = index_url
-    if overridden:
-        label = f"{requirement.strip() or DEFAULT_TORCH_SPEC} from {index or 'PyPI'} (set in Preferences)"
-    return TorchChoice(
-        requirement.strip() or DEFAULT_TORCH_SPEC, index, label, download + REQUIREMENTS_MB, disk, overridden
-    )
-
-
-def check_free_space(folder: Path, needed_mb: int, disk_usage: Callable = shutil.disk_usage) -> None:
-    """InstallError naming the folder and the space needed when it lacks `needed_mb` megabytes."""
-    probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = disk_usage(probe).free
-    if free < needed_mb * MB:
-        raise InstallError(
-            f"Not enough free space in {folder}: the backend needs about {size_text(needed_mb * MB)} and "
-            f"{size_text(free)} are free. Free some space, or set Preferences > Backend interpreter to a Python "
-            "that already has torch and diffusers."
-        )
 
 
 # --- state the UI draws -------------------------------------------------------------------------------------
@@ -204,7 +91,8 @@ class InstallState:
     progress: float = 0.0  # 0..1: finished phases by weight, plus the running phase's download share
     message: str = ""  # the running phase, or the outcome
     detail: str = ""  # the download now: "torch-2.5.1-….whl: 312 MB of 906 MB · 14 MB/s"
-    error: bool = False  # the last run failed; `message` holds the reason and the log's tail
+    error: bool = False  # the last run failed; `message` holds the cause, the fix and the log's path
+    short_error: str = ""  # ... and this, the cause and fix in a line or two (the sidebar)
     cancelled: bool = False
     succeeded: bool = False  # the last run installed and switched: start the backend now
     choice: TorchChoice | None = None  # what this run installs
@@ -229,6 +117,7 @@ class InstallState:
     def reset(self, log_path: Path | None = None, choice: TorchChoice | None = None) -> None:
         self.running, self.progress, self.error, self.cancelled, self.succeeded = True, 0.0, False, False, False
         self.message, self.detail, self.log_lines, self.log_path, self.choice = "Starting…", "", [], log_path, choice
+        self.short_error = ""
         self.current_file, self.file_done, self.file_total, self.downloaded, self.speed = "", 0, 0, 0, 0.0
         self._samples = []
         self._cancel.clear()
@@ -256,74 +145,6 @@ def new_venv_dir(user_dir: Path) -> Path:
 def venv_python(user_dir: Path) -> Path:
     """The backend venv's interpreter (it may not exist yet)."""
     return paths.venv_python(venv_dir(user_dir))
-
-
-def _clean_env() -> dict[str, str]:
-    # Blender sets PYTHONHOME/PYTHONPATH for its own Python; a child interpreter must not inherit them.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    return env
-
-
-class BasePython(NamedTuple):
-    """The interpreter that creates the venv, and its version ("3.11"), which picks the lock."""
-
-    path: str
-    version: str
-
-
-def _probe_python(python: str) -> BasePython | str:
-    """`python` if it is a supported Python that can create venvs with pip, else what is wrong."""
-    if not Path(python).name.lower().startswith("python"):  # e.g. the blender binary: never run it with -c
-        return "not a Python interpreter"
-    probe = "import sys, venv, ensurepip; print('%d.%d' % sys.version_info[:2])"
-    try:
-        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30, env=_clean_env())
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    if done.returncode:
-        return "cannot create venvs with pip (" + (done.stderr.strip().splitlines() or ["no venv/ensurepip"])[-1] + ")"
-    try:
-        version = tuple(int(part) for part in done.stdout.strip().split("."))
-    except ValueError:
-        return f"unexpected version output {done.stdout.strip()!r}"
-    low, high = SUPPORTED_PYTHON
-    if not low <= version <= high:
-        return f"Python {done.stdout.strip()} is not supported (needs {low[0]}.{low[1]} to {high[0]}.{high[1]})"
-    return BasePython(python, f"{version[0]}.{version[1]}")
-
-
-def find_base_python(preferred: str | None = None) -> BasePython:
-    """The interpreter that creates the venv: `preferred` if given, else Blender's own Python, else a
-    python3 on PATH. Raises InstallError listing what was tried."""
-    if preferred:
-        found = _probe_python(preferred)
-        if isinstance(found, str):
-            raise InstallError(f"The base Python {preferred} cannot be used: {found}")
-        return found
-    names = [f"python3.{minor}" for minor in range(SUPPORTED_PYTHON[1][1], SUPPORTED_PYTHON[0][1] - 1, -1)]
-    candidates = [sys.executable] + [found for name in (*names, "python3", "python") if (found := shutil.which(name))]
-    tried = []
-    for python in dict.fromkeys(candidates):
-        found = _probe_python(python)
-        if isinstance(found, BasePython):
-            return found
-        tried.append(f"{python}: {found}")
-    raise InstallError(
-        f"No Python to create the backend environment with. Install Python 3.{SUPPORTED_PYTHON[0][1]} to "
-        f"3.{SUPPORTED_PYTHON[1][1]} (with venv and pip). "
-        "Tried: " + "; ".join(tried or ["no python on PATH"])
-    )
-
-
-def lock_name(system: str, python_version: str) -> str:
-    """The lock in worker/locks/ for sys.platform `system` and a base Python "3.X"."""
-    by_python = LOCKS.get(system)
-    if by_python is None:  # no lock is made for it: install_phases says it is missing
-        return f"backend-{system}.txt"
-    if python_version not in by_python:
-        raise InstallError(f"python_version {python_version!r} has no lock; accepted: {', '.join(by_python)}")
-    return by_python[python_version]
 
 
 def install_phases(
@@ -391,10 +212,40 @@ def _read_progress(line: str) -> bool:
     return False
 
 
-def _run(phase: Phase, done_weight: float, total_weight: float) -> None:
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Copy a command's output lines into `lines`, then None (its end: every writer closed the pipe)."""
+    try:
+        for raw in stream:
+            lines.put(raw.rstrip())
+    except (OSError, ValueError):  # the pipe broke: what came is what there is
+        pass
+    lines.put(None)
+
+
+def _output(process: subprocess.Popen, lines: queue.Queue[str | None]) -> Iterator[str]:
+    """The command's output lines until it exits, not until the pipe closes: a child it left running (a build
+    helper, a keyring) would hold the pipe open and keep the bar at its last value long after the end."""
+    exited_at = None
+    while True:
+        try:
+            line = lines.get(timeout=POLL)
+        except queue.Empty:
+            pass
+        else:
+            if line is None:
+                return
+            yield line
+        if exited_at is None and process.poll() is not None:
+            exited_at = time.monotonic()
+        late = time.monotonic() - exited_at if exited_at is not None else 0.0
+        if late > OUTPUT_GRACE and (lines.empty() or late > 5 * OUTPUT_GRACE):  # the child may keep printing
+            return
+
+
+def _start(phase: Phase) -> subprocess.Popen:
     STATE.log(f"$ {subprocess.list2cmdline(phase.command)}")
     try:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             phase.command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -402,24 +253,30 @@ def _run(phase: Phase, done_weight: float, total_weight: float) -> None:
             text=True,
             encoding="utf-8",
             errors="replace",
-            env=_clean_env(),
+            env=clean_env(),
         )
     except OSError as exc:
         raise InstallError(f"{phase.message} failed: {exc}") from exc
+
+
+def _run(phase: Phase, done_weight: float, total_weight: float) -> None:
+    process = _start(phase)
     STATE._process = process
     if STATE._cancel.is_set():  # cancelled while the command was starting
         process.terminate()
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True, name="sdtex-install-output").start()
     phase_start = STATE.downloaded
+    said: deque[str] = deque(maxlen=PHASE_LINES_KEPT)  # this phase's words, for the cause of a failure
     try:
-        for raw in process.stdout:
-            line = raw.rstrip()
-            if _read_progress(line):
-                if phase.download_mb:  # the phase's share of the bar follows its bytes (at most 95 %)
-                    got = STATE.downloaded - phase_start + STATE.file_done
-                    share = min(got / (phase.download_mb * MB), 0.95)
-                    STATE.progress = (done_weight + phase.weight * share) / total_weight
-            else:
+        for line in _output(process, lines):
+            if not _read_progress(line):
                 STATE.log(line)
+                said.append(line)
+            elif phase.download_mb:  # the phase's share of the bar follows its bytes (at most 95 %)
+                got = STATE.downloaded - phase_start + STATE.file_done
+                share = min(got / (phase.download_mb * MB), 0.95)
+                STATE.progress = (done_weight + phase.weight * share) / total_weight
         process.wait()
     finally:
         STATE._process = None
@@ -429,8 +286,8 @@ def _run(phase: Phase, done_weight: float, total_weight: float) -> None:
     if STATE._cancel.is_set():
         raise Cancelled
     if process.returncode:
-        tail = "\n".join(STATE.log_lines[-8:])
-        raise InstallError(f"{phase.message} failed (exit code {process.returncode}). Last lines:\n{tail}")
+        failure = explain(phase.message, process.returncode, list(said), STATE.log_path)
+        raise InstallError(failure.message, failure.short)
 
 
 def switch_to_new(user_dir: Path) -> None:
@@ -493,7 +350,7 @@ def run_phases(phases: Sequence[Phase], user_dir: Path | None = None) -> None:
         STATE.cancelled = True
         STATE.message = "Installation cancelled; the previous backend is unchanged"
     except InstallError as exc:
-        STATE.error, STATE.message = True, str(exc)
+        STATE.error, STATE.message, STATE.short_error = True, str(exc), exc.short
     finally:
         if user_dir is not None and not STATE.succeeded:
             safe_remove.remove_quietly(new_venv_dir(user_dir), user_dir)
@@ -548,7 +405,7 @@ def start_install(
     """Build a new backend venv beside `<user_dir>/backend-venv` in a thread and switch to it on success.
 
     base_python: creates the venv (None: Blender's Python, else a python3 on PATH).
-    torch_spec: the torch requirement(s), e.g. "torch==2.5.1" ("" = "torch").
+    torch_spec: the torch requirement(s), e.g. "torch==2.5.1" ("" = DEFAULT_TORCH_SPEC, the tested torch).
     index_url: pip index for torch (None: chosen for this machine, "" : PyPI).
     Raises InstallError at once when no base Python or no lock file is found, or the disk is too full.
     """

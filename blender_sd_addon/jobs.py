@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from . import protocol
 from .client import BackendClient
-from .model_catalog import transfer_text
-from .protocol import CANCELLED, DONE, FAILED, FINISHED_STATES, QUEUED, RUNNING
+from .contract import protocol
+from .contract.protocol import CANCELLED, DONE, FAILED, FINISHED_STATES, QUEUED, RUNNING
+from .contract.units import transfer_text
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Job", "JobBoard"]
 
@@ -33,6 +33,8 @@ class Job:
     preview_serial: int = 0  # bumped on each new preview, so the UI knows when to copy pixels
     download: protocol.DownloadProgress | None = None  # the latest, while a download_model job runs
     artifacts: list[protocol.Artifact] = field(default_factory=list)  # in the order the worker announced them
+    losses: list[float] = field(default_factory=list)  # a training job's loss at each step (progress events)
+    cancelling: bool = False  # cancel was asked: the row says so at once, the worker confirms later
     result: protocol.GenerateResult | None = None  # image tasks
     data: dict | None = None  # the raw result of any task
     error: str = ""
@@ -60,6 +62,7 @@ class Job:
     def cancel(self) -> None:
         """Ask the worker to stop; the job finishes as cancelled when the worker confirms (next polls)."""
         if not self.finished:
+            self.cancelling = True
             self.client.cancel(self.request_id)
 
     def handle(self, message: dict) -> None:
@@ -74,6 +77,8 @@ class Job:
         elif kind == protocol.EVENT_PROGRESS:
             self.state = RUNNING
             self.step, self.total, self.elapsed = data.get("step", 0), data.get("total", 0), data.get("elapsed", 0.0)
+            if isinstance(data.get("loss"), (int, float)):
+                self.losses.append(float(data["loss"]))
         elif kind == protocol.EVENT_PREVIEW:
             preview = _known(protocol.PreviewEvent, data)
             if preview is not None:
@@ -118,6 +123,8 @@ class Job:
             return f"Failed: {self.error.splitlines()[0] if self.error else 'unknown error'}"
         if self.state in (DONE, CANCELLED):
             return self.state.capitalize()
+        if self.cancelling:
+            return "Cancelling…"
         if self.state == QUEUED:
             return "Starting backend…" if self.client.starting else "Queued"
         if self.download:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from . import protocol
+from .contract import protocol
 
 # Panel labels of parameters whose name is not their label once title-cased.
 LABELS = {

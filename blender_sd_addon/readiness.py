@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import model_catalog
+from .contract import model_catalog, protocol
 
 # Fixes: the operator each line offers (bl_idname, button label).
 INSTALL = ("sdtex.install_backend", "Install Backend")
@@ -19,24 +19,47 @@ DOWNLOAD = ("sdtex.download_model", "Download Model")
 CHOOSE = ("sdtex.browse_model", "Choose Model")
 ON_DISK = ("sdtex.pick_model", "Models on Disk")
 TEST_REMOTE = ("sdtex.test_connection", "Test Connection")
+CANCEL_INSTALL = ("sdtex.install_backend_cancel", "Cancel Install")
+OPEN_LOG = ("sdtex.open_install_log", "Open Log")
 REINSTALL = ("sdtex.install_backend", "Reinstall Backend")  # installs the lock's versions, which work together
+INSTALLED, SET = "installed", "set"  # Facts.interpreter_source: Install Backend's venv, Preferences > Interpreter
 FEATURES = {"train_lora": "Training"}  # task -> its name in the panels
+
+
+OK, ERROR, INFO = "ok", "error", "info"  # a line's kind: verified fine, wrong, or neither (not checked yet)
+ICONS = {OK: "CHECKMARK", ERROR: "ERROR", INFO: "INFO"}
 
 
 @dataclass(frozen=True)
 class Line:
-    """One status line: what the panel says, whether it is fine, and what fixes it."""
+    """One status line: what the panel says, whether Generate can run, its kind (its icon), what fixes it.
+
+    `ready` and `kind` differ on purpose: a worker that stopped with an error does not block Generate (which
+    starts it again), but its line is still an error: only a state that was checked gets a check mark."""
 
     text: str
     ready: bool
     fixes: tuple[tuple[str, str], ...] = ()
     progress: float | None = None  # 0..1 while installing or downloading
+    kind: str = ""  # OK, ERROR or INFO; "" = OK when ready, else ERROR
+
+    def __post_init__(self) -> None:
+        kind = self.kind or (OK if self.ready else ERROR)
+        if kind not in ICONS:
+            raise ValueError(f"kind must be one of {', '.join(ICONS)}, got {self.kind!r}")
+        object.__setattr__(self, "kind", kind)
 
     @property
     def icon(self) -> str:
         if self.progress is not None:
             return "SORTTIME"
-        return "CHECKMARK" if self.ready else "ERROR"
+        return ICONS[self.kind]
+
+
+def message_kind(message: str) -> str:
+    """The kind of a status message written in the add-on's "error: ..." / "Failed: ..." convention (the worker's
+    start-up thread, Test Connection)."""
+    return ERROR if message.lower().startswith(("error", "failed")) else INFO
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,10 @@ class Facts:
     install_progress: float = 0.0
     install_message: str = ""
     install_failed: bool = False
+    install_log: str = ""  # the installation's log file (pip's whole output)
+    interpreter: str = ""  # the backend's Python, when one was found
+    interpreter_source: str = ""  # where it came from: INSTALLED, SET (Preferences) or "" (found elsewhere)
+    remote_error: str = ""  # the last failure talking to the remote backend (Test Connection, a start)
     running: bool = False  # a worker process is up
     starting: bool = False  # ... and has not answered its handshake yet
     worker_error: str = ""  # the last start or stop message (a crash, a failed start)
@@ -81,21 +108,35 @@ def check(facts: Facts) -> Readiness:
 
 def backend_line(f: Facts) -> Line:
     if f.remote:
-        if f.running and not f.starting:
-            return Line(f"Remote backend ready: {f.remote} ({f.device or 'device unknown'})", True)
-        return Line(f"Remote backend: {f.remote} (connects with the first Generate)", True, (TEST_REMOTE,))
+        return remote_line(f)
     if f.installing:
-        return Line(f"Installing backend: {f.install_message}", False, progress=f.install_progress)
+        return Line(f"Installing backend: {f.install_message}", False, (CANCEL_INSTALL,), f.install_progress)
     if f.interpreter_error:
-        reason = f"Install failed: {f.install_message}" if f.install_failed else "Backend not installed"
-        return Line(reason, False, (INSTALL, SET_INTERPRETER))
+        if f.install_failed:  # the message says the cause, the fix and where the log is
+            return Line(f"Install failed: {f.install_message}", False, (OPEN_LOG, INSTALL, SET_INTERPRETER))
+        return Line("Backend not installed", False, (INSTALL, SET_INTERPRETER))
     if f.running and f.starting:
-        return Line("Backend starting…", True)
+        return Line("Backend starting…", True, kind=INFO)
     if f.running:
         return Line(f"Backend ready: {f.device or 'device unknown'}, torch {f.torch_version or '?'}", True)
     if f.worker_error:  # it stopped or failed to start; Generate starts it again, so not a blocker
-        return Line(f"Backend stopped: {f.worker_error}", True, (START,))
-    return Line("Backend installed (starts with the first Generate)", True, (START,))
+        return Line(f"Backend stopped: {f.worker_error}", True, (START,), kind=message_kind(f.worker_error))
+    if f.interpreter_source == INSTALLED:
+        what = "Backend installed"
+    elif f.interpreter_source == SET:  # the user's own Python: nothing was installed
+        what = f"Backend interpreter set: {f.interpreter}"
+    else:
+        what = f"Backend interpreter found: {f.interpreter}" if f.interpreter else "Backend found"
+    return Line(f"{what} (starts with the first Generate)", True, (START,), kind=INFO)
+
+
+def remote_line(f: Facts) -> Line:
+    if f.running and not f.starting:
+        return Line(f"Remote backend ready: {f.remote} ({f.device or 'device unknown'})", True)
+    problem = f.remote_error or (f.worker_error if message_kind(f.worker_error) == ERROR else "")
+    if problem:  # Generate would try again, so not a blocker; but nothing says it works
+        return Line(f"Remote backend {f.remote}: {problem}", True, (TEST_REMOTE,), kind=ERROR)
+    return Line(f"Remote backend: {f.remote} (connects with the first Generate)", True, (TEST_REMOTE,), kind=INFO)
 
 
 def model_line(f: Facts) -> Line:
@@ -107,7 +148,7 @@ def model_line(f: Facts) -> Line:
         return Line(f"Model on the server: {name}", True)
     if state in ("file", "folder", "cached"):
         return Line(f"Model ready: {name}", True)
-    if state == "missing" and model_catalog.HUB_ID.match(f.model.strip()):
+    if state == "missing" and protocol.HUB_ID.match(f.model.strip()):
         return Line(f"Model not on disk: {name}", False, (DOWNLOAD, ON_DISK, CHOOSE))
     if state == "partial":
         return Line(f"Model download incomplete: {name}", False, (DOWNLOAD, CHOOSE))

@@ -8,7 +8,7 @@ Stdlib only, no bpy. A remote worker never sees paths of this machine and names 
   paths. So jobs.py, api.py and the operators read the same files, in the same place, as with a local worker.
 
 RemoteSettings is how a remote backend is chosen: api.configure_remote(), the SDTEX_REMOTE environment
-variables, or the add-on preferences.
+variables, or the add-on preferences (blender/session.py reads them).
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from . import protocol
+from .contract import protocol
 from .rpc import SDTexError
 from .transport import parse_address
-
-if TYPE_CHECKING:
-    from .client import BackendClient
 
 FETCH_FAILED = "fetch_failed"  # synthetic error code: a result file could not be fetched or written here
 ENV_ADDRESS, ENV_TOKEN = "SDTEX_REMOTE", "SDTEX_REMOTE_TOKEN"
@@ -63,10 +60,19 @@ class RemoteSettings:
         return cls(env[ENV_ADDRESS], env.get(ENV_TOKEN, ""), tls, env.get(ENV_CAFILE, ""))
 
 
+class FileChannel(Protocol):
+    """What RemoteFiles needs of its client (BackendClient): named here so this module needs no client import."""
+
+    def upload(self, data: bytes, timeout: float | None = None) -> str: ...
+    def fetch(self, path: str, timeout: float | None = None) -> bytes: ...
+    def cancel(self, request_id: str) -> None: ...
+    def pass_on(self, request_id: str, message: dict) -> None: ...
+
+
 class RemoteFiles:
     """Moves a remote client's input files up and its result files down (see the module's docstring)."""
 
-    def __init__(self, client: BackendClient):
+    def __init__(self, client: FileChannel):
         self.client = client
         self._lock = threading.Lock()
         self._inboxes: dict[str, queue.SimpleQueue] = {}

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from . import protocol
+from .contract import protocol
 from .transport import Connection
 
 BACKEND_STOPPED = "backend_stopped"  # synthetic error code: the worker stopped with the request open

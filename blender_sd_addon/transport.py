@@ -23,12 +23,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from . import protocol
+from .contract import protocol
+from .contract.sockets import turn_recv, turn_sendall
 
 LOG_MAX_BYTES = 2 * 2**20  # backend.log is rotated to backend.log.1 at this size (one old file kept)
 STDERR_LINE_MAX = 64 * 2**10  # a longer stderr "line" is split, so a runaway print cannot exhaust memory
 KILL_WAIT = 2.0  # seconds between terminate and kill
-SEND_PIECE = 1 << 16  # bytes a TCP/TLS send writes before the reader gets a turn
 READ_POLL = 0.2  # seconds the TCP reader waits for bytes before looking whether it was closed
 _ERROR_LINE = re.compile(r"error|exception|fatal|killed|out of memory|abort|segmentation fault", re.IGNORECASE)
 _WARNING_LINE = re.compile(r"warn", re.IGNORECASE)
@@ -261,40 +261,6 @@ class TcpConnection(Connection):
 
     def stopped_reason(self) -> str:
         return self._reason
-
-
-# A TCP connection (TLS or not) is read by one thread and written by others. An SSL object must not be used by
-# two threads at once (an SSL_read overlapping an SSL_write crashed the process), so on a non-blocking socket each
-# read and each piece of a write runs under one lock, and waiting (select) happens outside it: a blocking read
-# under the lock would hold it while only a session ticket arrived, and a blocked write would starve the reader.
-
-
-def turn_recv(sock: socket.socket, lock: threading.Lock, size: int) -> bytes | None:
-    """One read of a non-blocking socket under `lock`: the bytes (b"" at the end), or None when none are there."""
-    with lock:
-        try:
-            return sock.recv(size)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            return None
-
-
-def turn_sendall(sock: socket.socket, lock: threading.Lock, data: bytes, timeout: float | None = None) -> None:
-    """Write all of `data` to a non-blocking socket, a piece at a time under `lock`; TimeoutError when the peer
-    takes none of it for `timeout` seconds."""
-    view = memoryview(data)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while view:
-        with lock:
-            try:  # after a "want write", TLS needs the same bytes again: the same slice is offered
-                sent = sock.send(view[:SEND_PIECE])
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                sent = 0
-        if sent:
-            view, deadline = view[sent:], None if timeout is None else time.monotonic() + timeout
-            continue
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(errno.ETIMEDOUT, f"the peer took nothing for {timeout:g} s")
-        select.select([], [sock], [], READ_POLL)
 
 
 def parse_address(address: str) -> tuple[str, int]:

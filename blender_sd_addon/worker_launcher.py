@@ -6,26 +6,23 @@ Blender's add-on folders must stay off the worker's sys.path: a sibling add-on's
 `numpy`, say) would shadow the worker's libraries. So the launcher
 1. removes its own folder and PYTHONPATH's entries from sys.path, and drops PYTHONPATH and PYTHONHOME from
    the environment (the worker's own subprocesses inherit it);
-2. puts the folder that holds `backend` first: worker/ in the built add-on, the checkout in development;
-3. registers `blender_sd_addon` from this folder by path (its __init__ is bpy-free), so the folder that holds
-   the add-on (Blender's add-ons folder) is never searched;
-4. runs backend.__main__.main() with its own command line.
+2. puts the folder that holds `backend` and `sdtex_contract` (the contract; the worker imports nothing of the
+   add-on) first: worker/ in the built add-on, the checkout in development;
+3. runs backend.__main__.main() with its own command line.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-ADDON_PACKAGE = "blender_sd_addon"  # the name the worker imports the protocol by, whatever the folder is called
-
 
 def backend_root(addon_dir: Path) -> Path | None:
-    """The folder that holds the `backend` package: worker/ in the built add-on, else the source checkout."""
+    """The folder that holds the `backend` and `sdtex_contract` packages: worker/ in the built add-on, else the
+    source checkout."""
     for folder in (addon_dir / "worker", addon_dir.parent):
-        if (folder / "backend" / "__init__.py").is_file():
+        if (folder / "backend" / "__init__.py").is_file() and (folder / "sdtex_contract" / "__init__.py").is_file():
             return folder
     return None
 
@@ -50,15 +47,7 @@ def main(argv: list[str]) -> int:
     # 2. The backend first
     sys.path[:] = [str(root)] + [p for p in sys.path if p and _same(p) not in dropped]
 
-    # 3. The add-on package, by path
-    spec = importlib.util.spec_from_file_location(
-        ADDON_PACKAGE, addon_dir / "__init__.py", submodule_search_locations=[str(addon_dir)]
-    )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[ADDON_PACKAGE] = package
-    spec.loader.exec_module(package)
-
-    # 4. The worker
+    # 3. The worker
     from backend.__main__ import main as backend_main
 
     return backend_main(argv)

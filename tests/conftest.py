@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from worker_process import WorkerProcess
 
-from blender_sd_addon import safe_remove
+from sdtex_contract import safe_remove
 
 _system_temp = tempfile.gettempdir()
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from worker_process import REPO
 
-from blender_sd_addon import protocol
 from blender_sd_addon.client import BackendClient
 from blender_sd_addon.remote import RemoteSettings
+from sdtex_contract import protocol
 
 
 class ServerProcess:

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from blender_sd_addon.protocol import is_terminal
+from sdtex_contract.protocol import is_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,36 +1,20 @@
-"""The task registry: one module per task, each with `run(ctx: JobContext, params) -> GenerateResult`.
+"""The runners: one module per task (or family of tasks), each runner marked `@runs("task")` (backend/registry.py).
 
-A task's parameters are declared once, in protocol.TASK_PARAMS (the worker checks both lists agree);
-this table says which function runs it.
+Importing this package imports every module in it, so a new task is its spec in sdtex_contract/tasks.py and its
+module here: nothing else registers it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
 
-from backend.tasks import (
-    download_model,
-    img2img,
-    inpaint,
-    list_models,
-    pbr,
-    project,
-    train_lora,
-    travel,
-    txt2img,
-    upscale,
-)
+from backend.registry import RUNNERS
+from sdtex_contract import protocol
 
-TASKS: dict[str, Callable] = {
-    "txt2img": txt2img.run,
-    "pbr": pbr.run,
-    "inpaint": inpaint.run,
-    "make_seamless": inpaint.run_make_seamless,
-    "img2img": img2img.run,
-    "upscale": upscale.run,
-    "download_model": download_model.run,
-    "list_models": list_models.run,
-    "train_lora": train_lora.run,
-    "travel": travel.run,
-    "project": project.run,
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+TASKS = RUNNERS
+if set(TASKS) != set(protocol.SPECS):
+    raise ImportError(f"tasks without a runner: {sorted(set(protocol.SPECS) - set(TASKS))}")

@@ -14,8 +14,9 @@ from pathlib import Path
 from backend import downloads
 from backend.context import JobContext
 from backend.families import family_of_class_name
-from blender_sd_addon.model_catalog import HUB_ID
-from blender_sd_addon.protocol import (
+from backend.registry import runs
+from sdtex_contract.params import HUB_ID
+from sdtex_contract.protocol import (
     EVENT_DOWNLOAD,
     DownloadModelParams,
     DownloadProgress,
@@ -24,6 +25,7 @@ from blender_sd_addon.protocol import (
 )
 
 
+@runs("download_model")
 def run(ctx: JobContext, params: DownloadModelParams, endpoint: str | None = None) -> DownloadResult:
     start = time.perf_counter()
     # 1. Check inputs

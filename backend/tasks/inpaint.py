@@ -36,20 +36,22 @@ from backend.context import JobContext
 from backend.families import size_multiple
 from backend.images import fit, tiling_axes, to_rgb
 from backend.inputs import InputStore, open_image
+from backend.jobshell import ImageJob
 from backend.outputs import output_folder
+from backend.registry import runs
 from backend.schedulers import make_scheduler
-from backend.seamless import seamless
-from backend.tasks.txt2img import (
-    JobProgress,
+from backend.steps import (
+    PipelineOutput,
+    Stages,
     StepCallback,
-    Txt2ImgOutput,
-    decode_latents,
-    denoise,
-    encode_prompt,
+    circular,
+    cpu_generators,
+    denoise_and_decode,
+    encode_prompt_stage,
     image_seeds,
-    uses_guidance,
+    sampling,
 )
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     INVALID_PARAMS,
     SIZE_MAX,
     GenerateResult,
@@ -271,10 +273,10 @@ def run_inpaint(
     should_cancel: Callable[[], bool] | None = None,
     on_stage: Callable[[str], None] | None = None,
     device: torch.device | None = None,
-) -> Txt2ImgOutput:
+) -> PipelineOutput:
     """The inpainting pipeline (`pipe`: the family's inpaint class) on a prepared canvas: the generated
     pictures as decoded, before paste-back (`canvas.finish` pastes them back). Raises Cancelled."""
-    stage = on_stage or (lambda name: None)
+    stages = Stages(on_stage, on_step=on_step, should_cancel=should_cancel)
     # 1. Check inputs
     check_size(pipe, canvas)
 
@@ -284,50 +286,32 @@ def run_inpaint(
     # 3. Seeds: one CPU generator per image. Each image gets its own copy of the source, so the pipeline
     # encodes it with that image's generator: image i of a batch can be redone alone with seed + i.
     seeds = image_seeds(params)
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    generators = cpu_generators(seeds)
     sources = [canvas.image] * len(seeds)
     mask_image = PIL.Image.fromarray(canvas.mask.astype(np.uint8) * 255, "L")
 
     # 4. Encode the prompt
-    timings = {}
-    stage("encoding")
-    start = time.perf_counter()
-    embeds = encode_prompt(pipe, params, uses_guidance(pipe, params.guidance_scale), device or pipe._execution_device)
-    timings["encode"] = time.perf_counter() - start
+    embeds = encode_prompt_stage(pipe, params, stages, device or pipe._execution_device)
 
-    # 5. Denoise: the pipeline's loop (it VAE-encodes the source first), stopping at latents
-    if canvas.seamless != "none":
-        pipe.vae.disable_tiling()  # tiles would wrap one by one
-    with seamless([pipe.unet, pipe.vae], canvas.seamless):  # the VAE encoder's hand-made pad wraps too
-        stage("denoising")
-        start = time.perf_counter()
-        latents = denoise(
+    # 5. Denoise: the pipeline's loop (it VAE-encodes the source first), stopping at latents; 6. decode
+    with circular(pipe, canvas.seamless):  # the VAE encoder's hand-made pad wraps too
+        images = denoise_and_decode(
             pipe,
             scheduler,
-            on_step=on_step,
-            should_cancel=should_cancel,
+            stages,
             **embeds,
             image=sources,
             mask_image=mask_image,
             strength=params.strength,
-            num_inference_steps=params.steps,
-            guidance_scale=params.guidance_scale,
+            **sampling(params),
             height=canvas.image.height,
             width=canvas.image.width,
             generator=generators,
         )
-        timings["denoise"] = time.perf_counter() - start
-
-        # 6. Decode
-        stage("decoding")
-        start = time.perf_counter()
-        images = decode_latents(pipe, latents)
-        timings["decode"] = time.perf_counter() - start
-
-    return Txt2ImgOutput(images=images, seeds=seeds, timings=timings)
+    return PipelineOutput(images=images, seeds=seeds, timings=stages.timings)
 
 
-def inpaint(pipe: DiffusionPipeline, params: TaskParams, canvas: Canvas, **callbacks) -> Txt2ImgOutput:
+def inpaint(pipe: DiffusionPipeline, params: TaskParams, canvas: Canvas, **callbacks) -> PipelineOutput:
     """run_inpaint, then paste-back (and make_seamless's roll back): the finished pictures."""
     output = run_inpaint(pipe, params, canvas, **callbacks)
     start = time.perf_counter()
@@ -346,36 +330,25 @@ def _run_job(ctx: JobContext, params: TaskParams, prepare: Prepare) -> GenerateR
     # 1. Check inputs that need no model: the output folder, the image, the mask
     output_folder(params)
     canvas = prepare(ctx.inputs, params)
-    resolved = dataclasses.replace(params, seamless=canvas.seamless)  # "auto" decided: VAE tiling, PBR maps
+    job = ImageJob(ctx, params, dataclasses.replace(params, seamless=canvas.seamless))  # "auto" decided
 
-    # 2. Model (warm, or loaded now) and its inpainting variant, sharing the weights
-    ctx.stage("loading_model")
-    model, load_seconds = ctx.models.get(resolved)
-    ctx.check_cancelled()
-    pipe = model.pipeline("inpaint")
-    progress = JobProgress(ctx, params.preview_every, model.family.preview_factors)
+    # 2. Load the model (warm, or loaded now) and its inpainting variant, sharing the weights
+    pipe = job.load("inpaint")
 
     # 3. Denoise, decode, paste back
-    output = inpaint(
-        pipe,
-        params,
-        canvas,
-        on_step=progress.step,
-        should_cancel=ctx.is_cancelled,
-        on_stage=progress.stage,
-        device=model.device,
-    )
+    output = inpaint(pipe, params, canvas, **job.callbacks())
 
     # 4. Save: every file is announced as soon as it is complete
-    width, height = canvas.image.size
-    return ctx.save(output, params, resolved, width=width, height=height, load_seconds=load_seconds)
+    return job.save(output, *canvas.image.size)
 
 
+@runs("inpaint")
 def run(ctx: JobContext, params: InpaintParams) -> GenerateResult:
     """The inpaint job (outpainting included)."""
     return _run_job(ctx, params, prepare_inpaint)
 
 
+@runs("make_seamless")
 def run_make_seamless(ctx: JobContext, params: MakeSeamlessParams) -> GenerateResult:
     """The make_seamless job."""
     return _run_job(ctx, params, prepare_make_seamless)

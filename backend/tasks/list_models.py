@@ -9,9 +9,11 @@ from pathlib import Path
 
 from backend import downloads, loras
 from backend.context import JobContext
-from blender_sd_addon.protocol import ListModelsParams, ModelList, invalid
+from backend.registry import runs
+from sdtex_contract.protocol import ListModelsParams, ModelList, invalid
 
 
+@runs("list_models")
 def run(ctx: JobContext, params: ListModelsParams, cache_dir: Path | None = None) -> ModelList:
     start = time.perf_counter()
     # 1. Check inputs

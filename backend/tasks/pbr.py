@@ -9,9 +9,11 @@ from pathlib import Path
 from backend.context import JobContext
 from backend.inputs import open_image
 from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set
-from blender_sd_addon.protocol import GenerateResult, PbrParams
+from backend.registry import runs
+from sdtex_contract.protocol import GenerateResult, PbrParams
 
 
+@runs("pbr")
 def run(ctx: JobContext, params: PbrParams) -> GenerateResult:
     start = time.perf_counter()
     # 1. Check inputs: the image decodes within limits, the output folder is writable

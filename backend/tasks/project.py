@@ -35,11 +35,12 @@ from backend import projection as geometry
 from backend.context import Cancelled, JobContext
 from backend.families import size_multiple
 from backend.inputs import InputStore, open_array
+from backend.jobshell import JobProgress
 from backend.models import LoadedModel
 from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set, write_png
+from backend.registry import runs
 from backend.schedulers import make_scheduler
-from backend.tasks.txt2img import (
-    JobProgress,
+from backend.steps import (
     StepCallback,
     check_model_takes_plain_latents,
     decode_latents,
@@ -47,7 +48,7 @@ from backend.tasks.txt2img import (
     encode_prompt,
     uses_guidance,
 )
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     INVALID_PARAMS,
     SEED_MAX,
     Artifact,
@@ -335,6 +336,7 @@ class _Painter:
         return record
 
 
+@runs("project")
 def run(ctx: JobContext, params: ProjectParams) -> ProjectResult:
     """The project job: check the geometry, load the model and ControlNet, paint the views, bake, fill, save."""
     timings = {"render": 0.0, "generate": 0.0, "bake": 0.0}

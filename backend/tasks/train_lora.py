@@ -24,8 +24,8 @@ from backend.families import SD, family_of, size_multiple
 from backend.infotext import sampler_of
 from backend.models import load_pipeline, locate, pick_device, pick_dtype
 from backend.outputs import output_folder, run_stamp, sanitise_prefix, write_png
-from blender_sd_addon.model_catalog import size_text
-from blender_sd_addon.protocol import (
+from backend.registry import runs
+from sdtex_contract.protocol import (
     EVENT_PROGRESS,
     INVALID_PARAMS,
     NOT_ENOUGH_SPACE,
@@ -36,6 +36,7 @@ from blender_sd_addon.protocol import (
     TrainResult,
     invalid,
 )
+from sdtex_contract.units import size_text
 
 MIN_PHOTOS = 3  # DreamBooth learns a subject from 3 to 5 photos at the least; fewer gives a copy machine
 SAMPLE_STEPS = 25  # denoising steps of a sample image
@@ -109,12 +110,8 @@ def lora_parameter_count(pipe, rank: int, text_encoder: bool) -> int:
     )
 
 
-def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
-    start = time.perf_counter()
-    # 1. Check inputs that need no model: prompts, photos, resume checkpoint, output folder
-    check_prompts(params)
-    folder = output_folder(params)
-    ctx.stage("preparing")
+def usable_photos(params: TrainLoraParams) -> training.Photos:
+    """The photos, opened and prepared at the resolution; refused when fewer than MIN_PHOTOS are usable."""
     photos = training.load_photos(candidate_files(params), params.resolution)
     if len(photos.images) < MIN_PHOTOS:
         listed = "; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in photos.skipped[:5])
@@ -124,19 +121,27 @@ def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
             + (f" (skipped {len(photos.skipped)}: {listed})" if photos.skipped else ""),
             {"param": "photos_dir", "usable": len(photos.images), "needed": MIN_PHOTOS, "skipped": photos.skipped},
         )
-    prior = bool(params.class_prompt.strip())
-    settings = training.TrainSettings(
+    return photos
+
+
+def uses_prior(params: TrainLoraParams) -> bool:
+    """Prior preservation (class images) is on when a class prompt is given."""
+    return bool(params.class_prompt.strip())
+
+
+def settings_of(params: TrainLoraParams, photos: training.Photos) -> training.TrainSettings:
+    prior = uses_prior(params)
+    return training.TrainSettings(
         instance_prompt=params.instance_prompt, resolution=params.resolution, learning_rate=params.learning_rate,
         rank=params.rank, batch_size=params.batch_size, train_text_encoder=params.train_text_encoder,
         seed=params.seed, class_prompt=params.class_prompt if prior else "",
         class_images=params.class_images if prior else 0, prior_loss_weight=params.prior_loss_weight,
         photos=tuple(photos.digests),
     )  # fmt: skip
-    resumed = None
-    if params.resume_from:
-        resumed = read_resume(params, settings)
 
-    # 2. Release the serving model, then load the one to train (SD 1.x/2.x)
+
+def load_for_training(ctx: JobContext, params: TrainLoraParams):
+    """The serving model released first (training never shares memory with it), then the model to train."""
     ctx.stage("loading_model")
     ctx.models.release()
     device = pick_device(params.device)
@@ -144,8 +149,11 @@ def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
     pipe = load_pipeline(locate(params.model, params.allow_pickle), device, dtype, cpu_offload=False)
     check_model(pipe, params)
     ctx.check_cancelled()
+    return pipe
 
-    # 3. Disk space for what this run writes, before any training
+
+def check_space(params: TrainLoraParams, pipe, folder: Path) -> Path:
+    """Refuse a run whose checkpoints, samples, LoRA (and class images) would not fit; the class images' folder."""
     class_root = Path(params.class_images_dir).expanduser() if params.class_images_dir else default_class_dir()
     class_folder = training.class_image_folder(class_root, params.model, params.class_prompt, params.resolution)
     weights = lora_parameter_count(pipe, params.rank, params.train_text_encoder) * 4
@@ -153,49 +161,60 @@ def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
     samples = (params.steps // params.sample_every + 1) if params.sample_every else 0
     picture = params.resolution**2 * 3
     needed = {folder: checkpoints * 3 * weights + weights + samples * picture}  # weights + Adam's two moments
-    if prior:
+    if uses_prior(params):
         class_root.mkdir(parents=True, exist_ok=True)
         missing = sum(not (class_folder / f"{i:05d}.png").is_file() for i in range(params.class_images))
         needed[class_root] = needed.get(class_root, 0) + missing * picture
     check_free_space(needed)
+    return class_folder
 
-    # 4. Class images for prior preservation, made by the model itself (before any adapter exists), cached
-    class_images = []
-    if prior:
-        ctx.stage("class_images")
-        made = time.perf_counter()
 
-        def class_image_done(done: int, total: int) -> None:
-            ctx.progress(done, total, time.perf_counter() - made)
-            ctx.check_cancelled()
+def class_images_for(ctx: JobContext, pipe, params: TrainLoraParams, class_folder: Path) -> list:
+    """Class images for prior preservation, made by the model itself (before any adapter exists), cached."""
+    if not uses_prior(params):
+        return []
+    ctx.stage("class_images")
+    made = time.perf_counter()
 
-        class_images = training.make_class_images(
-            pipe, class_folder, params.class_prompt, params.class_images, params.resolution, params.seed,
-            on_image=class_image_done,
-        )  # fmt: skip
+    def class_image_done(done: int, total: int) -> None:
+        ctx.progress(done, total, time.perf_counter() - made)
+        ctx.check_cancelled()
 
-    # 5. The trainer (continuing a checkpoint when resuming)
-    trainer = training.LoraTrainer(pipe, settings, photos.images, class_images)
-    losses: list[float] = []
-    if resumed is not None:
-        trainer.load_state(resumed)
-        losses = list(resumed["losses"])
-    prefix = (
-        f"{sanitise_prefix(params.filename_prefix)}_{sanitise_prefix(params.token)}_{run_stamp()}"
-    )
-    written: dict[str, list[str]] = {"sample": [], "checkpoint": []}
+    return training.make_class_images(
+        pipe, class_folder, params.class_prompt, params.class_images, params.resolution, params.seed,
+        on_image=class_image_done,
+    )  # fmt: skip
 
-    def announce(path: Path, size: int, digest: str, kind: str) -> None:
-        written.setdefault(kind, []).append(str(path))
-        ctx.artifact(Artifact(path=str(path), kind=kind, size=size, sha256=digest, index=trainer.step_count, role=kind))
 
-    def save_checkpoint() -> None:
-        ctx.stage("saving")
-        data = training.checkpoint_bytes(trainer, losses=losses)
-        announce(*training.write_file(data, folder, f"{prefix}_step{trainer.step_count}", ".pt"), "checkpoint")
+class Training:
+    """A training run as a job: the trainer, its losses, and its files (checkpoints, samples, the LoRA), each
+    announced as it is complete."""
 
-    def sample() -> None:
-        ctx.stage("sampling")
+    def __init__(self, ctx: JobContext, params: TrainLoraParams, pipe, folder: Path, trainer: training.LoraTrainer):
+        self.ctx, self.params, self.pipe, self.folder, self.trainer = ctx, params, pipe, folder, trainer
+        self.losses: list[float] = []
+        self.prefix = f"{sanitise_prefix(params.filename_prefix)}_{sanitise_prefix(params.token)}_{run_stamp()}"
+        self.written: dict[str, list[str]] = {"sample": [], "checkpoint": []}
+
+    def resume(self, state: dict) -> None:
+        self.trainer.load_state(state)
+        self.losses = list(state["losses"])
+
+    def announce(self, path: Path, size: int, digest: str, kind: str) -> None:
+        self.written.setdefault(kind, []).append(str(path))
+        index = self.trainer.step_count
+        self.ctx.artifact(Artifact(path=str(path), kind=kind, size=size, sha256=digest, index=index, role=kind))
+
+    def save_checkpoint(self) -> None:
+        self.ctx.stage("saving")
+        data = training.checkpoint_bytes(self.trainer, losses=self.losses)
+        stem = f"{self.prefix}_step{self.trainer.step_count}"
+        self.announce(*training.write_file(data, self.folder, stem, ".pt"), "checkpoint")
+
+    def sample(self) -> None:
+        """A sample image from the sample prompt at the current step, with the LoRA as trained so far."""
+        params, pipe, trainer = self.params, self.pipe, self.trainer
+        self.ctx.stage("sampling")
         generator = torch.Generator("cpu").manual_seed(params.seed)
         with trainer.evaluating():
             image = pipe(
@@ -206,48 +225,88 @@ def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
             "steps": SAMPLE_STEPS, "sampler": sampler_of(pipe.scheduler), "guidance_scale": SAMPLE_GUIDANCE,
             "step": trainer.step_count,
         }  # fmt: skip
-        stem = f"{prefix}_sample{trainer.step_count}"
-        announce(*write_png(image, folder, stem, params, params.seed, "sample", context=context), "sample")
+        stem = f"{self.prefix}_sample{trainer.step_count}"
+        self.announce(*write_png(image, self.folder, stem, params, params.seed, "sample", context=context), "sample")
+        self.ctx.stage("training")
+
+    def train(self) -> None:
+        """Progress with the loss and the time left after every step; cancel saves a checkpoint first."""
+        ctx, params, trainer = self.ctx, self.params, self.trainer
         ctx.stage("training")
+        first, began = trainer.step_count, time.perf_counter()
+        while trainer.step_count < params.steps:
+            if ctx.is_cancelled():
+                self.save_checkpoint()
+                raise Cancelled()
+            self.losses.append(trainer.step())
+            done = trainer.step_count
+            elapsed = time.perf_counter() - began
+            left = elapsed / (done - first) * (params.steps - done)
+            loss = self.losses[-1]
+            event = TrainProgress(step=done, total=params.steps, elapsed=elapsed, loss=loss, seconds_left=left)
+            ctx.emit(EVENT_PROGRESS, asdict(event))
+            if params.checkpoint_every and done % params.checkpoint_every == 0 and done < params.steps:
+                self.save_checkpoint()
+                ctx.stage("training")
+            if params.sample_every and (done % params.sample_every == 0 or done == params.steps):
+                self.sample()
+
+    def save_lora(self, photos: training.Photos) -> Path:
+        """The LoRA as .safetensors with its training settings in the file's metadata, announced."""
+        params, trainer = self.params, self.trainer
+        self.ctx.stage("saving")
+        metadata = {
+            "params": params.to_dict(), "steps": trainer.step_count, "loss": self.losses[-1],
+            "base_model": params.model, "photos": len(photos.images), "resolution": params.resolution,
+            "rank": params.rank,
+        }  # fmt: skip
+        path, size, digest = training.write_file(
+            training.lora_bytes(trainer, metadata), self.folder, self.prefix, ".safetensors"
+        )
+        self.announce(path, size, digest, "lora")
+        return path
+
+
+@runs("train_lora")
+def run(ctx: JobContext, params: TrainLoraParams) -> TrainResult:
+    start = time.perf_counter()
+    # 1. Check inputs that need no model: prompts, photos, resume checkpoint, output folder
+    check_prompts(params)
+    folder = output_folder(params)
+    ctx.stage("preparing")
+    photos = usable_photos(params)
+    settings = settings_of(params, photos)
+    resumed = read_resume(params, settings) if params.resume_from else None
+
+    # 2. Release the serving model, then load the one to train (SD 1.x/2.x)
+    pipe = load_for_training(ctx, params)
+
+    # 3. Disk space for what this run writes, before any training
+    class_folder = check_space(params, pipe, folder)
+
+    # 4. Class images for prior preservation
+    class_images = class_images_for(ctx, pipe, params, class_folder)
+
+    # 5. The trainer (continuing a checkpoint when resuming)
+    job = Training(ctx, params, pipe, folder, training.LoraTrainer(pipe, settings, photos.images, class_images))
+    if resumed is not None:
+        job.resume(resumed)
 
     # 6. Train: progress with the loss and the time left after every step; cancel saves a checkpoint
-    ctx.stage("training")
-    first, began = trainer.step_count, time.perf_counter()
-    while trainer.step_count < params.steps:
-        if ctx.is_cancelled():
-            save_checkpoint()
-            raise Cancelled()
-        losses.append(trainer.step())
-        done = trainer.step_count
-        elapsed = time.perf_counter() - began
-        left = elapsed / (done - first) * (params.steps - done)
-        event = TrainProgress(step=done, total=params.steps, elapsed=elapsed, loss=losses[-1], seconds_left=left)
-        ctx.emit(EVENT_PROGRESS, asdict(event))
-        if params.checkpoint_every and done % params.checkpoint_every == 0 and done < params.steps:
-            save_checkpoint()
-            ctx.stage("training")
-        if params.sample_every and (done % params.sample_every == 0 or done == params.steps):
-            sample()
+    job.train()
 
     # 7. Save the LoRA with its training settings in the file's metadata, and announce it
-    ctx.stage("saving")
-    metadata = {
-        "params": params.to_dict(), "steps": trainer.step_count, "loss": losses[-1], "base_model": params.model,
-        "photos": len(photos.images), "resolution": params.resolution, "rank": params.rank,
-    }  # fmt: skip
-    lora_path, size, digest = training.write_file(
-        training.lora_bytes(trainer, metadata), folder, prefix, ".safetensors"
-    )
-    announce(lora_path, size, digest, "lora")
+    lora_path = job.save_lora(photos)
+    losses = job.losses
     return TrainResult(
         lora=str(lora_path),
-        steps=trainer.step_count,
+        steps=job.trainer.step_count,
         loss=sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]),
         losses=losses,
         photos=photos.paths,
         skipped=photos.skipped,
-        samples=written["sample"],
-        checkpoints=written["checkpoint"],
+        samples=job.written["sample"],
+        checkpoints=job.written["checkpoint"],
         seconds=time.perf_counter() - start,
         params=params.to_dict(),
     )

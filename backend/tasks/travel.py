@@ -30,21 +30,25 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from backend.context import JobContext
+from backend.jobshell import JobProgress
 from backend.outputs import TEMP_PREFIX, _output_failed, output_folder, sanitise_prefix, write_png
-from backend.pbr import derive_maps
+from backend.pbr import maps_for
 from backend.previews import preview_event
+from backend.registry import runs
 from backend.schedulers import make_scheduler
 from backend.seamless import seamless
-from backend.tasks.txt2img import (
-    JobProgress,
-    check_inputs,
+from backend.steps import (
+    Stages,
+    check_model_takes_plain_latents,
+    check_size,
     decode_latents,
     denoise,
     encode_prompt,
+    sampling,
     uses_guidance,
 )
 from backend.travel import Frame, blend_embeddings, blend_noise, blended_step_noise, frame_plan
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     EVENT_PREVIEW,
     EVENT_PROGRESS,
     GENERATE_PARAMS,
@@ -206,8 +210,7 @@ def render_latents(
             should_cancel=should_cancel,
             **embeds,
             latents=blend_noise(start.noise, end.noise, frame.t),
-            num_inference_steps=params.steps,
-            guidance_scale=params.guidance_scale,
+            **sampling(params),
             height=params.height,
             width=params.width,
             generator=generators,
@@ -251,18 +254,7 @@ def save_frame(
     complete; files an interrupted run already finished are kept and announced. frame: the keyframes it blends
     (its A1111 metadata names them)."""
     context = {"frame": frame}
-    maps = {}
-    if params.pbr:
-        maps = derive_maps(
-            image,
-            wrap_x=params.seamless in ("x", "xy"),
-            wrap_y=params.seamless in ("y", "xy"),
-            normal_format=params.normal_format,
-            strength=params.normal_strength,
-            height_contrast=params.height_contrast,
-            roughness_contrast=params.roughness_contrast,
-            ao_strength=params.ao_strength,
-        )
+    maps = maps_for(image, params) if params.pbr else {}
     albedo = str(sequence.path(index))
     for role, picture in (*maps.items(), ("albedo", image)):
         path = sequence.path(index, role)
@@ -320,10 +312,20 @@ def export_animation(sequence: Sequence, params: TravelParams) -> Path:
 # --- the job ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def run(ctx: JobContext, params: TravelParams) -> GenerateResult:
-    """The travel job: check everything, load the model, make the frames not on disk yet, export."""
-    # 1. Check inputs that need no model, before any work: keyframes, export, output folder, disk space
+@dataclass
+class TravelPlan:
+    """A travel checked and planned before any model is involved."""
+
+    params: TravelParams  # every keyframe seed resolved
+    frames: list[Frame]
+    sequence: Sequence
+    todo: list[int]  # the frames not on disk yet
+    frame_seeds: list[int | None]  # a keyframe's frame has its seed, the frames between have none
+    key_params: list[GenerateParams]  # the txt2img request each keyframe is
+
+
+def plan_travel(params: TravelParams) -> TravelPlan:
+    """Check everything that needs no model, before any work: keyframes, export, output folder, disk space."""
     check_keyframes(params)
     check_export(params)
     folder = output_folder(params)
@@ -336,62 +338,85 @@ def run(ctx: JobContext, params: TravelParams) -> GenerateResult:
     seeds = [key["seed"] for key in params.keyframes]
     frame_seeds = [seeds[frame.start] if frame.is_keyframe else None for frame in plan]
     key_params = [params_of(params, key) for key in params.keyframes]
+    return TravelPlan(params, plan, sequence, todo, frame_seeds, key_params)
+
+
+def announce_finished(ctx: JobContext, travel: TravelPlan) -> None:
+    """The files of the frames a run before this one finished: announced, not made again."""
+    for index in range(len(travel.frames)):
+        if index not in travel.todo:
+            for role in travel.sequence.roles(travel.params.pbr):
+                announce_file(ctx, travel.sequence.path(index, role), index, role)
+
+
+def render_frames(ctx: JobContext, travel: TravelPlan, timings: dict[str, float]) -> None:
+    """Load the model, encode every keyframe once, then make each missing frame: denoise, decode, save (each
+    announced as soon as its files are complete)."""
+    params = travel.params
+    # The model (warm, or loaded now); the size must suit it
+    ctx.stage("loading_model")
+    model, timings["load"] = ctx.models.get(travel.key_params[0])
+    pipe = model.pipe
+    check_model_takes_plain_latents(pipe, "txt2img")
+    check_size(pipe, travel.key_params[0])
+    ctx.check_cancelled()
+    progress = FrameProgress(ctx, params.preview_every, model.family.preview_factors, frames=len(travel.frames))
+    stages = Stages(progress.stage, timings)
+
+    # Every keyframe's prompt encoded once, its noise drawn
+    with stages.timed("encode", "encoding"):
+        keys = prepare_keys(pipe, travel.key_params, model.device)
+
+    with seamless([pipe.unet, pipe.vae], params.seamless):
+        for index in travel.todo:
+            frame = travel.frames[index]
+            progress.frame = index
+            with stages.timed("denoise", "denoising"):
+                latents = render_latents(
+                    pipe, keys, frame, params, on_step=progress.step, should_cancel=ctx.is_cancelled
+                )
+            with stages.timed("decode", "decoding"):
+                image = decode_latents(pipe, latents)[0]
+            with stages.timed("save", "saving"):
+                save_frame(ctx, image, frame, index, travel.sequence, params, travel.frame_seeds[index])
+            ctx.check_cancelled()
+
+
+def export(ctx: JobContext, travel: TravelPlan) -> float:
+    """The whole sequence as one animation, announced; the seconds it took."""
+    ctx.stage("saving")
+    start = time.perf_counter()
+    path = export_animation(travel.sequence, travel.params)
+    data = path.read_bytes()
+    role = travel.params.export
+    ctx.artifact(Artifact(str(path), "animation", len(data), hashlib.sha256(data).hexdigest(), role=role))
+    return time.perf_counter() - start
+
+
+@runs("travel")  # registers the no_grad runner: frames decode with no autograd graph
+@torch.no_grad()
+def run(ctx: JobContext, params: TravelParams) -> GenerateResult:
+    """The travel job: check everything, load the model, make the frames not on disk yet, export."""
+    # 1. Check inputs that need no model, before any work, and plan the frames
+    travel = plan_travel(params)
+    params = travel.params
     timings = {"load": 0.0, "encode": 0.0, "denoise": 0.0, "decode": 0.0, "save": 0.0}
 
     # 2. Frames a run before this one finished: announced, not made again
-    for index in range(len(plan)):
-        if index not in todo:
-            for role in sequence.roles(params.pbr):
-                announce_file(ctx, sequence.path(index, role), index, role)
+    announce_finished(ctx, travel)
 
-    if todo:
-        # 3. Model (warm, or loaded now); the size must suit it
-        ctx.stage("loading_model")
-        model, timings["load"] = ctx.models.get(key_params[0])
-        pipe = model.pipe
-        check_inputs(pipe, key_params[0])
-        ctx.check_cancelled()
-        progress = FrameProgress(ctx, params.preview_every, model.family.preview_factors, frames=len(plan))
+    # 3. The model, the keyframes, and each missing frame
+    if travel.todo:
+        render_frames(ctx, travel, timings)
 
-        # 4. Encode every keyframe's prompt once and draw its noise
-        progress.stage("encoding")
-        start = time.perf_counter()
-        keys = prepare_keys(pipe, key_params, model.device)
-        timings["encode"] = time.perf_counter() - start
-
-        # 5. Each missing frame: denoise, decode, save (announced as soon as its files are complete)
-        with seamless([pipe.unet, pipe.vae], params.seamless):
-            for index in todo:
-                progress.frame = index
-                progress.stage("denoising")
-                start = time.perf_counter()
-                latents = render_latents(
-                    pipe, keys, plan[index], params, on_step=progress.step, should_cancel=ctx.is_cancelled
-                )
-                timings["denoise"] += time.perf_counter() - start
-                progress.stage("decoding")
-                start = time.perf_counter()
-                image = decode_latents(pipe, latents)[0]
-                timings["decode"] += time.perf_counter() - start
-                progress.stage("saving")
-                start = time.perf_counter()
-                save_frame(ctx, image, plan[index], index, sequence, params, frame_seeds[index])
-                timings["save"] += time.perf_counter() - start
-                ctx.check_cancelled()
-
-    # 6. Export the whole sequence as one animation
+    # 4. Export the whole sequence as one animation
     if params.export != "none":
-        ctx.stage("saving")
-        start = time.perf_counter()
-        path = export_animation(sequence, params)
-        data = path.read_bytes()
-        ctx.artifact(Artifact(str(path), "animation", len(data), hashlib.sha256(data).hexdigest(), role=params.export))
-        timings["export"] = time.perf_counter() - start
+        timings["export"] = export(ctx, travel)
     timings["total"] = time.perf_counter() - ctx.started
 
     return GenerateResult(
-        images=[record_of(sequence, i, params.pbr, frame_seeds[i]) for i in range(len(plan))],
-        seed=seeds[0],
+        images=[record_of(travel.sequence, i, params.pbr, travel.frame_seeds[i]) for i in range(len(travel.frames))],
+        seed=params.keyframes[0]["seed"],
         width=params.width,
         height=params.height,
         model=params.model,

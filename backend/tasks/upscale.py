@@ -34,22 +34,28 @@ from backend.context import Cancelled, JobContext
 from backend.families import family_of, size_multiple
 from backend.images import tiling_axes, to_rgb
 from backend.inputs import open_image
-from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set
+from backend.jobshell import ImageJob, JobProgress
+from backend.outputs import output_folder
+from backend.registry import runs
 from backend.schedulers import make_scheduler
 from backend.seamless import seamless, wrap_axes
-from backend.tasks.img2img import check_strength, encode_source, pixels_of
-from backend.tasks.txt2img import (
-    JobProgress,
+from backend.steps import (
+    PipelineOutput,
+    Stages,
     StepCallback,
+    check_not_cancelled,
+    check_strength,
     decode_latents,
     denoise,
-    encode_prompt,
+    encode_prompt_stage,
+    encode_source,
     image_seeds,
-    uses_guidance,
+    pixels_of,
+    sampling,
+    swapped_scheduler,
 )
-from backend.upscaler import upscalers
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import (
+from sdtex_contract import protocol
+from sdtex_contract.protocol import (
     INPUT_PIXELS_MAX,
     INVALID_PARAMS,
     SIZE_MIN,
@@ -148,6 +154,45 @@ def x4_multiple(pipe: DiffusionPipeline) -> int:
     return math.lcm(pipe.vae_scale_factor, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
 
 
+def check_noise_level(pipe: DiffusionPipeline, params: TaskParams) -> None:
+    if params.noise_level > pipe.config.max_noise_level:
+        raise _bad(
+            "noise_level",
+            f"noise_level must be at most {pipe.config.max_noise_level} for this upscaler, got {params.noise_level}",
+            params.noise_level,
+            f"0 to {pipe.config.max_noise_level}",
+        )
+
+
+def decode_x4(pipe: DiffusionPipeline, latents: torch.Tensor) -> np.ndarray:
+    """The upscale pipeline's own decode (fp32 where the VAE config asks for it) to floats in 0..1."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+    return pipe.image_processor.postprocess(decoded, output_type="np")[0]
+
+
+def x4_result(
+    pipe: DiffusionPipeline, pixels: np.ndarray, image: PIL.Image.Image, params: TaskParams, output_type: str
+) -> PIL.Image.Image | np.ndarray:
+    """The x4 pixels without the padding's share; as a picture reduced to params.scale (unless "np")."""
+    pixels = pixels[: image.height * 4, : image.width * 4]
+    if output_type == "np":
+        return pixels
+    result = pipe.image_processor.numpy_to_pil(pixels[None])[0]
+    if params.scale != 4:
+        width, height = image.width * params.scale, image.height * params.scale
+        result = tiles.resize(result, width, height, *wrap_axes(params.seamless))
+    return result
+
+
 @torch.no_grad()
 def run_x4(
     pipe: DiffusionPipeline,
@@ -157,84 +202,49 @@ def run_x4(
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
     output_type: str = "pil",
 ) -> UpscaleOutput:
     """The x4 upscaler on an RGB picture; params.seamless must be resolved ("auto" decided). Scale 2 reduces
     the x4 result by 2. output_type "np": floats in 0..1 (the x4 result, before any reduction)."""
-    stage = on_stage or (lambda name: None)
-    cancel_requested = should_cancel or (lambda: False)
-    axes = params.seamless
+    stages = Stages(on_stage)
     # 1. Check inputs
-    if params.noise_level > pipe.config.max_noise_level:
-        raise _bad(
-            "noise_level",
-            f"noise_level must be at most {pipe.config.max_noise_level} for this upscaler, got {params.noise_level}",
-            params.noise_level,
-            f"0 to {pipe.config.max_noise_level}",
-        )
-    small = pad_to(image, x4_multiple(pipe), axes, "image")
+    check_noise_level(pipe, params)
+    small = pad_to(image, x4_multiple(pipe), params.seamless, "image")
 
     # 2. Seed, scheduler (reporting its steps)
     seed = image_seeds(params, 1)[0]
     generator = torch.Generator("cpu").manual_seed(seed)
     scheduler = make_scheduler(params.scheduler, pipe.scheduler.config)
-    _stepping(scheduler, on_step, cancel_requested)
+    _stepping(scheduler, on_step, should_cancel or (lambda: False))
 
     # 3. Encode the prompt
-    timings = {}
-    stage("encoding")
-    start = time.perf_counter()
-    guidance = params.guidance_scale > 1  # as the upscale pipeline decides
-    prompt_embeds, negative_embeds = pipe.encode_prompt(
-        params.prompt, pipe._execution_device, 1, guidance, params.negative_prompt or None
-    )
-    timings["encode"] = time.perf_counter() - start
+    with stages.timed("encode", "encoding"):
+        guidance = params.guidance_scale > 1  # as the upscale pipeline decides
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            params.prompt, device or pipe._execution_device, 1, guidance, params.negative_prompt or None
+        )
 
     # 4. Denoise: the pipeline's own loop to latents (it noises the small picture to noise_level itself)
-    if cancel_requested():
-        raise Cancelled()
-    with seamless([pipe.unet, pipe.vae], axes):
-        stage("denoising")
-        start = time.perf_counter()
-        original_scheduler, pipe.scheduler = pipe.scheduler, scheduler
-        try:
+    check_not_cancelled(should_cancel)
+    with seamless([pipe.unet, pipe.vae], params.seamless):
+        with stages.timed("denoise", "denoising"), swapped_scheduler(pipe, scheduler):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
                 image=small,
-                num_inference_steps=params.steps,
-                guidance_scale=params.guidance_scale,
+                **sampling(params),
                 noise_level=params.noise_level,
                 generator=generator,
                 output_type="latent",
             ).images
-        finally:
-            pipe.scheduler = original_scheduler
-        timings["denoise"] = time.perf_counter() - start
 
-        # 5. Decode (fp32 where the VAE config asks for it, as the pipeline does)
-        stage("decoding")
-        start = time.perf_counter()
-        vae = pipe.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        if upcast:
-            vae.to(dtype=torch.float32)
-        try:
-            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-            decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(dtype=torch.float16)
-        pixels = pipe.image_processor.postprocess(decoded, output_type="np")[0]
-        timings["decode"] = time.perf_counter() - start
+        # 5. Decode
+        with stages.timed("decode", "decoding"):
+            pixels = decode_x4(pipe, latents)
 
-    pixels = pixels[: image.height * 4, : image.width * 4]  # the padding's share of the result goes
-    if output_type == "np":
-        return UpscaleOutput(image=pixels, seed=seed, timings=timings)
-    result = pipe.image_processor.numpy_to_pil(pixels[None])[0]
-    if params.scale != 4:
-        result = tiles.resize(result, image.width * params.scale, image.height * params.scale, *wrap_axes(axes))
-    return UpscaleOutput(image=result, seed=seed, timings=timings)
+    # 6. Crop the padding's share of the result, reduce to the scale asked for
+    return UpscaleOutput(image=x4_result(pipe, pixels, image, params, output_type), seed=seed, timings=stages.timings)
 
 
 # --- tiled img2img ("hires fix") ----------------------------------------------------------------------
@@ -273,6 +283,65 @@ def tile_size(pipe: DiffusionPipeline, params: TaskParams) -> int:
     return tile
 
 
+def lay_out(big: PIL.Image.Image, tile: int, overlap: int, axes: str, factor: int) -> tuple[list, str]:
+    """The tiles ((row span, column span) each) over the enlarged picture, and the seamless axes a tile wraps on
+    by itself: a tile spanning a whole seamless axis is that axis's whole loop."""
+    wrap_x, wrap_y = wrap_axes(axes)
+    columns = tiles.spans(big.width, tile, overlap, wrap_x, align=factor)
+    rows = tiles.spans(big.height, tile, overlap, wrap_y, align=factor)
+    tile_axes = ("x" if wrap_x and len(columns) == 1 else "") + ("y" if wrap_y and len(rows) == 1 else "")
+    return [(r, c) for r in rows for c in columns], tile_axes or "none"
+
+
+@dataclass
+class TileRepainter:
+    """Repaints one tile after another with the same prompt embeddings, generator and canvas noise."""
+
+    pipe: DiffusionPipeline
+    params: TaskParams
+    embeds: dict
+    generator: torch.Generator
+    noise: torch.Tensor  # the canvas's: (2, 4, H / f, W / f)
+    stages: Stages
+    tile_axes: str
+    device: torch.device
+    on_step: StepCallback | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+    def _tile_noise(self, r: tiles.Span, c: tiles.Span) -> torch.Tensor:
+        """The canvas noise under the tile (wrapping round a seamless axis), so overlapping tiles share it."""
+        factor, (height, width) = self.pipe.vae_scale_factor, self.noise.shape[2:]
+        latent_rows = torch.from_numpy((r.start // factor + np.arange(r.size // factor)) % height)
+        latent_cols = torch.from_numpy((c.start // factor + np.arange(c.size // factor)) % width)
+        return self.noise[:, :, latent_rows][:, :, :, latent_cols]
+
+    def repaint(self, crop: PIL.Image.Image, r: tiles.Span, c: tiles.Span) -> np.ndarray:
+        """One tile: its crop encoded with the canvas's noise ([0]), denoised from it noised with [1] to
+        params.strength, decoded to floats in 0..1."""
+        pipe, params, stages = self.pipe, self.params, self.stages
+        tile_noise = self._tile_noise(r, c)
+        with seamless([pipe.unet, pipe.vae], self.tile_axes):
+            with stages.timed("encode_image"):
+                dtype = self.embeds["prompt_embeds"].dtype
+                pixels = pixels_of(pipe, crop)
+                init_latents = encode_source(pipe, pixels, dtype=dtype, device=self.device, noise=tile_noise[:1])
+            with stages.timed("denoise"):
+                latents = denoise(
+                    pipe,
+                    _with_noise(make_scheduler(params.scheduler, pipe.scheduler.config), tile_noise[1:]),
+                    on_step=self.on_step,
+                    should_cancel=self.should_cancel,
+                    **self.embeds,
+                    image=init_latents,
+                    strength=params.strength,
+                    **sampling(params),
+                    generator=[self.generator],
+                )
+            with stages.timed("decode"):
+                decoded = decode_latents(pipe, latents, output_type="np")[0]
+        return decoded
+
+
 @torch.no_grad()
 def run_tiled(
     pipe: DiffusionPipeline,
@@ -290,24 +359,18 @@ def run_tiled(
     must be resolved. progress (a JobProgress) gets every tile's steps; noise: the canvas's standard normal
     draws, (2, 4, H / f, W / f) for the padded result (f: the VAE factor; [0] samples the VAE's latent
     distribution, [1] noises the latents), drawn from the seed when not given. output_type "np": floats."""
-    stage = on_stage or (lambda name: None)
-    device = device or pipe._execution_device
-    wrap_x, wrap_y = wrap_axes(params.seamless)
+    stages = Stages(on_stage)
     # 1. Check inputs
     tile = tile_size(pipe, params)
     check_strength(params.steps, params.strength)
-    multiple, factor = size_multiple(pipe), pipe.vae_scale_factor
+    factor = pipe.vae_scale_factor
     width, height = image.width * params.scale, image.height * params.scale
 
     # 2. Enlarge (Lanczos, wrapping on seamless axes), pad to the model's multiple, lay the tiles out
-    start = time.perf_counter()
-    big = pad_to(tiles.resize(image, width, height, wrap_x, wrap_y), multiple, params.seamless, "upscaled")
-    timings = {"resize": time.perf_counter() - start}
-    columns = tiles.spans(big.width, tile, params.tile_overlap, wrap_x, align=factor)
-    rows = tiles.spans(big.height, tile, params.tile_overlap, wrap_y, align=factor)
-    layout = [(r, c) for r in rows for c in columns]
-    # A tile spanning a whole seamless axis is that axis's whole loop: it wraps on its own.
-    tile_axes = ("x" if wrap_x and len(columns) == 1 else "") + ("y" if wrap_y and len(rows) == 1 else "")
+    with stages.timed("resize"):
+        enlarged = tiles.resize(image, width, height, *wrap_axes(params.seamless))
+        big = pad_to(enlarged, size_multiple(pipe), params.seamless, "upscaled")
+    layout, tile_axes = lay_out(big, tile, params.tile_overlap, params.seamless, factor)
 
     # 3. Seed and the canvas's noise, drawn once: overlapping tiles share it where they overlap
     seed = image_seeds(params, 1)[0]
@@ -316,57 +379,29 @@ def run_tiled(
         noise = randn_tensor((2, 4, big.height // factor, big.width // factor), generator=generator)
 
     # 4. Encode the prompt, once for every tile
-    stage("encoding")
-    start = time.perf_counter()
-    embeds = encode_prompt(pipe, params, uses_guidance(pipe, params.guidance_scale), device, count=1)
-    timings["encode"] = time.perf_counter() - start
+    device = device or pipe._execution_device
+    embeds = encode_prompt_stage(pipe, params, stages, device, count=1)
 
     # 5. Each tile: encode, denoise, decode, blend
-    stage("denoising")
-    pixels = np.asarray(big)
-    blender = tiles.Blender(big.height, big.width)
+    stages.announce("denoising")
+    on_step = progress.step if progress is not None else None
+    repainter = TileRepainter(pipe, params, embeds, generator, noise, stages, tile_axes, device, on_step, should_cancel)
+    pixels, blender = np.asarray(big), tiles.Blender(big.height, big.width)
     if progress is not None:
         progress.passes = len(layout)
-    timings.update(encode_image=0.0, denoise=0.0, decode=0.0)
     pipe.vae.disable_tiling()  # a tile is small; VAE tiles of tiles would also wrap one by one
     for index, (r, c) in enumerate(layout):
-        crop = PIL.Image.fromarray(pixels[np.ix_(r.indices(big.height), c.indices(big.width))])
-        latent_rows = torch.from_numpy((r.start // factor + np.arange(r.size // factor)) % (big.height // factor))
-        latent_cols = torch.from_numpy((c.start // factor + np.arange(c.size // factor)) % (big.width // factor))
-        tile_noise = noise[:, :, latent_rows][:, :, :, latent_cols]
         if progress is not None:
             progress.pass_index = index
-        with seamless([pipe.unet, pipe.vae], tile_axes or "none"):
-            start = time.perf_counter()
-            dtype = embeds["prompt_embeds"].dtype
-            init_latents = encode_source(pipe, pixels_of(pipe, crop), dtype=dtype, device=device, noise=tile_noise[:1])
-            timings["encode_image"] += time.perf_counter() - start
-            start = time.perf_counter()
-            latents = denoise(
-                pipe,
-                _with_noise(make_scheduler(params.scheduler, pipe.scheduler.config), tile_noise[1:]),
-                on_step=progress.step if progress is not None else None,
-                should_cancel=should_cancel,
-                **embeds,
-                image=init_latents,
-                strength=params.strength,
-                num_inference_steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                generator=[generator],
-            )
-            timings["denoise"] += time.perf_counter() - start
-            start = time.perf_counter()
-            decoded = decode_latents(pipe, latents, output_type="np")[0]
-            timings["decode"] += time.perf_counter() - start
-        blender.add(decoded, r, c)
-    stage("decoding")
-    start = time.perf_counter()
-    result = blender.result()[:height, :width]
-    timings["blend"] = time.perf_counter() - start
-    if output_type == "np":
-        return UpscaleOutput(image=result, seed=seed, timings=timings, tiles=len(layout))
-    picture = PIL.Image.fromarray((result * 255).round().clip(0, 255).astype(np.uint8))
-    return UpscaleOutput(image=picture, seed=seed, timings=timings, tiles=len(layout))
+        crop = PIL.Image.fromarray(pixels[np.ix_(r.indices(big.height), c.indices(big.width))])
+        blender.add(repainter.repaint(crop, r, c), r, c)
+
+    # 6. The blended canvas without its padding
+    with stages.timed("blend", "decoding"):
+        result = blender.result()[:height, :width]
+    if output_type != "np":
+        result = PIL.Image.fromarray((result * 255).round().clip(0, 255).astype(np.uint8))
+    return UpscaleOutput(image=result, seed=seed, timings=stages.timings, tiles=len(layout))
 
 
 def run_lanczos(params: TaskParams, image: PIL.Image.Image) -> UpscaleOutput:
@@ -380,12 +415,11 @@ def run_lanczos(params: TaskParams, image: PIL.Image.Image) -> UpscaleOutput:
 # --- the job --------------------------------------------------------------------------------------------
 
 
-def run(ctx: JobContext, params: UpscaleParams) -> GenerateResult:
-    """The upscale job: check everything that needs no model, pick the path, run it, save and announce."""
-    start = time.perf_counter()
-    # 1. Check inputs that need no model: a model to use, the image and its limits, the output folder
-    x4 = bool(params.upscaler_model.strip())
-    if not x4 and params.strength > 0 and not params.model.strip():
+def check_paths(params: UpscaleParams) -> None:
+    """A model to run for the path asked for (x4 upscaler, tiled img2img, or Lanczos alone), and tiles that fit."""
+    if params.upscaler_model.strip():
+        return
+    if params.strength > 0 and not params.model.strip():
         raise _bad(
             "model",
             "model or upscaler_model must be given: model upscales in tiles with img2img, upscaler_model runs an "
@@ -393,73 +427,47 @@ def run(ctx: JobContext, params: UpscaleParams) -> GenerateResult:
             params.model,
             "a model (hub id, folder or .safetensors), or an upscaler_model",
         )
-    if not x4:
-        check_strength(params.steps, params.strength)
-        if params.tile_size and 2 * params.tile_overlap >= params.tile_size:
-            raise _bad(
-                "tile_overlap",
-                f"tile_overlap must be less than half of tile_size ({params.tile_size}), got {params.tile_overlap}",
-                params.tile_overlap,
-                f"less than {params.tile_size // 2}",
-            )
+    check_strength(params.steps, params.strength)
+    if params.tile_size and 2 * params.tile_overlap >= params.tile_size:
+        raise _bad(
+            "tile_overlap",
+            f"tile_overlap must be less than half of tile_size ({params.tile_size}), got {params.tile_overlap}",
+            params.tile_overlap,
+            f"less than {params.tile_size // 2}",
+        )
+
+
+def upscale(job: ImageJob, image: PIL.Image.Image) -> UpscaleOutput:
+    """Load what the path needs (the x4 upscaler, the main model's img2img variant, or nothing) and run it."""
+    params, ctx = job.resolved, job.ctx
+    if params.upscaler_model.strip():
+        pipe = job.load_upscaler()
+        return run_x4(pipe, params, image, **job.callbacks())
+    if params.strength == 0:
+        return run_lanczos(params, image)
+    pipe = job.load("img2img", protocol.model_params(job.params.to_dict()))
+    progress = job.progress
+    return run_tiled(
+        pipe, params, image, progress=progress, should_cancel=ctx.is_cancelled, on_stage=progress.stage,
+        device=job.device,
+    )  # fmt: skip
+
+
+@runs("upscale")
+def run(ctx: JobContext, params: UpscaleParams) -> GenerateResult:
+    """The upscale job: check everything that needs no model, pick the path, run it, save and announce."""
+    # 1. Check inputs that need no model: a model to use, the image and its limits, the output folder
+    check_paths(params)
     image = to_rgb(open_image(ctx.inputs, params.image, "image"))
     check_image(image, params)
     output_folder(params)
     axes = tiling_axes(image) if params.seamless == "auto" else params.seamless
-    resolved = dataclasses.replace(params, seamless=axes)  # "auto" decided: padding, tiles, PBR maps
+    job = ImageJob(ctx, params, dataclasses.replace(params, seamless=axes))  # "auto" decided: padding, tiles, maps
 
-    # 2. Model (warm, or loaded now), then the path
-    load_seconds, model_name = 0.0, ""
-    if x4:
-        ctx.stage("loading_model")
-        upscaler, load_seconds = upscalers(ctx.models).get(params)
-        ctx.check_cancelled()
-        progress = JobProgress(ctx, params.preview_every, ())
-        model_name = params.upscaler_model
+    # 2. Load the model the path needs (warm, or loaded now), 3. upscale
+    output = upscale(job, image)
 
-        def on_step(step: int, total: int, latents: torch.Tensor) -> None:  # no latent preview for its latents
-            ctx.progress(step, total, time.perf_counter() - progress.denoise_start)
-
-        output = run_x4(
-            upscaler.pipe, resolved, image, on_step=on_step, should_cancel=ctx.is_cancelled, on_stage=progress.stage
-        )
-    elif params.strength == 0:
-        output = run_lanczos(resolved, image)
-    else:
-        ctx.stage("loading_model")
-        model, load_seconds = ctx.models.get(protocol.model_params(params.to_dict()))
-        ctx.check_cancelled()
-        model_name = params.model
-        progress = JobProgress(ctx, params.preview_every, model.family.preview_factors)
-        output = run_tiled(
-            model.pipeline("img2img"),
-            resolved,
-            image,
-            progress=progress,
-            should_cancel=ctx.is_cancelled,
-            on_stage=progress.stage,
-            device=model.device,
-        )
-
-    # 3. Save: the file (and its maps) announced as soon as each is complete
-    ctx.stage("saving")
-    save_start = time.perf_counter()
-    stamp = run_stamp()
-    suffix = output.seed if output.seed is not None else "lanczos"
-    stem = f"{sanitise_prefix(params.filename_prefix)}_{stamp}_x{params.scale}_{suffix}"
-    record = save_image_set(
-        output.image, resolved, output_folder(params), stem, seed=output.seed, announce=ctx.artifact
-    )
-    timings = {"load": load_seconds, **output.timings, "save": time.perf_counter() - save_start}
-    timings["total"] = time.perf_counter() - start
-    return GenerateResult(
-        images=[record],
-        seed=output.seed,
-        width=output.image.width,
-        height=output.image.height,
-        model=model_name,
-        seamless=axes,
-        timings=timings,
-        params=params.to_dict(),
-        task="upscale",
-    )
+    # 4. Save: the file (and its maps) announced as soon as each is complete
+    name = f"x{params.scale}_{output.seed if output.seed is not None else 'lanczos'}"
+    saved = PipelineOutput(images=[output.image], seeds=[output.seed], timings=output.timings)
+    return job.save(saved, output.image.width, output.image.height, names=[name])

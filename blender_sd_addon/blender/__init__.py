@@ -12,11 +12,13 @@ import sys
 
 import bpy
 
-from .. import api
 from . import (
+    backend_ops,
     batch,
+    history_ops,
+    history_store,
     install_ops,
-    operators,
+    job_operators,
     panels,
     preferences,
     preview,
@@ -24,8 +26,11 @@ from . import (
     properties,
     relocate,
     remote,
+    session,
     train,
     travel,
+    ui_jobs,
+    ui_state,
 )
 
 PUBLIC_NAME = "blender_sd_addon"
@@ -34,7 +39,9 @@ EARLY_START_DELAY = 1.0  # seconds after registration: Blender finishes starting
 classes = (
     *properties.classes,
     *preferences.classes,
-    *operators.classes,
+    *job_operators.classes,
+    *history_ops.classes,
+    *backend_ops.classes,
     *install_ops.classes,
     *panels.classes,
     *travel.classes,
@@ -45,43 +52,44 @@ classes = (
 )
 
 
-def _aliases() -> dict:
-    """sys.modules names that let scripts import the extension by its public name."""
-    root = api.ADDON_ID
-    if root == PUBLIC_NAME:
+def _aliases(api) -> dict:
+    """sys.modules names that let scripts import the extension by its public name (api: the add-on's api module,
+    handed in by the add-on's register(), since nothing here imports it)."""
+    root = session.ADDON_ID
+    if root == PUBLIC_NAME or api is None:
         return {}
     return {PUBLIC_NAME: sys.modules[root], f"{PUBLIC_NAME}.api": api}
 
 
 def _start_early() -> None:
     try:
-        operators.start_backend_async()
+        ui_state.start_backend_async()
     except Exception as exc:  # a failed warm-up must not break Blender's start; the panel shows it
-        operators.STATE.backend_message = f"error: {exc}"
+        ui_state.STATE.backend_message = f"error: {exc}"
     return None
 
 
 @bpy.app.handlers.persistent
 def _on_load_pre(*_args) -> None:
-    operators.stop_polling()  # the job's objects belong to the file being closed
-    api.forget_history()
+    ui_jobs.stop_polling()  # the job's objects belong to the file being closed
+    history_store.forget_history()
     relocate.forget()
 
 
 @bpy.app.handlers.persistent
 def _on_undo_redo(*_args) -> None:
-    api.restore_history()  # undo takes out materials, never history entries
+    history_store.restore_history()  # undo takes out materials, never history entries
 
 
 HANDLERS = (
     ("load_pre", _on_load_pre),
     ("undo_post", _on_undo_redo),
     ("redo_post", _on_undo_redo),
-    ("save_pre", relocate.on_save_pre),
+    ("save_post", relocate.on_save_post),
 )
 
 
-def register() -> None:
+def register(api=None) -> None:
     for cls in classes:
         bpy.utils.register_class(cls)
     properties.register()
@@ -90,23 +98,23 @@ def register() -> None:
     project.register()
     for kind, handler in HANDLERS:
         getattr(bpy.app.handlers, kind).append(handler)
-    atexit.register(api.shutdown_backend)
-    for name, module in _aliases().items():
+    atexit.register(session.shutdown_backend)
+    for name, module in _aliases(api).items():
         sys.modules.setdefault(name, module)
-    addon = bpy.context.preferences.addons.get(api.ADDON_ID)  # None when register() is called by hand
+    addon = bpy.context.preferences.addons.get(session.ADDON_ID)  # None when register() is called by hand
     if addon and addon.preferences.start_early and not bpy.app.background:
         bpy.app.timers.register(_start_early, first_interval=EARLY_START_DELAY)
 
 
-def unregister() -> None:
+def unregister(api=None) -> None:
     if bpy.app.timers.is_registered(_start_early):
         bpy.app.timers.unregister(_start_early)
-    for name, module in _aliases().items():
+    for name, module in _aliases(api).items():
         if sys.modules.get(name) is module:
             del sys.modules[name]
-    atexit.unregister(api.shutdown_backend)
-    operators.stop_polling()
-    api.shutdown_backend()
+    atexit.unregister(session.shutdown_backend)
+    ui_jobs.stop_polling()
+    session.shutdown_backend()
     for kind, handler in HANDLERS:
         getattr(bpy.app.handlers, kind).remove(handler)
     preview.unregister()

@@ -1,28 +1,34 @@
-"""Batch Texture Selected Objects: one txt2img job per selected mesh, run by `python -m backend batch` (here,
-or on a Ray cluster), each result applied to its object when the batch ends.
+"""Batch Texture Selected Objects: one txt2img job per selected mesh, each result applied to its object.
 
 The prompt of an object is its custom property `sdtex_prompt` when it has one, else the template with
-{name} replaced by the object's name; every other setting is the panel's (seed: the panel's when not
-random, else one derived from each job, see backend/batch.py). The batch runs as a separate process
-with the backend's interpreter, writing into <output folder>/batch-<time>/; Blender stays responsive (a
-timer watches the process) except in background mode, where the operator waits.
+{name} replaced by the object's name; every other setting is the panel's. The batch writes into
+<output folder>/batch-<time>/: its manifest (jobs.jsonl, the format of `python -m backend batch`) and, per
+job, <key>/ with the images and result.json. Here each entry is a job on the warm worker, a row on the UI's
+job board (background mode: run one after another); "On Ray" runs the manifest with `python -m backend batch
+--ray` as a separate process instead (seeds derived from each job, see backend/batch.py), applied when it ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from .. import api, paths, protocol
+from .. import paths
 from ..client import SDTexError
-from . import materials, panels
+from ..contract import protocol
+from . import materials, panels, session, tasks, ui_jobs
+from .operator_base import SDTexOperator
+from .results import material_name
+from .ui_state import Target
 
 PROMPT_PROPERTY = "sdtex_prompt"
 POLL_SECONDS = 1.0
@@ -42,7 +48,7 @@ def manifest_lines(objects, template: str, settings: dict) -> dict[str, dict]:
         key = job_key(obj.name)
         while key in jobs:
             key += "_"
-        params = api.generate_params(settings | {"prompt": prompt})
+        params = tasks.generate_params(settings | {"prompt": prompt})
         del params["output_dir"]  # the batch chooses: <out>/<key>/
         jobs[key] = {"task": "txt2img", "id": key, **params}
     return jobs
@@ -64,9 +70,63 @@ def apply_results(out: Path, targets: dict[str, str]) -> tuple[int, list[str]]:
         image = record["result"]["images"][0]
         maps = {"albedo": image["path"], **image.get("maps", {})}
         options = materials.ApplyOptions(normal_directx=record["params"].get("normal_format") == "directx")
-        materials.apply_images([obj], maps, options, api.material_name(record["params"]["prompt"]))
+        materials.apply_images([obj], maps, options, material_name(record["params"]["prompt"]))
         applied += 1
     return applied, problems
+
+
+@dataclass
+class Batch:
+    """A batch on the warm worker: where its files go and how many of its jobs were applied."""
+
+    out: Path
+    total: int
+    applied: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def say(self) -> None:
+        STATE["message"] = f"Batch: {self.applied} of {self.total} applied" + (
+            f"; {self.problems[0]}" if self.problems else ""
+        )
+
+
+def queue_on_worker(batch: Batch, jobs: dict[str, dict], meshes: list) -> None:
+    """One txt2img job per manifest entry on the warm worker (rows on the UI's job board); background mode runs
+    them one after another."""
+    for line, ((key, entry), obj) in enumerate(zip(jobs.items(), meshes, strict=True), start=1):
+        params = {k: v for k, v in entry.items() if k not in ("task", "id")} | {"output_dir": str(batch.out / key)}
+        target = Target((obj.name,), materials.ApplyOptions(), True, kind="batch", request=(batch, key, line))
+        if bpy.app.background:  # no timers tick: run it here
+            try:
+                job = tasks.run_job(params, "txt2img")
+            except SDTexError as exc:
+                batch.problems.append(f"{obj.name}: {exc}")
+                continue
+            _finished(job, target)
+        else:
+            ui_jobs.submit_ui("txt2img", params, target)
+    batch.say()
+
+
+def _finished(job, target: Target) -> None:
+    """A batch job ended: its result.json (as `python -m backend batch` writes it), then applied as any job."""
+    batch, key, line = target.request
+    if job.state == protocol.DONE and job.result is not None:
+        folder = batch.out / key
+        files = [path for i in job.result.images for path in (i.path, *i.maps.values())]
+        digests = {os.path.relpath(p, folder): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files}
+        params = {k: v for k, v in job.result.params.items() if k != "output_dir"}
+        record = {"line": line, "params": params, "files": digests, "result": job.data}
+        (folder / "result.json").write_text(json.dumps(record, indent=1))
+    ui_jobs.finish_texture_job(job, target)
+    if job.state == protocol.DONE:
+        batch.applied += 1
+    else:
+        batch.problems.append(f"{target.object_names[0]}: {job.status_text}")
+    batch.say()
+
+
+ui_jobs.FINISHERS["batch"] = _finished
 
 
 def _watch() -> float | None:
@@ -79,8 +139,8 @@ def _watch() -> float | None:
     return None
 
 
-class SDTEX_OT_batch_texture(bpy.types.Operator):
-    """Texture every selected mesh with its own prompt in one batch (python -m backend batch), then apply"""
+class SDTEX_OT_batch_texture(SDTexOperator, bpy.types.Operator):
+    """Texture every selected mesh with its own prompt in one batch (on the warm worker, or Ray), then apply"""
 
     bl_idname = "sdtex.batch_texture"
     bl_label = "Batch Texture Selected Objects"
@@ -96,31 +156,28 @@ class SDTEX_OT_batch_texture(bpy.types.Operator):
         self.template = f"{{name}}, {context.scene.sdtex.prompt}" if context.scene.sdtex.prompt else "{name}"
         return context.window_manager.invoke_props_dialog(self)
 
-    def execute(self, context):
+    def run(self, context, props: dict) -> str | None:
         if STATE["process"] is not None:
-            self.report({"ERROR"}, "A batch is running already")
-            return {"CANCELLED"}
+            raise SDTexError("A batch is running already")
         meshes = [obj for obj in context.selected_objects if obj.type == "MESH"]
         if not meshes:
-            self.report({"ERROR"}, "Select one or more mesh objects")
-            return {"CANCELLED"}
+            raise SDTexError("Select one or more mesh objects")
         scene = context.scene.sdtex
         settings = {name: getattr(scene, name) for name in _SETTINGS if hasattr(scene, name)}
         if scene.random_seed:
             settings["seed"] = None
-        try:
-            jobs = manifest_lines(meshes, self.template, settings)
-            python = paths.find_backend_python(bpy.path.abspath(api.preferences().backend_python), api.user_data_dir())
-        except SDTexError as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        out = Path(api.output_folder(None)) / time.strftime("batch-%Y%m%d-%H%M%S")
+        jobs = manifest_lines(meshes, props["template"], settings)
+        out = Path(session.output_folder(None)) / time.strftime("batch-%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         manifest = out / "jobs.jsonl"
         manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs.values()))
-        command = [*paths.worker_command(python)[:-1], "batch", str(manifest), "--out", str(out)]
-        if self.use_ray:
-            command += ["--ray", self.ray_address]
+        if not props["use_ray"]:
+            queue_on_worker(Batch(out, len(jobs)), jobs, meshes)
+            return STATE["message"] if bpy.app.background else None
+        backend_python = bpy.path.abspath(session.preferences().backend_python)
+        python = paths.find_backend_python(backend_python, session.user_data_dir())
+        command = [*paths.worker_command(python)[:-1], "batch", str(manifest), "--out", str(out), "--ray"]
+        command.append(props["ray_address"])
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         with open(out / "batch.log", "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -130,10 +187,9 @@ class SDTEX_OT_batch_texture(bpy.types.Operator):
         if bpy.app.background:  # no timers tick: wait here
             process.wait()
             _watch()
-            self.report({"INFO"}, STATE["message"])
-        else:
-            bpy.app.timers.register(_watch, first_interval=POLL_SECONDS)
-        return {"FINISHED"}
+            return STATE["message"]
+        bpy.app.timers.register(_watch, first_interval=POLL_SECONDS)
+        return None
 
 
 class BatchPanel(panels.SidebarPanel):

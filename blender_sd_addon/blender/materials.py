@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bmesh
 import bpy
@@ -280,100 +280,155 @@ def _material(name: str, images: dict, options: ApplyOptions, uv_name: str) -> b
     return material
 
 
+@dataclass
+class _Builder:
+    """What the per-socket functions share (after glTF-Blender-IO's MaterialHelper): the node tree, the
+    options, the frames and the Image Texture of each map."""
+
+    material: bpy.types.Material
+    options: ApplyOptions
+    uv_name: str
+    textures_frame: bpy.types.Node
+    surface_frame: bpy.types.Node
+    textures: dict = field(default_factory=dict)  # kind -> ShaderNodeTexImage
+
+    @property
+    def nodes(self):
+        return self.material.node_tree.nodes
+
+    @property
+    def links(self):
+        return self.material.node_tree.links
+
+    def helper(self, node_type: str, label: str, location: tuple[float, float]):
+        return _node(self.nodes, node_type, label, location, self.surface_frame)
+
+
 def _build_material(name: str, images: dict, options: ApplyOptions, uv_name: str) -> bpy.types.Material:
     material = bpy.data.materials.new(name)
     if bpy.app.version < (5, 0, 0):
         material.use_nodes = True  # always on (and deprecated) from 5.0
-    tree = material.node_tree
-    nodes, links = tree.nodes, tree.links
+    nodes = material.node_tree.nodes
     nodes.clear()
-    textures_frame = _node(nodes, "NodeFrame", "Textures", (X_COORDS, 0))
-    surface_frame = _node(nodes, "NodeFrame", "Surface", (X_HELPERS, 0))
+    frames = (
+        _node(nodes, "NodeFrame", "Textures", (X_COORDS, 0)),
+        _node(nodes, "NodeFrame", "Surface", (X_HELPERS, 0)),
+    )
+    builder = _Builder(material, options, uv_name, *frames)
+    _image_textures(builder, images, _coordinates(builder))
 
-    # 1. Coordinates: the UV map repeated texture_scale times, or object space with one tile
-    #    per texture_scale world units for box projection.
+    # Surface: Principled BSDF fed by the maps, one function per socket, through the helper nodes a map needs
+    bsdf = builder.helper("ShaderNodeBsdfPrincipled", "Principled BSDF", (X_BSDF, 0))
+    output = builder.helper("ShaderNodeOutputMaterial", "Material Output", (X_OUTPUT, 0))
+    builder.links.new(bsdf.outputs["BSDF"], output.inputs["Surface"])
+    _base_color(builder, bsdf.inputs["Base Color"])
+    _roughness(builder, bsdf.inputs["Roughness"])
+    normal = _height(builder, _normal(builder), output.inputs["Displacement"])
+    if normal is not None:
+        builder.links.new(normal, bsdf.inputs["Normal"])
+    return material
+
+
+def _coordinates(builder: _Builder):
+    """The Mapping node's output: the UV map repeated texture_scale times, or object space with one tile per
+    texture_scale world units for box projection."""
+    options, nodes, frame = builder.options, builder.nodes, builder.textures_frame
     if options.projection == "UV":
-        coords = _node(nodes, "ShaderNodeUVMap", "UV Map", (X_COORDS, 0), textures_frame)
-        coords.uv_map = uv_name
-        coords_out = coords.outputs["UV"]
-        scale = options.texture_scale
+        coords = _node(nodes, "ShaderNodeUVMap", "UV Map", (X_COORDS, 0), frame)
+        coords.uv_map = builder.uv_name
+        coords_out, scale = coords.outputs["UV"], options.texture_scale
     else:
-        coords = _node(nodes, "ShaderNodeTexCoord", "Texture Coordinate", (X_COORDS, 0), textures_frame)
-        coords_out = coords.outputs["Object"]
-        scale = 1.0 / options.texture_scale
-    mapping = _node(nodes, "ShaderNodeMapping", "Mapping", (X_MAPPING, 0), textures_frame)
+        coords = _node(nodes, "ShaderNodeTexCoord", "Texture Coordinate", (X_COORDS, 0), frame)
+        coords_out, scale = coords.outputs["Object"], 1.0 / options.texture_scale
+    mapping = _node(nodes, "ShaderNodeMapping", "Mapping", (X_MAPPING, 0), frame)
     mapping.inputs["Scale"].default_value = (scale, scale, scale)
-    links.new(coords_out, mapping.inputs["Vector"])
+    builder.links.new(coords_out, mapping.inputs["Vector"])
+    return mapping.outputs["Vector"]
 
-    # 2. One Image Texture per map, stacked in the Textures frame
-    textures = {}
+
+def _image_textures(builder: _Builder, images: dict, vector) -> None:
+    """One Image Texture per map, stacked in the Textures frame."""
     present = [kind for kind in MAP_KINDS if kind in images]
     for row, kind in enumerate(present):
-        texture = _node(nodes, "ShaderNodeTexImage", MAP_LABELS[kind], (X_TEXTURES, row * ROW), textures_frame)
+        location = (X_TEXTURES, row * ROW)
+        texture = _node(builder.nodes, "ShaderNodeTexImage", MAP_LABELS[kind], location, builder.textures_frame)
         texture.image = images[kind]
-        if options.projection == "BOX":
+        if builder.options.projection == "BOX":
             texture.projection = "BOX"
             texture.projection_blend = BOX_BLEND
-        links.new(mapping.outputs["Vector"], texture.inputs["Vector"])
-        textures[kind] = texture
+        builder.links.new(vector, texture.inputs["Vector"])
+        builder.textures[kind] = texture
 
-    # 3. Surface: Principled BSDF fed by the maps, through the helper nodes a map needs
-    bsdf = _node(nodes, "ShaderNodeBsdfPrincipled", "Principled BSDF", (X_BSDF, 0), surface_frame)
-    output = _node(nodes, "ShaderNodeOutputMaterial", "Material Output", (X_OUTPUT, 0), surface_frame)
-    links.new(bsdf.outputs["BSDF"], output.inputs["Surface"])
 
-    base_color = textures["albedo"].outputs["Color"]
-    if options.ao_multiply and "ao" in textures:
-        multiply = _node(nodes, "ShaderNodeMix", "AO Multiply", (X_HELPERS, 0), surface_frame)
+def _base_color(builder: _Builder, socket) -> None:
+    """The albedo, darkened by the AO map when ao_multiply is on."""
+    color = builder.textures["albedo"].outputs["Color"]
+    if builder.options.ao_multiply and "ao" in builder.textures:
+        multiply = builder.helper("ShaderNodeMix", "AO Multiply", (X_HELPERS, 0))
         multiply.data_type = "RGBA"
         multiply.blend_type = "MULTIPLY"
         _socket(multiply.inputs, "Factor_Float").default_value = 1.0
-        links.new(base_color, _socket(multiply.inputs, "A_Color"))
-        links.new(textures["ao"].outputs["Color"], _socket(multiply.inputs, "B_Color"))
-        base_color = _socket(multiply.outputs, "Result_Color")
-    links.new(base_color, bsdf.inputs["Base Color"])
+        builder.links.new(color, _socket(multiply.inputs, "A_Color"))
+        builder.links.new(builder.textures["ao"].outputs["Color"], _socket(multiply.inputs, "B_Color"))
+        color = _socket(multiply.outputs, "Result_Color")
+    builder.links.new(color, socket)
 
-    if "roughness" in textures:
-        links.new(textures["roughness"].outputs["Color"], bsdf.inputs["Roughness"])
 
-    normal = None
-    if "normal" in textures:
-        normal_map = _node(nodes, "ShaderNodeNormalMap", "Normal Map", (X_HELPERS, 2 * ROW), surface_frame)
-        normal_map.uv_map = uv_name
-        color = textures["normal"].outputs["Color"]
-        if options.normal_directx:  # Blender reads OpenGL normals: green = 1 - green
-            split = _node(nodes, "ShaderNodeSeparateColor", "DirectX Green", (X_HELPERS, 4 * ROW), surface_frame)
-            flip = _node(nodes, "ShaderNodeMath", "Flip Green", (X_HELPERS, 4.5 * ROW), surface_frame)
-            join = _node(nodes, "ShaderNodeCombineColor", "OpenGL Normal", (X_HELPERS, 5 * ROW), surface_frame)
-            flip.operation = "SUBTRACT"
-            flip.inputs[0].default_value = 1.0
-            links.new(color, split.inputs["Color"])
-            links.new(split.outputs["Green"], flip.inputs[1])
-            for channel, source in (("Red", split.outputs["Red"]), ("Green", flip.outputs["Value"])):
-                links.new(source, join.inputs[channel])
-            links.new(split.outputs["Blue"], join.inputs["Blue"])
-            color = join.outputs["Color"]
-        links.new(color, normal_map.inputs["Color"])
-        normal = normal_map.outputs["Normal"]
+def _roughness(builder: _Builder, socket) -> None:
+    if "roughness" in builder.textures:
+        builder.links.new(builder.textures["roughness"].outputs["Color"], socket)
 
-    if "height" in textures and options.displacement == "BUMP":
+
+def _normal(builder: _Builder):
+    """The Normal Map node's output (None without a normal map)."""
+    if "normal" not in builder.textures:
+        return None
+    normal_map = builder.helper("ShaderNodeNormalMap", "Normal Map", (X_HELPERS, 2 * ROW))
+    normal_map.uv_map = builder.uv_name
+    color = builder.textures["normal"].outputs["Color"]
+    if builder.options.normal_directx:
+        color = _flip_green(builder, color)
+    builder.links.new(color, normal_map.inputs["Color"])
+    return normal_map.outputs["Normal"]
+
+
+def _flip_green(builder: _Builder, color):
+    """A DirectX normal map made OpenGL (Blender reads OpenGL normals): green = 1 - green."""
+    split = builder.helper("ShaderNodeSeparateColor", "DirectX Green", (X_HELPERS, 4 * ROW))
+    flip = builder.helper("ShaderNodeMath", "Flip Green", (X_HELPERS, 4.5 * ROW))
+    join = builder.helper("ShaderNodeCombineColor", "OpenGL Normal", (X_HELPERS, 5 * ROW))
+    flip.operation = "SUBTRACT"
+    flip.inputs[0].default_value = 1.0
+    links = builder.links
+    links.new(color, split.inputs["Color"])
+    links.new(split.outputs["Green"], flip.inputs[1])
+    for channel, source in (("Red", split.outputs["Red"]), ("Green", flip.outputs["Value"])):
+        links.new(source, join.inputs[channel])
+    links.new(split.outputs["Blue"], join.inputs["Blue"])
+    return join.outputs["Color"]
+
+
+def _height(builder: _Builder, normal, displacement_socket):
+    """The height map as bump (on top of `normal`; returns the normal to use) or as true displacement into
+    the output's Displacement socket (returns `normal` unchanged)."""
+    if "height" not in builder.textures:
+        return normal
+    height = builder.textures["height"].outputs["Color"]
+    if builder.options.displacement == "BUMP":
         # Bump takes the normal map's output as its base normal, so both details add up.
-        bump = _node(nodes, "ShaderNodeBump", "Bump", (X_HELPERS, 3 * ROW), surface_frame)
+        bump = builder.helper("ShaderNodeBump", "Bump", (X_HELPERS, 3 * ROW))
         bump.inputs["Distance"].default_value = HEIGHT_SCALE
-        links.new(textures["height"].outputs["Color"], bump.inputs["Height"])
+        builder.links.new(height, bump.inputs["Height"])
         if normal is not None:
-            links.new(normal, bump.inputs["Normal"])
-        normal = bump.outputs["Normal"]
-    elif "height" in textures:
-        displace = _node(nodes, "ShaderNodeDisplacement", "Displacement", (X_BSDF, 3 * ROW), surface_frame)
-        displace.inputs["Midlevel"].default_value = 0.5
-        displace.inputs["Scale"].default_value = HEIGHT_SCALE
-        links.new(textures["height"].outputs["Color"], displace.inputs["Height"])
-        links.new(displace.outputs["Displacement"], output.inputs["Displacement"])
-        _use_true_displacement(material)
-    if normal is not None:
-        links.new(normal, bsdf.inputs["Normal"])
-    return material
+            builder.links.new(normal, bump.inputs["Normal"])
+        return bump.outputs["Normal"]
+    displace = builder.helper("ShaderNodeDisplacement", "Displacement", (X_BSDF, 3 * ROW))
+    displace.inputs["Midlevel"].default_value = 0.5
+    displace.inputs["Scale"].default_value = HEIGHT_SCALE
+    builder.links.new(height, displace.inputs["Height"])
+    builder.links.new(displace.outputs["Displacement"], displacement_socket)
+    _use_true_displacement(builder.material)
+    return normal
 
 
 def _use_true_displacement(material: bpy.types.Material) -> None:

@@ -6,10 +6,13 @@ import textwrap
 
 import bpy
 
-from .. import api, protocol, readiness
+from .. import readiness
+from ..contract import protocol
 from ..history import PBR_CONTROLS, HistoryRecord
-from . import operators, preview
+from . import preview, session, status
 from .properties import IMAGE_MODES, shown_params
+from .ui_jobs import SOLID_HINT
+from .ui_state import STATE, Target
 
 SPACES = ("VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR")
 
@@ -40,7 +43,7 @@ class MainPanel(SidebarPanel):
     def draw(self, context):
         layout = self.layout
         settings = context.scene.sdtex
-        draw_readiness(layout, operators.check_readiness(context), context.region.width)
+        draw_readiness(layout, status.check_readiness(context), context.region.width)
 
         col = layout.column(align=True)
         col.label(text="Prompt")
@@ -51,7 +54,7 @@ class MainPanel(SidebarPanel):
         col.label(text="Seamless Tiling")
         col.row(align=True).prop(settings, "seamless", expand=True)
 
-        state = operators.STATE
+        state = STATE
         state.clear_fixed_error(settings)
         row = layout.row()
         row.scale_y = 1.5
@@ -69,7 +72,7 @@ class MainPanel(SidebarPanel):
             row = layout.row(align=True)
             if state.is_error:
                 row.operator("sdtex.show_message", icon="TEXT")
-            elif state.message.endswith(operators.SOLID_HINT):
+            elif state.message.endswith(SOLID_HINT):
                 row.operator("sdtex.material_preview", icon="SHADING_TEXTURE")
         draw_output_folder(layout, context.region.width)
 
@@ -102,7 +105,7 @@ def draw_output_folder(layout, width: int) -> None:
     if bpy.data.filepath:
         return
     column = layout.column(align=True)
-    text = f"Unsaved file: images go to {api.output_folder(None)} (they move beside the .blend when you save it)"
+    text = f"Unsaved file: images go to {session.output_folder(None)} (they move beside the .blend when you save it)"
     for i, line in enumerate(message_lines(text, width - 40, bpy.context.preferences.system.ui_scale or 1.0)):
         column.label(text=line, icon="FILE_FOLDER" if i == 0 else "BLANK1")
     column.operator("sdtex.open_folder", icon="FILEBROWSER")
@@ -174,7 +177,7 @@ def draw_message(layout, text: str, is_error: bool, width: int) -> None:
         column.label(text=line, icon=("ERROR" if is_error else "INFO") if i == 0 else "BLANK1")
 
 
-def job_label(target: operators.Target | None, task: str) -> str:
+def job_label(target: Target | None, task: str) -> str:
     """Who a job is for: its objects, else its source image, else its task."""
     if target and target.object_names:
         return ", ".join(target.object_names)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from .. import installer
-from .panels import draw_progress
+from .. import installer, readiness
+from .panels import draw_progress, message_lines
 from .properties import param_property
 from .remote import RemotePreferences, draw_preferences
+from .ui_state import STATE, backend_status
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _interpreter_changed(prefs, context) -> None:
+    """What was said about the previous interpreter ("error: No Python with the backend found") is stale."""
+    if readiness.message_kind(STATE.backend_message) == readiness.ERROR:
+        STATE.backend_message = ""
+    STATE.readiness = None
 
 
 class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
@@ -22,6 +30,7 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
         "$SDTEX_BACKEND_PYTHON, the repository's .venv (add-on run from a checkout), the backend made by "
         "Install Backend, Blender's own Python if it has torch and diffusers",
         subtype="FILE_PATH",
+        update=_interpreter_changed,
     )
     model: StringProperty(
         name="Model",
@@ -53,30 +62,17 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
     )
 
     def draw(self, context) -> None:
-        from . import operators  # the status lives with the operators that change it
-
         layout = self.layout
         draw_preferences(self, layout)  # Local or Remote
         box = layout.box()
         box.label(text="Backend", icon="CONSOLE")
         box.prop(self, "backend_python")
-        state = installer.STATE
-        row = box.row()
-        if state.running:
-            row.operator("sdtex.install_backend_cancel", icon="CANCEL")
-            draw_progress(box, state.progress, state.message)
-        else:
-            row.operator("sdtex.install_backend", icon="IMPORT")
-            if state.message:
-                box.label(text=state.message)
-        if state.log_lines:
-            log = box.column(align=True)
-            for line in state.log_lines[-6:]:
-                log.label(text=line)
+        draw_install(box, context)
         row = box.row()
         row.operator("sdtex.start_backend", icon="PLAY")
         row.operator("sdtex.stop_backend", icon="PAUSE")
-        box.label(text=operators.backend_status(), icon="INFO")
+        kind = readiness.message_kind(STATE.backend_message)
+        box.label(text=backend_status(), icon=readiness.ICONS[kind])
         box.prop(self, "start_early")
 
         box = layout.box()
@@ -99,6 +95,27 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
                 text="Pickle checkpoints (.ckpt/.pt/.bin) can run any code: load only files you trust", icon="ERROR"
             )
         layout.prop(self, "output_folder")
+
+
+def draw_install(box, context) -> None:
+    """Install Backend, or its progress, pip's last lines and Cancel; after a failure its cause, fix and log."""
+    state = installer.STATE
+    row = box.row()
+    if state.running:
+        row.operator("sdtex.install_backend_cancel", icon="CANCEL")
+        draw_progress(box, state.progress, state.message)
+        log = box.column(align=True)
+        for line in state.log_lines[-6:]:
+            log.label(text=line)
+        return
+    row.operator("sdtex.install_backend", icon="IMPORT")
+    if state.error:
+        row.operator("sdtex.open_install_log", icon="TEXT")
+    if state.message:
+        kind = readiness.ERROR if state.error else readiness.INFO if state.cancelled else readiness.OK
+        column = box.column(align=True)
+        for i, text in enumerate(message_lines(state.message, context.region.width - 70)):
+            column.label(text=text, icon=readiness.ICONS[kind] if i == 0 else "BLANK1")
 
 
 classes = (SDTEX_AP_preferences,)

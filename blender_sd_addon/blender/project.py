@@ -1,8 +1,8 @@
-"""The "Project" sub-panel: texture the selected meshes themselves from depth-guided views (api.project_texture).
+"""The "Project" sub-panel: texture the selected meshes themselves from depth-guided views (projecting.py).
 
 Its own scene settings (Scene.sdtex_project) hold the views and the projection's settings; prompt, seed,
-steps, size, sampler, PBR maps and the model come from the main panel. In the UI the job runs in the
-background and a timer applies it; in background mode (`blender -b`) the operator blocks until applied.
+steps, size, sampler, PBR maps and the model come from the main panel. In the UI the job is a row on the
+UI's job board, applied when it ends; in background mode (`blender -b`) the operator blocks until applied.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty
 
-from .. import api
 from ..client import SDTexError
 from ..jobs import DONE, Job
-from . import geometry, panels
+from . import geometry, panels, projecting, ui_jobs
+from .materials import ApplyOptions
+from .operator_base import SDTexOperator
+from .projecting import ProjectedTexture, ProjectionRequest
 from .properties import enum_items, param_property
+from .ui_state import STATE, Target
 
 TASK = "project"
 VIEW_SOURCES = {
@@ -27,7 +30,6 @@ SETTINGS = (
     "controlnet", "controlnet_scale", "texture_size", "margin", "refine_below", "mask_blur", "allow_uv_overlap",
     "apply_unseen",
 )  # fmt: skip
-POLL_INTERVAL = 0.1
 
 
 class SDTEX_PG_project(bpy.types.PropertyGroup):
@@ -60,7 +62,7 @@ class SDTEX_PG_project(bpy.types.PropertyGroup):
     )
 
     def request(self, scene_settings, objects) -> dict:
-        """api.project_texture's arguments for these settings and the main panel's."""
+        """projecting.prepare_projection's arguments for these settings and the main panel's."""
         seed = None if scene_settings.random_seed else scene_settings.seed
         elevations = (self.elevation, -self.elevation) if self.both_sides else (self.elevation,)
         main = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "scheduler", "pbr")
@@ -80,32 +82,27 @@ class SDTEX_PG_project(bpy.types.PropertyGroup):
 
 
 class Running:
-    """The UI's project jobs: each with the request it applies to, followed by a timer."""
+    """What the Project panel says: its last outcome (its jobs are rows on the UI's job board)."""
 
-    jobs: list[tuple[Job, api.ProjectionRequest, str]] = []  # (job, request, slot)
     message: str = ""
 
 
-def _tick() -> float | None:
-    for job, request, slot in list(Running.jobs):
-        if not job.poll() and not job.finished:
-            continue
-        for window in bpy.context.window_manager.windows:
-            for area in window.screen.areas:
-                if area.type == "VIEW_3D":
-                    area.tag_redraw()
-        if not job.finished:
-            continue
-        Running.jobs.remove((job, request, slot))
-        Running.message = _finish(job, request, slot)
-    return POLL_INTERVAL if Running.jobs else None
+def project_jobs() -> list[Job]:
+    return [job for job in STATE.board.active if job.task == TASK]
 
 
-def _finish(job: Job, request: api.ProjectionRequest, slot: str) -> str:
+def _on_board_finished(job: Job, target: Target) -> None:
+    Running.message = _finish(job, target.request, target.options.slot)
+
+
+ui_jobs.FINISHERS[TASK] = _on_board_finished
+
+
+def _finish(job: Job, request: ProjectionRequest, slot: str) -> str:
     try:
         if job.state != DONE:
             raise request.failed(SDTexError(job.error))
-        done = api.finish_projection(job.data, request, slot=slot)
+        done = projecting.finish_projection(job.data, request, slot=slot)
     except SDTexError as exc:
         return str(exc)
     except ReferenceError:
@@ -113,45 +110,41 @@ def _finish(job: Job, request: api.ProjectionRequest, slot: str) -> str:
     return summary(done)
 
 
-def summary(done: api.ProjectedTexture) -> str:
+def summary(done: ProjectedTexture) -> str:
     covered = ", ".join(f"{name} {share:.0%}" for name, share in done.coverage.items())
     return f"Baked {len(done.images)} texture(s); views saw {covered}" + (
         f" ({'; '.join(done.warnings)})" if done.warnings else ""
     )
 
 
-class SDTEX_OT_project(bpy.types.Operator):
+class SDTEX_OT_project(SDTexOperator, bpy.types.Operator):
     """Paint the selected meshes from depth-guided views and bake the result into their UV textures"""
 
     bl_idname = "sdtex.project"
     bl_label = "Project Texture"
     bl_options = set()  # the result arrives later; applying it is the change
 
-    def execute(self, context):
+    def run(self, context, props: dict) -> None:
         scene = context.scene
         settings = scene.sdtex_project
-        try:
-            chosen = context.selected_objects if settings.targets == "SELECTED" else context.visible_objects
-            if settings.targets == "VISIBLE":
-                chosen = [obj for obj in chosen if obj.type == "MESH" and obj.data.polygons]
-            arguments = settings.request(scene.sdtex, list(chosen))
-            if bpy.app.background:
-                done = api.project_texture(**arguments, slot=scene.sdtex.slot)
-                Running.message = summary(done)
-                self.report({"WARNING"} if done.warnings else {"INFO"}, Running.message)
-                return {"FINISHED"}
-            objects, prompt = arguments.pop("objects"), arguments.pop("prompt")
-            request = api.prepare_projection(objects, prompt, output_dir=None, **arguments)
-            job = Job.submit(api.get_client(), TASK, request.params)
-            Running.jobs.append((job, request, scene.sdtex.slot))
-            Running.message = ""
-            if not bpy.app.timers.is_registered(_tick):
-                bpy.app.timers.register(_tick, first_interval=POLL_INTERVAL)
-        except SDTexError as exc:
-            Running.message = str(exc)
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        return {"FINISHED"}
+        chosen = context.selected_objects if settings.targets == "SELECTED" else context.visible_objects
+        if settings.targets == "VISIBLE":
+            chosen = [obj for obj in chosen if obj.type == "MESH" and obj.data.polygons]
+        arguments = settings.request(scene.sdtex, list(chosen))
+        objects, prompt = arguments.pop("objects"), arguments.pop("prompt")
+        request = projecting.prepare_projection(objects, prompt, output_dir=None, **arguments)
+        if bpy.app.background:
+            done = projecting.run_projection(request, slot=scene.sdtex.slot)
+            Running.message = summary(done)
+            self.report({"WARNING"} if done.warnings else {"INFO"}, Running.message)
+            return
+        options = ApplyOptions(shared_material=False, slot=scene.sdtex.slot)
+        ui_jobs.submit_ui(TASK, request.params, Target(tuple(request.names), options, True, request=request))
+        Running.message = ""
+
+    def fail(self, message: str) -> set[str]:
+        Running.message = message  # the Project panel's own message line
+        return super().fail(message)
 
 
 class SDTEX_OT_project_cancel(bpy.types.Operator):
@@ -163,10 +156,10 @@ class SDTEX_OT_project_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return bool(Running.jobs)
+        return bool(project_jobs())
 
     def execute(self, context):
-        for job, _, _ in Running.jobs:
+        for job in project_jobs():
             job.cancel()
         return {"FINISHED"}
 
@@ -206,8 +199,8 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
         row.prop(settings, "occlude")
         row.prop(settings, "allow_uv_overlap")
         layout.prop(settings, "apply_unseen")
-        if Running.jobs:
-            for job, _, _ in Running.jobs:
+        if project_jobs():
+            for job in project_jobs():
                 panels.draw_progress(layout.row(), job.fraction, progress_text(job))
             layout.operator("sdtex.project_cancel", icon="CANCEL")
         else:
@@ -225,9 +218,4 @@ def register() -> None:
 
 
 def unregister() -> None:
-    if bpy.app.timers.is_registered(_tick):
-        bpy.app.timers.unregister(_tick)
-    for job, _, _ in Running.jobs:
-        job.cancel()
-    Running.jobs.clear()
     del bpy.types.Scene.sdtex_project

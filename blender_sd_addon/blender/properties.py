@@ -20,7 +20,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from .. import protocol
+from ..contract import protocol
 from ..history import IMAGE_TASKS, PBR_SETTINGS, HistoryRecord
 from ..history import SETTINGS as HISTORY_SETTINGS
 from . import materials
@@ -288,19 +288,19 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
     history_index: IntProperty(name="History Entry", default=0)
 
     def generate_settings(self, seed: int | None) -> dict:
-        """The panel's generate parameters, as api.generate_params takes them."""
+        """The panel's generate parameters, as tasks.generate_params takes them."""
         return {name: getattr(self, name) for name in (*HISTORY_SETTINGS, "batch_size")} | {"seed": seed}
 
     def pbr_settings(self) -> dict:
-        """The panel's pbr task parameters (all but the image), as api.pbr_params takes them."""
+        """The panel's pbr task parameters (all but the image), as tasks.pbr_params takes them."""
         return {name: getattr(self, name) for name in PBR_SETTINGS} | {"seamless": self.pbr_seamless}
 
     def apply_settings(self) -> dict:
-        """How to build and assign materials, as api.apply_options takes them."""
+        """How to build and assign materials, as tasks.apply_options takes them."""
         return {name: getattr(self, name) for name in APPLY_SETTINGS}
 
     def image_task_settings(self, seed: int | None) -> tuple[str, dict, dict]:
-        """The chosen image task, its parameters but the images (as api.image_task_params takes them), and
+        """The chosen image task, its parameters but the images (as tasks.task_params takes them), and
         its image inputs besides the Image Editor's image (the mask: a bpy Image, or None)."""
         mode = IMAGE_MODES[self.image_task]
         group = getattr(self, mode.task)

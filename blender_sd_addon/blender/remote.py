@@ -1,6 +1,6 @@
 """Preferences for a remote backend ("Local" or "Remote (address, token)") and its "Test Connection" operator.
 
-The settings are read by api.remote_settings(); with Remote chosen every operator and api call goes to the
+The settings are read by session.remote_settings(); with Remote chosen every operator and api call goes to the
 server (`python -m backend serve --listen HOST:PORT` on the machine with the GPU), and its results are
 fetched into the output folder, so materials are built from local files exactly as with the local worker.
 """
@@ -13,12 +13,31 @@ import time
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
 
-from .. import api, protocol
+from .. import readiness
 from ..client import BackendClient, SDTexError
+from ..contract import protocol
 from ..remote import RemoteSettings
+from . import session
+from .ui_state import STATE as ui
 
 PING_COUNT = 5  # round trips measured for the latency
-STATE = {"message": ""}  # the last test's outcome, shown under the button
+STATE = {"message": "", "error": False}  # the last test's outcome, shown under the button
+
+
+def last_error() -> str:
+    """The last Test Connection's failure ("" after a success, or once a setting it was about changed)."""
+    return STATE["message"] if STATE["error"] else ""
+
+
+def _setting_changed(prefs, context) -> None:
+    """A remote setting changed: what was said about the previous one is stale (a wrong-token error must not stay
+    under Local, nor under the corrected token)."""
+    STATE["message"], STATE["error"] = "", False
+    if ui.is_error:  # the last Generate's error was about the backend just left
+        ui.say("")
+    if readiness.message_kind(ui.backend_message) == readiness.ERROR:
+        ui.backend_message = ""
+    ui.readiness = None
 
 
 class RemotePreferences:
@@ -31,16 +50,25 @@ class RemotePreferences:
             ("REMOTE", "Remote", "Use a backend served by another computer (python -m backend serve --listen)"),
         ),
         default="LOCAL",
+        update=_setting_changed,
     )
-    remote_address: StringProperty(name="Address", description="HOST:PORT of the remote backend", default="")
+    remote_address: StringProperty(
+        name="Address", description="HOST:PORT of the remote backend", default="", update=_setting_changed
+    )
     remote_token: StringProperty(
-        name="Token", description="The token the server printed on its first start", subtype="PASSWORD"
+        name="Token",
+        description="The token the server printed on its first start",
+        subtype="PASSWORD",
+        update=_setting_changed,
     )
-    remote_tls: BoolProperty(name="TLS", description="The server was started with --certfile/--keyfile")
+    remote_tls: BoolProperty(
+        name="TLS", description="The server was started with --certfile/--keyfile", update=_setting_changed
+    )
     remote_cafile: StringProperty(
         name="Certificate",
         description="The server's certificate, when it is self-signed; empty trusts the system's authorities",
         subtype="FILE_PATH",
+        update=_setting_changed,
     )
 
 
@@ -57,7 +85,7 @@ def draw_preferences(prefs, layout) -> None:
         row.prop(prefs, "remote_cafile")
     box.operator(SDTEX_OT_test_connection.bl_idname, icon="LINKED")
     if STATE["message"]:
-        box.label(text=STATE["message"], icon="INFO")
+        box.label(text=STATE["message"], icon="ERROR" if STATE["error"] else "CHECKMARK")
 
 
 def test_connection(settings: RemoteSettings, timeout: float = 15.0) -> dict:
@@ -100,13 +128,13 @@ class SDTEX_OT_test_connection(bpy.types.Operator):
     bl_label = "Test Connection"
 
     def execute(self, context):
-        prefs = api.preferences()
+        prefs = session.preferences()
         try:
             cafile = bpy.path.abspath(prefs.remote_cafile) if prefs.remote_cafile else ""
             settings = RemoteSettings(prefs.remote_address, prefs.remote_token, prefs.remote_tls, cafile)
-            STATE["message"] = summary(test_connection(settings))
+            STATE["message"], STATE["error"] = summary(test_connection(settings)), False
         except SDTexError as exc:
-            STATE["message"] = f"Failed: {exc}"
+            STATE["message"], STATE["error"] = f"Failed: {exc}", True
             self.report({"ERROR"}, STATE["message"])
             return {"CANCELLED"}
         self.report({"INFO"}, STATE["message"])

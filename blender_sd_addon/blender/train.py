@@ -4,7 +4,8 @@ Cancel leaves a checkpoint that Resume continues. The "LoRAs" sub-panel lists Lo
 generation; a finished training adds its LoRA there at once.
 
 The generate operator takes the list with `generation_loras(scene)` (a `loras` parameter of every generating
-task). Training jobs are followed here, not on the main job board: their result is a LoRA, not images to apply.
+task). A training job is a row on the UI's one job board like any other; its samples and its LoRA are taken here
+(ui_jobs.WATCHERS / FINISHERS), since its result is a LoRA, not images to apply.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from bpy.props import (
     StringProperty,
 )
 
-from .. import api, protocol, readiness
+from .. import readiness
 from ..client import SDTexError
+from ..contract import protocol
 from ..jobs import CANCELLED, DONE, Job
-from . import panels
+from . import panels, session, tasks, ui_jobs
+from .operator_base import SDTexOperator
 from .properties import param_property
+from .ui_state import Target
 
 TASK = "train_lora"
-POLL_INTERVAL = 0.1  # seconds between polls of a training job (steps take a second or more)
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 THUMBNAILS = 4  # sample images shown, the latest last
 # Presets: a subject (an object, a material) learns with prior preservation, a style without, at a higher rank.
@@ -67,22 +70,9 @@ def prompts(preset: str, token: str, subject: str) -> tuple[str, str]:
 # --- following a training job -----------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class TrainJob(Job):
-    """A Job that also keeps every step's loss (for the sparkline)."""
-
-    losses: list[float] = field(default_factory=list)
-
-    def handle(self, message: dict) -> None:
-        super().handle(message)
-        data = message.get("data")
-        if message.get("event") == protocol.EVENT_PROGRESS and isinstance(data, dict) and "loss" in data:
-            self.losses.append(float(data["loss"]))
-
-
 @dataclass
 class TrainState:
-    job: TrainJob | None = None
+    job: Job | None = None  # the latest training job (a row on the UI's job board while it runs)
     samples: list[str] = field(default_factory=list)  # bpy image names of the sample images, in order
     checkpoint: str = ""  # the last checkpoint written (Resume continues it)
     seen: int = 0  # artifacts of the job taken so far
@@ -93,13 +83,7 @@ class TrainState:
 STATE = TrainState()
 
 
-def _redraw() -> None:
-    for window in getattr(bpy.context.window_manager, "windows", []):
-        for area in window.screen.areas:
-            area.tag_redraw()
-
-
-def _take_artifacts(job: TrainJob) -> None:
+def _take_artifacts(job: Job) -> None:
     """Load the new sample images (thumbnails) and remember the last checkpoint."""
     for artifact in job.artifacts[STATE.seen :]:
         if artifact.kind == "sample" and os.path.isfile(artifact.path):
@@ -109,7 +93,7 @@ def _take_artifacts(job: TrainJob) -> None:
     STATE.seen = len(job.artifacts)
 
 
-def _finished(scene: bpy.types.Scene, job: TrainJob) -> None:
+def _finished(scene: bpy.types.Scene, job: Job) -> None:
     """A finished job: its LoRA joins the LoRA list (enabled), or the reason it stopped is shown."""
     if job.state == DONE:
         result = protocol.TrainResult.from_dict(job.data)
@@ -125,37 +109,27 @@ def _finished(scene: bpy.types.Scene, job: TrainJob) -> None:
         STATE.message, STATE.is_error = job.status_text, True
 
 
-def _follow() -> float | None:
-    job = STATE.job
-    if job is None:
-        return None
-    try:
-        if job.poll():
-            _take_artifacts(job)
-            _redraw()
-        if job.finished:
-            _finished(bpy.context.scene, job)
-            _redraw()
-            return None
-    except Exception as exc:  # Blender drops a timer that raises: say why instead of a frozen bar
-        STATE.message, STATE.is_error = f"Internal error: {exc}", True
-        return None
-    return POLL_INTERVAL
+def _on_board_finished(job: Job, target: Target) -> None:
+    _take_artifacts(job)
+    _finished(bpy.context.scene, job)
 
 
-def start(scene: bpy.types.Scene, resume_from: str = "") -> TrainJob:
-    """Start training with the panel's settings; in background mode block until it ends."""
-    params = api.image_task_params(TASK, scene.sdtex_train.train_settings() | {"resume_from": resume_from})
-    client = api.get_client()
-    job = TrainJob.submit(client, TASK, params)
-    STATE.job, STATE.samples, STATE.seen, STATE.message = job, [], 0, ""
+ui_jobs.WATCHERS[TASK] = _take_artifacts  # samples show up while it trains
+ui_jobs.FINISHERS[TASK] = _on_board_finished
+
+
+def start(scene: bpy.types.Scene, resume_from: str = "") -> Job:
+    """Start training with the panel's settings on the UI's job board; in background mode block until it ends."""
+    params = tasks.task_params(TASK, scene.sdtex_train.train_settings() | {"resume_from": resume_from})
+    STATE.samples, STATE.seen, STATE.message = [], 0, ""
     if bpy.app.background:  # no timers run: wait here, passing the events to the job
+        client = session.get_client()
+        STATE.job = job = Job.submit(client, TASK, params)
         job.handle(client.wait(job.request_id, on_event=job.handle))
-        _take_artifacts(job)
-        _finished(scene, job)
-    elif not bpy.app.timers.is_registered(_follow):
-        bpy.app.timers.register(_follow, first_interval=POLL_INTERVAL)
-    return job
+        _on_board_finished(job, Target((), None, False))
+    else:
+        STATE.job = ui_jobs.submit_ui(TASK, params, Target((), None, False))
+    return STATE.job
 
 
 def generation_loras(scene: bpy.types.Scene) -> list[dict]:
@@ -211,7 +185,7 @@ class SDTEX_PG_train(bpy.types.PropertyGroup):
     active_lora: IntProperty(name="LoRA", default=0)
 
     def train_settings(self) -> dict:
-        """The train_lora parameters the panel sets (api.image_task_params adds model, device and output)."""
+        """The train_lora parameters the panel sets (tasks.task_params adds model, device and output)."""
         instance, class_prompt = prompts(self.preset, self.token, self.subject)
         if not self.photos_dir.strip():
             raise SDTexError("photos_dir: choose the folder of photos to train on")
@@ -228,13 +202,7 @@ class SDTEX_PG_train(bpy.types.PropertyGroup):
 # --- operators ------------------------------------------------------------------------------------------
 
 
-def _report_failure(operator, exc: Exception) -> set[str]:
-    STATE.message, STATE.is_error = str(exc), True
-    operator.report({"ERROR"}, str(exc))
-    return {"CANCELLED"}
-
-
-class SDTEX_OT_train(bpy.types.Operator):
+class SDTEX_OT_train(SDTexOperator, bpy.types.Operator):
     """Train a LoRA on the photos (DreamBooth); it joins the LoRA list when done"""
 
     bl_idname = "sdtex.train"
@@ -246,16 +214,16 @@ class SDTEX_OT_train(bpy.types.Operator):
     def poll(cls, context):
         return STATE.job is None or STATE.job.finished
 
-    def execute(self, context):
-        try:
-            if self.resume and not STATE.checkpoint:
-                raise SDTexError("No checkpoint to resume: a cancelled training leaves one")
-            job = start(context.scene, STATE.checkpoint if self.resume else "")
-        except SDTexError as exc:
-            return _report_failure(self, exc)
-        if job.finished and job.state != DONE and job.state != CANCELLED:
-            return _report_failure(self, SDTexError(job.status_text))
-        return {"FINISHED"}
+    def run(self, context, props: dict) -> None:
+        if props["resume"] and not STATE.checkpoint:
+            raise SDTexError("No checkpoint to resume: a cancelled training leaves one")
+        job = start(context.scene, STATE.checkpoint if props["resume"] else "")
+        if job.finished and job.state not in (DONE, CANCELLED):
+            raise SDTexError(job.status_text)
+
+    def fail(self, message: str) -> set[str]:
+        STATE.message, STATE.is_error = message, True  # the Train panel's own message line
+        return super().fail(message)
 
 
 class SDTEX_OT_train_cancel(bpy.types.Operator):
@@ -321,9 +289,9 @@ class SDTEX_UL_loras(bpy.types.UIList):
 
 def unavailable_line() -> readiness.Line | None:
     """Why the running backend cannot train (its handshake says), or None."""
-    client = api.current_client()
+    client = session.current_client()
     shake = client.handshake if client and client.alive else None
-    remote = api.remote_settings() is not None
+    remote = session.remote_settings() is not None
     return readiness.feature_line(shake.unavailable if shake else {}, "train_lora", remote)
 
 
@@ -411,7 +379,5 @@ def register() -> None:
 
 
 def unregister() -> None:
-    if bpy.app.timers.is_registered(_follow):
-        bpy.app.timers.unregister(_follow)
     STATE.job, STATE.samples, STATE.seen, STATE.checkpoint, STATE.message = None, [], 0, "", ""
     del bpy.types.Scene.sdtex_train

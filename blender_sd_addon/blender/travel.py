@@ -1,89 +1,26 @@
-"""Latent travel in Blender: the frames become image-sequence textures that play with the timeline, and the
-"Travel" sub-panel (keyframes list, frames, loop, easing) runs the job through the UI job machinery.
-
-The material is the one materials.apply_images builds; each Image Texture then shows its image as a
-sequence: `frame_duration` frames from the scene's first frame, cycling when the travel loops, refreshed as
-the frame changes.
+"""Latent travel in Blender: the "Travel" sub-panel (keyframes list, frames, loop, easing) runs the job on the
+UI's job board; its frames become image-sequence textures that play with the timeline (results.finish_travel).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import random
 
 import bpy
 from bpy.props import CollectionProperty, IntProperty, PointerProperty, StringProperty
 
-from .. import api, protocol
 from ..client import SDTexError
-from . import materials, operators, panels
+from ..contract import protocol
+from . import panels, tasks
+from .operator_base import JobOperator
 from .properties import INT32_MAX, param_property
+from .ui_jobs import JobRequest
+from .ui_state import STATE
 
 TASK = "travel"
 # The travel task's own settings the panel holds (keyframes aside); the rest come from the main panel.
 OWN_SETTINGS = ("frames", "loop", "easing", "embedding_interpolation", "export", "fps")
 FRAME_COUNTS: dict[str, int] = {}  # UI job request id -> frames in its sequence (for "Frame 3/24")
-
-
-# --- image sequences on the material --------------------------------------------------------------------
-
-
-def sequence_image(path: str, kind: str) -> bpy.types.Image:
-    """The image of a sequence's first file (`<prefix>_0001.png`), read as the whole numbered sequence."""
-    image = materials.load_image(path, kind)
-    image.source = "SEQUENCE"
-    return image
-
-
-def play_as_sequence(image_user: bpy.types.ImageUser, length: int, start: int, cyclic: bool) -> None:
-    """Show file N of the sequence at scene frame start + N - 1; past the end: again from the first (cyclic)
-    or the last file held."""
-    image_user.frame_duration = length
-    image_user.frame_start = start
-    image_user.frame_offset = 0
-    image_user.use_cyclic = cyclic
-    image_user.use_auto_refresh = True  # follow the scene's frame in the viewport and renders
-
-
-def apply_sequences(
-    meshes: list, images: dict[str, bpy.types.Image], options: materials.ApplyOptions, name: str, length: int,
-    cyclic: bool, start: int,
-) -> list[bpy.types.Material]:  # fmt: skip
-    """materials.apply_images with every map an image sequence of `length` frames from scene frame `start`."""
-    made = materials.apply_images(meshes, images, options, name)
-    sequences = set(images.values())
-    for material in made:
-        for node in material.node_tree.nodes:
-            if node.type == "TEX_IMAGE" and node.image in sequences:
-                play_as_sequence(node.image_user, length, start, cyclic)
-    return made
-
-
-def finish(
-    result: protocol.GenerateResult, meshes: list, options: materials.ApplyOptions | None, apply: bool
-) -> api.TextureResult:
-    """A finished travel job (api.finish hands it here): its frames as sequences, applied to the meshes."""
-    files = api.written_files(result)
-    missing = [path for path in files if not os.path.isfile(path)]
-    if missing:
-        raise SDTexError(f"The backend reported frames that are not on disk: {', '.join(missing[:3])}")
-    first = result.images[0]
-    images = {kind: sequence_image(path, kind) for kind, path in {"albedo": first.path, **first.maps}.items()}
-    made = []
-    if apply:
-        options = dataclasses.replace(options, normal_directx=result.params.get("normal_format") == "directx")
-        prompt = result.params["keyframes"][0]["prompt"]
-        start = bpy.context.scene.frame_start
-        loop = bool(result.params.get("loop"))
-        try:
-            made = apply_sequences(
-                meshes, images, options, api.material_name(f"Travel {prompt}"), len(result.images), loop, start
-            )
-        except ValueError as exc:
-            raise SDTexError(str(exc)) from None
-    maps = {kind: image for kind, image in images.items() if kind != "albedo"}
-    return api.TextureResult([images["albedo"]], [maps], made, files, result.seed, result)
 
 
 # --- the panel's settings ---------------------------------------------------------------------------------
@@ -111,7 +48,7 @@ class SDTEX_PG_travel(bpy.types.PropertyGroup):
 
     def travel_settings(self, scene_settings) -> dict:
         """The travel parameters: the keyframes, this panel's settings, and the main panel's shared ones (size,
-        steps, sampler, seamless, PBR maps), as api.image_task_params takes them."""
+        steps, sampler, seamless, PBR maps), as tasks.task_params takes them."""
         names = {p.name for p in protocol.TASK_PARAMS[TASK]}
         shared = {k: v for k, v in scene_settings.generate_settings(None).items() if k in names}
         keyframes = [{"prompt": k.prompt, "negative_prompt": k.negative_prompt, "seed": k.seed} for k in self.keyframes]
@@ -158,7 +95,7 @@ class SDTEX_OT_travel_remove_key(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class SDTEX_OT_travel(bpy.types.Operator):
+class SDTEX_OT_travel(JobOperator, bpy.types.Operator):
     """Make an animated texture travelling through the keyframes and put it on the selected meshes as image
     sequences that play with the timeline"""
 
@@ -168,26 +105,18 @@ class SDTEX_OT_travel(bpy.types.Operator):
 
     apply: bpy.props.BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
 
-    def execute(self, context):
+    def request(self, context, props: dict) -> JobRequest:
         settings, travel = context.scene.sdtex, context.scene.sdtex_travel
-        try:
-            if len(travel.keyframes) < 2:
-                raise SDTexError("keyframes: add at least 2 keyframes (Add Keyframe takes the prompt and seed)")
-            options = api.apply_options(**settings.apply_settings())
-            meshes = api.mesh_objects(context.selected_objects) if self.apply else []
-            values = travel.travel_settings(settings) | {"preview_every": 0 if bpy.app.background else 1}
-            params = api.image_task_params(TASK, values, model=settings.model or None)
-            if bpy.app.background:
-                texture = api.finish(api.run(params, task=TASK), meshes, options, apply=self.apply)
-                self.report({"INFO"}, operators.saved_message(texture))
-            else:
-                job = operators.start_ui_job(params, meshes, options, self.apply, task=TASK)
-                FRAME_COUNTS[job.request_id] = travel.length
-        except SDTexError as exc:
-            operators.STATE.say(str(exc), is_error=True)
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        return {"FINISHED"}
+        if len(travel.keyframes) < 2:
+            raise SDTexError("keyframes: add at least 2 keyframes (Add Keyframe takes the prompt and seed)")
+        options = tasks.apply_options(**settings.apply_settings())
+        meshes = tasks.mesh_objects(context.selected_objects) if props["apply"] else []
+        values = travel.travel_settings(settings) | {"preview_every": 0 if bpy.app.background else 1}
+        params = tasks.task_params(TASK, values, model=settings.model or None)
+        return JobRequest(TASK, params, meshes, options, props["apply"])
+
+    def started(self, job, props: dict) -> None:
+        FRAME_COUNTS[job.request_id] = bpy.context.scene.sdtex_travel.length
 
 
 # --- the panel --------------------------------------------------------------------------------------------
@@ -228,7 +157,7 @@ class TravelPanel(panels.SidebarPanel):
         if len(travel.keyframes) >= 2:
             layout.label(text=f"{travel.length} frames", icon="SEQUENCE")
         layout.operator("sdtex.travel", icon="RENDER_ANIMATION").apply = settings.apply
-        for job in operators.STATE.board.active:
+        for job in STATE.board.active:
             if job.request_id in FRAME_COUNTS:
                 total = FRAME_COUNTS[job.request_id]
                 panels.draw_progress(

@@ -2,6 +2,10 @@
 
 bpy is one Blender per process: tests share it, so each test starts from an empty file
 (`read_homefile(use_empty=True)` keeps the add-on enabled, unlike `read_factory_settings`).
+
+The add-on sees the contract as `blender_sd_addon.contract` (vendored; a link in a checkout), a different module
+object from the worker's `sdtex_contract`: tests of add-on code import it the add-on's way, so that classes such as
+Artifact and ProtocolError are the ones the add-on uses.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ import pytest
 bpy = pytest.importorskip("bpy")
 import addon_utils  # noqa: E402
 
-from blender_sd_addon import api, jobs, protocol  # noqa: E402
+from blender_sd_addon import api, jobs  # noqa: E402
+from blender_sd_addon.blender import history_store, session, tasks, ui_jobs, ui_state  # noqa: E402
+from blender_sd_addon.contract import protocol  # noqa: E402
 from blender_sd_addon.history import HISTORY_LIMIT, HistoryRecord  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +55,7 @@ def test_enable_and_disable_twice_leaves_nothing_behind():
         assert not hasattr(bpy.types.Scene, "sdtex")
         assert not any(cls.is_registered for cls in addon_blender.classes)
         assert addon_blender._on_load_pre not in bpy.app.handlers.load_pre
-        assert not bpy.app.timers.is_registered(addon_blender.operators._tick)
+        assert not bpy.app.timers.is_registered(ui_jobs._tick)
         assert not bpy.app.timers.is_registered(addon_blender._start_early)
         assert ADDON not in bpy.context.preferences.addons
 
@@ -107,7 +109,7 @@ def test_worker_killed_mid_job_is_a_clear_report_then_the_next_call_works(scene,
     def kill_at_first_progress(job, message):
         handle(job, message)
         if message.get("event") == "progress":
-            os.kill(api.current_client().pid, signal.SIGKILL)
+            os.kill(session.current_client().pid, signal.SIGKILL)
 
     monkeypatch.setattr(jobs.Job, "handle", kill_at_first_progress)
     with pytest.raises(RuntimeError, match=r"(?s)backend stopped, killed by SIGKILL.*Full log: "):
@@ -138,7 +140,7 @@ def test_history_is_newest_first_and_capped(scene):
         return HistoryRecord(f"prompt {n}", "", n, 2, 7.5, 64, 64, "euler_a", "none", False, "/m", [])
 
     for n in range(HISTORY_LIMIT + 2):
-        api.add_history(scene, record(n))
+        history_store.add_history(scene, record(n))
     prompts = [entry.prompt for entry in scene.sdtex.history]
     assert len(prompts) == HISTORY_LIMIT
     assert prompts[0] == f"prompt {HISTORY_LIMIT + 1}" and prompts[-1] == "prompt 2"
@@ -150,7 +152,7 @@ def test_history_keeps_a_pbr_entry_without_seed_across_saving_and_reopening(scen
         "", "", None, 25, 7.5, 32, 16, "euler_a", "xy", True, "", [{"path": "", "seed": None, "maps": maps}],
         task="pbr", source="Wall Paint", ao_strength=2.0,
     )
-    api.add_history(scene, record)
+    history_store.add_history(scene, record)
     blend = tmp_path / "pbr.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     bpy.ops.wm.open_mainfile(filepath=str(blend))
@@ -209,47 +211,39 @@ def test_api_bad_parameter_names_it_and_its_range(scene):
 
 def follow_ui_jobs(on_tick=None):
     """Drive the UI timer by hand (timers do not tick in background mode) until it stops."""
-    from blender_sd_addon.blender import operators
 
-    while (delay := operators._tick()) is not None:
+    while (delay := ui_jobs._tick()) is not None:
         if on_tick:
             on_tick()
         time.sleep(delay)
-    operators.stop_polling()
+    ui_jobs.stop_polling()
 
 
-def test_ui_job_shows_previews_flipped_for_blender_and_applies_the_result(scene, monkeypatch):
-    from blender_sd_addon.blender import operators, preview
+def test_ui_job_passes_previews_on_and_applies_the_result(scene, monkeypatch):
+    from blender_sd_addon.blender import preview
 
-    shown = []  # the last preview may arrive with the result: then the one before it is the last shown
+    shown = []  # tests/addon/test_preview_bpy.py checks what the preview does with them
     show = preview.show_preview
     monkeypatch.setattr(preview, "show_preview", lambda event: shown.append(event) or show(event))
     cube = add_cube("Cube")
-    params = api.generate_params(scene.sdtex.generate_settings(9) | {"preview_every": 1})
-    job = operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
+    params = tasks.generate_params(scene.sdtex.generate_settings(9) | {"preview_every": 1})
+    options = tasks.apply_options(shared_material=True, slot="NEW", projection="UV", texture_scale=1.0)
+    job = ui_jobs.start_ui_job(params, [cube], options, apply=True)
     follow_ui_jobs()
 
-    assert job.state == jobs.DONE and not operators.STATE.is_error, operators.STATE.message
+    assert job.state == jobs.DONE and not ui_state.STATE.is_error, ui_state.STATE.message
     assert os.path.isfile(image_texture_paths(cube)[0])
-    assert "Saved" in operators.STATE.message and "seed 9" in operators.STATE.message
-    event = shown[-1]
-    image = bpy.data.images["SD Textures Preview"]
-    assert tuple(image.size) == (event.width, event.height)
-    rgb = base64.b64decode(event.rgb)
-    width, height = event.width, event.height
-    top_left = [v / 255 for v in rgb[0:3]]  # first row sent = top row = Blender's last row
-    bottom_left = [v / 255 for v in rgb[(height - 1) * width * 3 : (height - 1) * width * 3 + 3]]
-    pixels = image.pixels[:]
-    assert pixels[(height - 1) * width * 4 : (height - 1) * width * 4 + 3] == pytest.approx(top_left, abs=0.003)
-    assert pixels[0:3] == pytest.approx(bottom_left, abs=0.003)
+    assert "Saved" in ui_state.STATE.message and "seed 9" in ui_state.STATE.message
+    assert shown and all(len(base64.b64decode(e.rgb)) == e.width * e.height * 3 for e in shown)
+    assert preview.PREVIEW_NAME not in bpy.data.images  # steps never touch an image datablock
 
 
 def test_ui_cancel_stops_the_job_without_applying(scene):
-    from blender_sd_addon.blender import operators
 
     cube = add_cube("Cube")
-    params = api.generate_params(scene.sdtex.generate_settings(3) | {"steps": 150})
-    job = operators.start_ui_job(params, [cube], api.apply_options(True, "NEW", "UV", 1.0), apply=True)
+    params = tasks.generate_params(scene.sdtex.generate_settings(3) | {"steps": 150})
+    options = tasks.apply_options(shared_material=True, slot="NEW", projection="UV", texture_scale=1.0)
+    job = ui_jobs.start_ui_job(params, [cube], options, apply=True)
 
     def cancel_once_running():
         if job.step >= 1 and bpy.ops.sdtex.cancel.poll():
@@ -257,24 +251,23 @@ def test_ui_cancel_stops_the_job_without_applying(scene):
 
     follow_ui_jobs(cancel_once_running)
     assert job.state == jobs.CANCELLED and job.step < 150
-    assert operators.STATE.message == "Cancelled" and not operators.STATE.is_error
+    assert ui_state.STATE.message == "Cancelled" and not ui_state.STATE.is_error
     assert cube.active_material is None
 
 
 def test_two_ui_jobs_back_to_back_each_apply_to_their_own_object(scene):
     """The second generation is queued while the first runs; each result lands on the object it was
     started for, and cancelling a third (queued) one leaves the others alone."""
-    from blender_sd_addon.blender import operators
 
     left, right, spare = add_cube("Left"), add_cube("Right"), add_cube("Spare")
-    options = api.apply_options(False, "NEW", "UV", 1.0)
-    first = operators.start_ui_job(api.generate_params(scene.sdtex.generate_settings(1)), [left], options, True)
-    second = operators.start_ui_job(api.generate_params(scene.sdtex.generate_settings(2)), [right], options, True)
-    third = operators.start_ui_job(api.generate_params(scene.sdtex.generate_settings(3)), [spare], options, True)
-    assert len(operators.STATE.board.active) == 3
+    options = tasks.apply_options(shared_material=False, slot="NEW", projection="UV", texture_scale=1.0)
+    first = ui_jobs.start_ui_job(tasks.generate_params(scene.sdtex.generate_settings(1)), [left], options, True)
+    second = ui_jobs.start_ui_job(tasks.generate_params(scene.sdtex.generate_settings(2)), [right], options, True)
+    third = ui_jobs.start_ui_job(tasks.generate_params(scene.sdtex.generate_settings(3)), [spare], options, True)
+    assert len(ui_state.STATE.board.active) == 3
     assert bpy.ops.sdtex.cancel(request_id=third.request_id) == {"FINISHED"}
     seen_running_together = []
-    follow_ui_jobs(lambda: seen_running_together.append(len(operators.STATE.board.active)))
+    follow_ui_jobs(lambda: seen_running_together.append(len(ui_state.STATE.board.active)))
 
     assert (first.state, second.state, third.state) == (jobs.DONE, jobs.DONE, jobs.CANCELLED)
     assert max(seen_running_together) >= 2  # both were listed at once, each with its own progress
@@ -312,33 +305,32 @@ print("RESULT " + json.dumps({{"torch": "torch" in sys.modules, "material": mate
 def test_early_start_warms_only_a_model_that_is_on_disk(addon, monkeypatch):
     """A hub id that is not downloaded is not loaded at start (the first Generate used to wait ~20 s
     behind failed hub look-ups); a model folder on disk is loaded and warmed."""
-    from blender_sd_addon.blender import operators
 
     requests = []
-    client = api.get_client()
+    client = session.get_client()
     submit = client.submit
     monkeypatch.setattr(client, "submit", lambda method, params=None: requests.append(method) or submit(method, params))
     model = addon.model
     try:
         addon.model = "nobody/not-downloaded"
-        operators.start_backend_async().join(120)
-        assert "not on disk: nobody/not-downloaded" in operators.STATE.backend_message
+        ui_state.start_backend_async().join(120)
+        assert "not on disk: nobody/not-downloaded" in ui_state.STATE.backend_message
         assert protocol.LOAD_MODEL not in requests and client.alive
     finally:
         addon.model = model
-    operators.start_backend_async().join(120)
-    assert operators.STATE.backend_message == "model loaded" and protocol.LOAD_MODEL in requests
+    ui_state.start_backend_async().join(120)
+    assert ui_state.STATE.backend_message == "model loaded" and protocol.LOAD_MODEL in requests
 
 
 def test_a_long_error_is_drawn_whole_over_several_lines(scene):
     """At the default sidebar width a label cuts text off; the panel's message wraps instead."""
-    from blender_sd_addon.blender import operators, panels
+    from blender_sd_addon.blender import panels
 
     message = (
         "The backend interpreter set in Preferences > Backend interpreter does not exist: "
         "/home/artist/venvs/sd/bin/python. Press Install backend, or choose another interpreter."
     )
-    operators.STATE.say(message, is_error=True)
+    ui_state.STATE.say(message, is_error=True)
     labels: list = []
 
     class Layout:
@@ -352,7 +344,7 @@ def test_a_long_error_is_drawn_whole_over_several_lines(scene):
     try:
         panels.MainPanel.draw(type("Panel", (), {"layout": Layout()})(), context)
     finally:
-        operators.STATE.say("")
+        ui_state.STATE.say("")
     # The message's labels: from the one with the error icon on (the setup lines and field labels come before).
     start = next(i for i, (text, icon) in enumerate(labels) if icon == "ERROR" and message.startswith(text))
     lines, shown = [], ""

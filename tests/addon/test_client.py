@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from blender_sd_addon import paths, protocol
+from blender_sd_addon import paths
 from blender_sd_addon.client import BACKEND_START_FAILED, BACKEND_STOPPED, BackendClient, BackendError, SDTexError
+from blender_sd_addon.contract import protocol
 from blender_sd_addon.history import HistoryRecord
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")

@@ -1,4 +1,4 @@
-"""The worker launcher: the worker's import path holds the backend and the add-on package, never Blender's
+"""The worker launcher: the worker's import path holds the backend and the contract, never the add-on nor Blender's
 add-ons folder (where a sibling add-on's `numpy` folder would shadow the real one)."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from blender_sd_addon import paths, protocol
+from blender_sd_addon import paths
 from blender_sd_addon.client import BackendClient
+from blender_sd_addon.contract import protocol
 from blender_sd_addon.worker_launcher import backend_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,10 +25,15 @@ import json, os, sys
 
 
 def main(argv):
-    import numpy, backend, blender_sd_addon
-    from blender_sd_addon import protocol
+    import numpy, backend
+    from sdtex_contract import protocol
+    try:
+        import blender_sd_addon
+        addon = blender_sd_addon.__file__
+    except ImportError:
+        addon = None
     report = {"argv": argv, "path": sys.path, "numpy": numpy.__file__, "backend": backend.__file__,
-              "addon": blender_sd_addon.__file__, "protocol": protocol.__file__,
+              "addon": addon, "protocol": protocol.__file__,
               "env": [name for name in ("PYTHONPATH", "PYTHONHOME") if name in os.environ]}
     print(json.dumps(report))
     return 0
@@ -69,19 +75,22 @@ def test_the_launcher_keeps_the_addons_folder_off_the_import_path(tmp_path):
     assert not {str(addons), str(addon_dir), ""} & set(report["path"])
     assert not report["numpy"].startswith(str(addons))
     assert report["backend"] == str(addon_dir / "worker" / "backend" / "__init__.py")
-    assert report["addon"] == str(addon_dir / "__init__.py")
-    assert report["protocol"] == str(addon_dir / "protocol.py")
+    # the worker needs nothing of the add-on (tests/test_architecture.py); the launcher registers none of it
+    assert not (report["addon"] or "").startswith(str(addons))  # (this venv's editable install may show the checkout's)
+    assert report["protocol"] == str(addon_dir / "worker" / "sdtex_contract" / "protocol.py")
 
 
 def test_backend_root_prefers_the_bundled_worker(tmp_path):
     addon_dir = tmp_path / "blender_sd_addon"
     addon_dir.mkdir()
     assert backend_root(addon_dir) is None
-    (tmp_path / "backend").mkdir()
-    (tmp_path / "backend" / "__init__.py").write_text("")
-    assert backend_root(addon_dir) == tmp_path
-    (addon_dir / "worker" / "backend").mkdir(parents=True)
-    (addon_dir / "worker" / "backend" / "__init__.py").write_text("")
+    for package in ("backend", "sdtex_contract"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        assert backend_root(addon_dir) == (tmp_path if package == "sdtex_contract" else None)  # both are needed
+    for package in ("backend", "sdtex_contract"):
+        (addon_dir / "worker" / package).mkdir(parents=True)
+        (addon_dir / "worker" / package / "__init__.py").write_text("")
     assert backend_root(addon_dir) == addon_dir / "worker"
     assert backend_root(paths.ADDON_DIR) == REPO
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from blender_sd_addon import protocol
 from blender_sd_addon.client import BACKEND_STOPPED, BackendClient, BackendError, SDTexError
+from blender_sd_addon.contract import protocol
 from blender_sd_addon.rpc import Rpc, Session
 from blender_sd_addon.transport import Connection
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from blender_sd_addon import protocol, transport
+from blender_sd_addon import transport
 from blender_sd_addon.client import BACKEND_STOPPED, BackendClient
+from blender_sd_addon.contract import protocol
 from blender_sd_addon.transport import LogFile, describe_exit, error_lines
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")

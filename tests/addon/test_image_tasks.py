@@ -13,6 +13,7 @@ from scipy import ndimage
 
 bpy = pytest.importorskip("bpy")
 from blender_sd_addon import api, jobs  # noqa: E402
+from blender_sd_addon.blender import tasks, ui_jobs, ui_state  # noqa: E402
 from blender_sd_addon.history import HistoryRecord  # noqa: E402
 
 SIZE = 64
@@ -213,15 +214,13 @@ def test_history_of_an_image_task_applies_again_and_restores_its_settings(scene,
 
 def follow_ui_jobs():
     """Drive the UI timer by hand (timers do not tick in background mode) until it stops."""
-    from blender_sd_addon.blender import operators
 
-    while (delay := operators._tick()) is not None:
+    while (delay := ui_jobs._tick()) is not None:
         time.sleep(delay)
-    operators.stop_polling()
+    ui_jobs.stop_polling()
 
 
 def test_ui_job_uploads_an_unsaved_source_and_mask_then_applies_by_the_timer(scene):
-    from blender_sd_addon.blender import operators
 
     rgba = np.full((SIZE, SIZE, 4), 200, dtype=np.uint8)
     source = painted("Wall Paint", rgba)
@@ -229,20 +228,20 @@ def test_ui_job_uploads_an_unsaved_source_and_mask_then_applies_by_the_timer(sce
     grey[:, 40:] = 255
     mask = painted("Wall Mask", np.dstack([grey, grey, grey, np.full_like(grey, 255)]))
     cube = add_cube()
-    params = api.image_task_params("inpaint", {"prompt": "ivy", **FAST})
-    started = operators.start_ui_input_job(
-        "inpaint", {"image": source, "mask": mask}, params, [cube], api.apply_options(), apply=True
+    params = tasks.task_params("inpaint", {"prompt": "ivy", **FAST})
+    started = ui_jobs.start_ui_input_job(
+        "inpaint", {"image": source, "mask": mask}, params, [cube], tasks.apply_options(), apply=True
     )
-    assert isinstance(started, operators.Upload)
+    assert isinstance(started, ui_state.Upload)
     follow_ui_jobs()
 
-    assert not operators.STATE.is_error, operators.STATE.message
-    assert operators.STATE.message.startswith("Saved 1 file(s)") and "(seed 3)" in operators.STATE.message
+    assert not ui_state.STATE.is_error, ui_state.STATE.message
+    assert ui_state.STATE.message.startswith("Saved 1 file(s)") and "(seed 3)" in ui_state.STATE.message
     image = albedo_of(cube.active_material)
     assert image not in (source, mask)
     record = HistoryRecord.from_fields(scene.sdtex.history[0])
     assert (record.source, record.mask) == ("Wall Paint", "Wall Mask")
-    assert isinstance(operators.STATE.board, jobs.JobBoard)
+    assert isinstance(ui_state.STATE.board, jobs.JobBoard)
 
 
 class RecordingLayout:

@@ -4,6 +4,8 @@ venv only on success."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from blender_sd_addon import installer
+from blender_sd_addon import installer, installer_choice
 from blender_sd_addon.installer import CPU_INDEX, MB, STATE, Machine, Phase
 
+REPO = Path(__file__).resolve().parents[2]
 HERE = installer.BasePython(sys.executable, "{}.{}".format(*sys.version_info))  # the suite's Python as the base
 
 
@@ -77,7 +80,7 @@ def test_streams_lines_and_cancels_the_running_command(tmp_path):
     assert "first line" in text and "never printed" not in text and "second phase" not in text
 
 
-def test_failure_reports_the_log_tail(tmp_path):
+def test_failure_says_why_in_one_line_and_names_the_log(tmp_path):
     phases = [
         python_phase("Creating", "print('created')"),
         python_phase("Installing foo", "import sys; print('ERROR: No matching', 'distribution'); sys.exit(3)"),
@@ -85,8 +88,9 @@ def test_failure_reports_the_log_tail(tmp_path):
     installer.start_phases(phases, tmp_path / "install.log").join(timeout=60)
 
     assert STATE.error and not STATE.cancelled and not STATE.running
-    assert "Installing foo failed (exit code 3)" in STATE.message
-    assert "No matching distribution" in STATE.message
+    assert STATE.message.startswith("Installing foo failed: exit code 3: No matching distribution. See the log")
+    assert STATE.message.endswith(f"Full output: {tmp_path / 'install.log'}") and "created" not in STATE.message
+    assert STATE.short_error == "exit code 3: No matching distribution"
     assert STATE.progress < 1.0
     assert "No matching distribution" in (tmp_path / "install.log").read_text()
 
@@ -242,9 +246,28 @@ def test_torch_choice_and_pip_command_per_machine(tmp_path, system, arch, smi, e
     phases = installer.install_phases(tmp_path, worker, HERE, choice.requirement, choice.index_url, choice, system)
     torch_phase = phases[2]
     python = str(installer.paths.venv_python(installer.new_venv_dir(tmp_path)))
-    expected = [python, "-m", "pip", "install", "--upgrade", "--progress-bar", "raw", "torch"]
+    pinned = f"torch=={installer.TORCH_VERSION}"
+    expected = [python, "-m", "pip", "install", "--upgrade", "--progress-bar", "raw", pinned]
     assert torch_phase.command == expected + (["--index-url", index] if index else [])
     assert torch_phase.download_mb == choice.download_mb - installer.REQUIREMENTS_MB
+
+
+def test_torch_is_pinned_to_the_version_the_makefile_tests_with():
+    """Install Backend installs the torch the suite ran with (the Makefile's), unless the dialog says otherwise."""
+    makefile = (REPO / "Makefile").read_text()
+    tested = set(re.findall(r"pip install -q torch==(\S+)", makefile))
+    assert tested == {installer.TORCH_VERSION}
+    choice = installer.choose_torch(Machine("linux", "x86_64"))
+    assert choice.requirement == f"torch=={installer.TORCH_VERSION}" and not choice.overridden
+    assert installer.choose_torch(Machine("linux", "x86_64"), "torch").requirement == "torch"
+
+
+def test_the_zip_build_reads_the_installers_lock_table():
+    spec = importlib.util.spec_from_file_location("build_addon", REPO / "build_addon.py")
+    build_addon = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_addon)
+    wanted = {name for by_python in installer_choice.LOCKS.values() for name in by_python.values()}
+    assert set(build_addon.locks(REPO)) == wanted and installer.LOCKS is installer_choice.LOCKS
 
 
 def test_preferences_override_the_choice():
@@ -328,7 +351,7 @@ def test_switches_to_the_new_venv_only_on_success(tmp_path):
     (old / "marker").write_text("old")
 
     installer.start_phases(fake_install(user, "new", fail="fail"), user_dir=user).join(timeout=60)
-    assert STATE.error and "Installing torch failed (exit code 3)" in STATE.message and not STATE.succeeded
+    assert STATE.error and "Installing torch failed: exit code 3: no space" in STATE.message and not STATE.succeeded
     assert (old / "marker").read_text() == "old" and not installer.new_venv_dir(user).exists()
 
     thread = installer.start_phases(fake_install(user, "new", fail="hang"), user_dir=user)

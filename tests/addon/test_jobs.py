@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from blender_sd_addon import protocol
 from blender_sd_addon.client import BACKEND_STOPPED, BackendClient
+from blender_sd_addon.contract import protocol
 from blender_sd_addon.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, JobBoard
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
@@ -80,6 +80,18 @@ def test_job_keeps_the_latest_preview_and_every_artifact_in_order():
     job.handle({"id": "r1", "event": "artifact", "data": {"path": "/t/incomplete.png"}})  # ignored, not a crash
     assert [a.role for a in job.artifacts] == ["albedo", "normal"]
     assert job.artifacts[1] == protocol.Artifact("/t/normal.png", "map", 1, "0" * 64, role="normal")
+
+
+def test_cancel_says_cancelling_at_once_and_a_training_job_keeps_its_losses():
+    client = StubClient()
+    job = Job.submit(client, "train_lora", {})
+    for step, loss in ((1, 0.5), (2, 0.25)):
+        job.handle({"id": "r1", "event": "progress", "data": {"step": step, "total": 4, "loss": loss}})
+    assert job.losses == [0.5, 0.25] and job.status_text.startswith("Step 2/4")
+    job.cancel()
+    assert client.cancelled == ["r1"] and job.status_text == "Cancelling…" and not job.finished
+    job.handle({"id": "r1", "cancelled": True})
+    assert job.state == CANCELLED and job.status_text == "Cancelled"
 
 
 def test_a_malformed_result_fails_the_job_instead_of_raising():

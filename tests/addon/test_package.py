@@ -20,7 +20,7 @@ import pytest
 import tomllib
 
 from blender_sd_addon import installer
-from blender_sd_addon.protocol import PROTOCOL_VERSION
+from blender_sd_addon.contract.protocol import PROTOCOL_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 ADDON = "blender_sd_addon"

@@ -10,8 +10,7 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-from blender_sd_addon import api  # noqa: E402
-from blender_sd_addon.blender import operators  # noqa: E402
+from blender_sd_addon.blender import history_store, status, ui_jobs, ui_state  # noqa: E402
 from blender_sd_addon.blender.properties import SCENE_CONTROLS  # noqa: E402
 from blender_sd_addon.history import HistoryRecord  # noqa: E402
 
@@ -76,11 +75,11 @@ def test_history_survives_undo(scene):
     assert len(scene.sdtex.history) == 2
     scene.sdtex.history.remove(0)  # what an undo to before the second generation does to the scene's list
     scene.sdtex.history.remove(0)
-    api.restore_history()  # the undo_post handler
+    history_store.restore_history()  # the undo_post handler
     titles = [HistoryRecord.from_fields(e).files for e in scene.sdtex.history]
     assert len(titles) == 2 and titles[1] == first.files
     folder = os.path.dirname(first.images()[0].path)
-    with open(os.path.join(folder, api.HISTORY_FILE), encoding="utf-8") as log:
+    with open(os.path.join(folder, history_store.HISTORY_FILE), encoding="utf-8") as log:
         assert first.files in [HistoryRecord.from_json(line).files for line in log]
 
 
@@ -93,23 +92,23 @@ def test_helper_images_are_not_unsaved_changes(scene):
 
 def test_setup_lines_see_a_missing_model_and_a_missing_interpreter(scene, addon, tmp_path):
     context = bpy.context
-    operators.STATE.readiness = None
-    assert operators.check_readiness(context).blocker == ""
+    ui_state.STATE.readiness = None
+    assert status.check_readiness(context).blocker == ""
     scene.sdtex.model = "nobody/not-downloaded"
-    operators.STATE.readiness = None
-    ready = operators.check_readiness(context)
+    ui_state.STATE.readiness = None
+    ready = status.check_readiness(context)
     assert ready.blocker == "Model not on disk: nobody/not-downloaded"
     assert ("sdtex.download_model", "Download Model") in ready.model.fixes
     scene.sdtex.model = ""
     python = addon.backend_python
     addon.backend_python = str(tmp_path / "no-such-python")
     try:
-        operators.STATE.readiness = None
-        ready = operators.check_readiness(context)
+        ui_state.STATE.readiness = None
+        ready = status.check_readiness(context)
         assert not ready.backend.ready and ("sdtex.install_backend", "Install Backend") in ready.backend.fixes
     finally:
         addon.backend_python = python
-        operators.STATE.readiness = None
+        ui_state.STATE.readiness = None
 
 
 def test_images_made_before_the_first_save_follow_the_blend(scene, addon, tmp_path):
@@ -157,25 +156,25 @@ class StubClient:
 def test_download_progress_reaches_the_model_line_and_the_end_says_so(scene):
     scene.sdtex.model = "owner/not-downloaded"
     client = StubClient()
-    operators.STATE.board.submit(client, "download_model", {"model": "owner/not-downloaded"})
+    ui_state.STATE.board.submit(client, "download_model", {"model": "owner/not-downloaded"})
     try:
         data = {"bytes_done": 500_000_000, "bytes_total": 2_000_000_000, "files_done": 1, "files_total": 4}
         client.inbox = [{"id": "download-1", "event": "download", "data": {**data, "speed": 2e7, "elapsed": 25.0}}]
         progress = {"step": 500_000_000, "total": 2_000_000_000, "elapsed": 25.0}
         client.inbox.append({"id": "download-1", "event": "progress", "data": progress})
-        operators._follow_jobs()
-        operators.STATE.readiness = None
-        line = operators.check_readiness(bpy.context).model
+        ui_jobs._follow_jobs()
+        ui_state.STATE.readiness = None
+        line = status.check_readiness(bpy.context).model
         assert line.progress == pytest.approx(0.25) and not line.ready
         assert line.text == "owner/not-downloaded: Downloading 500 MB of 2.0 GB · 20 MB/s"
 
         client.inbox = [{"id": "download-1", "result": {"model": "owner/not-downloaded", "path": "/cache/x"}}]
-        operators._follow_jobs()
-        assert operators.STATE.message == "Downloaded owner/not-downloaded: ready to generate"
-        assert operators.STATE.download_job() is None
+        ui_jobs._follow_jobs()
+        assert ui_state.STATE.message == "Downloaded owner/not-downloaded: ready to generate"
+        assert ui_state.STATE.download_job() is None
     finally:
-        operators.stop_polling()
-        operators.STATE.say("")
+        ui_jobs.stop_polling()
+        ui_state.STATE.say("")
         scene.sdtex.model = ""
 
 
@@ -183,9 +182,9 @@ def test_a_field_error_clears_once_the_field_is_fixed(scene):
     scene.sdtex.prompt = ""
     with pytest.raises(RuntimeError, match="Prompt is empty"):
         bpy.ops.sdtex.generate(apply=False)
-    assert operators.STATE.is_error and operators.STATE.message.startswith("Prompt is empty")
-    operators.STATE.clear_fixed_error(scene.sdtex)  # what each panel redraw does
-    assert operators.STATE.is_error  # still empty: the error stays
+    assert ui_state.STATE.is_error and ui_state.STATE.message.startswith("Prompt is empty")
+    ui_state.STATE.clear_fixed_error(scene.sdtex)  # what each panel redraw does
+    assert ui_state.STATE.is_error  # still empty: the error stays
     scene.sdtex.prompt = "brick"
-    operators.STATE.clear_fixed_error(scene.sdtex)
-    assert not operators.STATE.is_error and operators.STATE.message == ""
+    ui_state.STATE.clear_fixed_error(scene.sdtex)
+    assert not ui_state.STATE.is_error and ui_state.STATE.message == ""

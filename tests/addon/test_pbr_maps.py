@@ -13,6 +13,7 @@ from PIL import Image
 
 bpy = pytest.importorskip("bpy")
 from blender_sd_addon import api, jobs  # noqa: E402
+from blender_sd_addon.blender import tasks, ui_jobs, ui_state  # noqa: E402
 from blender_sd_addon.history import HistoryRecord  # noqa: E402
 
 MAP_KINDS = {"height", "normal", "roughness", "ao"}
@@ -168,6 +169,31 @@ def test_generate_texture_takes_the_material_options(scene, tmp_path):
     assert set(result.maps[0]) == MAP_KINDS and result.maps[0]["ao"].colorspace_settings.name == "Non-Color"
 
 
+def test_one_apply_options_argument_builds_the_same_material_as_the_keywords(scene, png_file):
+    by_keywords = api.derive_pbr_maps(png_file, [add_cube("A")], shared_material=False, displacement="DISPLACEMENT")
+    options = api.ApplyOptions(shared_material=False, displacement="DISPLACEMENT")
+    by_options = api.derive_pbr_maps(png_file, [add_cube("B")], material=options)
+    assert by_keywords.materials[0].name.endswith(".A") and by_options.materials[0].name.endswith(".B")
+    assert all(r.materials[0].node_tree.nodes["Displacement"].outputs[0].is_linked for r in (by_keywords, by_options))
+    with pytest.raises(api.SDTexError, match="material: give ApplyOptions or the keywords slot, not both"):
+        api.derive_pbr_maps(png_file, [add_cube()], material=options, slot="REPLACE")
+    with pytest.raises(api.SDTexError, match="material must be an ApplyOptions, got dict"):
+        api.derive_pbr_maps(png_file, [add_cube()], material={"slot": "NEW"})
+
+
+def test_run_task_runs_any_task_of_the_protocol(scene, png_file, tmp_path):
+    cube = add_cube()
+    texture = api.run_task("pbr", {"image": png_file, "seamless": "xy"}, [cube], output_dir=str(tmp_path))
+    assert set(texture.maps[0]) == MAP_KINDS and texture.materials == [cube.active_material]
+    assert all(os.path.dirname(path) == str(tmp_path) for path in texture.files)
+    listing = api.run_task("list_models", {"models_dir": str(tmp_path), "include_cache": False})
+    assert type(listing).__name__ == "ModelList" and listing.loras == []
+    with pytest.raises(api.SDTexError, match="task must be one of txt2img, pbr, .*; got 'paint'"):
+        api.run_task("paint", {"image": png_file})
+    with pytest.raises(api.SDTexError, match="pbr has no parameter 'strength'"):
+        api.run_task("pbr", {"image": png_file, "strength": 0.5})
+
+
 def test_bad_options_and_images_name_the_parameter(scene, png_file, tmp_path):
     with pytest.raises(api.SDTexError, match="displacement must be one of BUMP, DISPLACEMENT"):
         api.derive_pbr_maps(png_file, [add_cube()], displacement="PARALLAX")
@@ -204,33 +230,30 @@ def test_objects_in_edit_mode_get_the_material_and_the_history_entry(scene, png_
 
 def follow_ui_jobs():
     """Drive the UI timer by hand (timers do not tick in background mode) until it stops."""
-    from blender_sd_addon.blender import operators
 
-    while (delay := operators._tick()) is not None:
+    while (delay := ui_jobs._tick()) is not None:
         time.sleep(delay)
-    operators.stop_polling()
+    ui_jobs.stop_polling()
 
 
 @pytest.mark.parametrize("kind", ["file", "unsaved"])
 def test_ui_job_uploads_when_needed_and_applies_by_the_timer(scene, png_file, kind):
-    from blender_sd_addon.blender import operators
 
     image = bpy.data.images.load(png_file)
     image = image if kind == "file" else unsaved_copy(image, "Unsaved")
     cube = add_cube()
-    params = api.pbr_params(scene.sdtex.pbr_settings())
-    started = operators.start_ui_pbr_job(image, params, [cube], api.apply_options(), apply=True)
-    assert isinstance(started, operators.Upload if kind == "unsaved" else jobs.Job)
+    params = tasks.pbr_params(scene.sdtex.pbr_settings())
+    started = ui_jobs.start_ui_pbr_job(image, params, [cube], tasks.apply_options(), apply=True)
+    assert isinstance(started, ui_state.Upload if kind == "unsaved" else jobs.Job)
     follow_ui_jobs()
 
-    assert not operators.STATE.is_error, operators.STATE.message
-    assert operators.STATE.message.startswith("Saved 4 file(s)") and "seed" not in operators.STATE.message
+    assert not ui_state.STATE.is_error, ui_state.STATE.message
+    assert ui_state.STATE.message.startswith("Saved 4 file(s)") and "seed" not in ui_state.STATE.message
     textures = node_images(cube.active_material)
     assert textures["Albedo"] == image and len(textures) == 5
 
 
 def test_ui_job_whose_image_cannot_be_sent_says_why(scene, monkeypatch):
-    from blender_sd_addon.blender import operators
     from blender_sd_addon.client import BackendClient
 
     def refuse(client, data, timeout=None):
@@ -238,7 +261,25 @@ def test_ui_job_whose_image_cannot_be_sent_says_why(scene, monkeypatch):
 
     monkeypatch.setattr(BackendClient, "upload", refuse)
     cube, image = add_cube(), bpy.data.images.new("Unsaved", 8, 8)
-    operators.start_ui_pbr_job(image, api.pbr_params({}), [cube], api.apply_options(), apply=True)
+    ui_jobs.start_ui_pbr_job(image, tasks.pbr_params({}), [cube], tasks.apply_options(), apply=True)
     follow_ui_jobs()
-    assert operators.STATE.is_error and operators.STATE.message == "Could not send the image: The upload is too large"
+    assert ui_state.STATE.is_error and ui_state.STATE.message == "Could not send the image: The upload is too large"
     assert cube.active_material is None and not scene.sdtex.history
+
+
+def test_the_operator_queues_on_the_job_board_in_the_ui_and_blocks_in_background_mode(scene, png_file, monkeypatch):
+    from types import SimpleNamespace
+
+    from blender_sd_addon.blender import operator_base
+
+    image, cube = bpy.data.images.load(png_file), add_cube()
+    assert bpy.ops.sdtex.derive_pbr_maps(image=image.name) == {"FINISHED"}  # background mode: applied on return
+    assert len(scene.sdtex.history) == 1 and not ui_state.STATE.board.jobs and cube.active_material is not None
+    monkeypatch.setattr(operator_base, "bpy", SimpleNamespace(app=SimpleNamespace(background=False)))
+    assert bpy.ops.sdtex.derive_pbr_maps(image=image.name) == {"FINISHED"}  # the UI: returns at once, queued
+    assert [job.task for job in ui_state.STATE.board.jobs] == ["pbr"] and len(scene.sdtex.history) == 1
+    follow_ui_jobs()
+    assert len(scene.sdtex.history) == 2 and ui_state.STATE.message.startswith("Saved 4 file(s)")
+    with pytest.raises(RuntimeError, match="there is none called 'Nope'"):
+        bpy.ops.sdtex.derive_pbr_maps(image="Nope")
+    assert ui_state.STATE.is_error and "Nope" in ui_state.STATE.message  # the panel shows it too

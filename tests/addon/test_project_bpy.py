@@ -14,7 +14,10 @@ from bpy_extras.object_utils import world_to_camera_view  # noqa: E402
 from mathutils import Vector  # noqa: E402
 
 from blender_sd_addon import api  # noqa: E402
-from blender_sd_addon.blender import geometry  # noqa: E402
+from blender_sd_addon.blender import (  # noqa: E402
+    geometry,  # noqa: E402
+    projecting,
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,19 +157,21 @@ def test_panel_operator_in_background_mode_bakes_every_visible_mesh(scene, contr
 def test_ui_job_reports_the_view_and_step_and_applies_when_done(scene, controlnet):
     import time
 
-    from blender_sd_addon.blender import project
-    from blender_sd_addon.jobs import Job
+    from blender_sd_addon.blender import project, ui_jobs
+    from blender_sd_addon.blender.materials import ApplyOptions
+    from blender_sd_addon.blender.ui_state import Target
 
     cube = add("cube", "Crate", size=1.0)
     settings = scene.sdtex_project
     settings.controlnet, settings.texture_size, settings.views_per_ring, settings.both_sides = controlnet, 64, 3, False
     arguments = settings.request(scene.sdtex, [cube])
     objects, prompt = arguments.pop("objects"), arguments.pop("prompt")
-    request = api.prepare_projection(objects, prompt, output_dir=None, **arguments)
-    job = Job.submit(api.get_client(), "project", request.params)
-    project.Running.jobs.append((job, request, "NEW"))
+    request = projecting.prepare_projection(objects, prompt, output_dir=None, **arguments)
+    options = ApplyOptions(shared_material=False)
+    job = ui_jobs.submit_ui("project", request.params, Target((cube.name,), options, True, request=request))
+    assert project.project_jobs() == [job]  # a row on the UI's one job board
     texts = set()
-    while project._tick() is not None:
+    while ui_jobs._tick() is not None:
         texts.add(project.progress_text(job))
         time.sleep(0.02)
     stepping = [t for t in texts if re.fullmatch(r"View [1-3]/3, step [12]/2", t)]

@@ -29,21 +29,68 @@ def test_no_interpreter_blocks_generate_and_offers_install():
     assert fixes(ready.backend) == ["sdtex.install_backend", "sdtex.open_preferences"]
 
 
-def test_installing_shows_progress_and_blocks():
+def test_installing_shows_progress_blocks_and_offers_cancel():
     facts = Facts(interpreter_error="none yet", installing=True, install_progress=0.4, install_message="torch")
     line = readiness.check(facts).backend
     assert (line.ready, line.progress) == (False, 0.4) and "torch" in line.text
+    assert fixes(line) == ["sdtex.install_backend_cancel"]  # Cancel in the sidebar, not only in Preferences
 
 
-def test_a_failed_install_says_why():
-    facts = Facts(interpreter_error="none", install_failed=True, install_message="No space left on device")
-    assert readiness.check(facts).backend.text == "Install failed: No space left on device"
+def test_a_failed_install_says_why_and_offers_the_log():
+    facts = Facts(interpreter_error="none", install_failed=True, install_message="the disk is full: free some space")
+    line = readiness.check(facts).backend
+    assert line.text == "Install failed: the disk is full: free some space" and line.icon == "ERROR"
+    assert fixes(line) == ["sdtex.open_install_log", "sdtex.install_backend", "sdtex.open_preferences"]
 
 
 def test_a_stopped_worker_does_not_block_generate_which_restarts_it():
     ready = readiness.check(Facts(**{**READY, "running": False}, worker_error="error: killed by SIGKILL"))
     assert ready.backend.ready and "SIGKILL" in ready.backend.text
     assert fixes(ready.backend) == ["sdtex.start_backend"]
+    assert ready.backend.icon == "ERROR"  # not a blocker, but no check mark either
+
+
+ERROR_FACTS = {  # each fact that reports something wrong, with the facts it shows under
+    "worker_error": dict(model="/m", model_state="folder", worker_error="error: No Python with the backend found"),
+    "install_failed": dict(interpreter_error="none", install_failed=True, install_message="the disk is full"),
+    "interpreter_error": dict(interpreter_error="No Python with the backend found"),
+    "remote_error": dict(remote="gpu-box:8765", remote_error="Failed: wrong token"),
+    "remote worker_error": dict(remote="gpu-box:8765", worker_error="error: authentication failed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_FACTS))
+def test_an_error_never_gets_a_check_mark(name):
+    line = readiness.check(Facts(**ERROR_FACTS[name])).backend
+    assert line.kind == readiness.ERROR and line.icon == "ERROR", line
+
+
+def test_only_a_checked_state_gets_a_check_mark():
+    def kind(**facts) -> str:
+        return readiness.check(Facts(**facts)).backend.kind
+
+    stopped = {**READY, "running": False}
+    assert kind(**READY) == kind(remote="gpu-box:8765", running=True) == readiness.OK
+    assert kind(**READY, starting=True) == kind(interpreter="/venv/bin/python") == readiness.INFO
+    assert kind(remote="gpu-box:8765") == kind(**stopped, worker_error="stopped") == readiness.INFO
+
+
+def test_a_line_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be one of ok, error, info, got 'warning'"):
+        readiness.Line("x", True, kind="warning")
+
+
+@pytest.mark.parametrize(
+    ("source", "text"),
+    [
+        (readiness.INSTALLED, "Backend installed (starts with the first Generate)"),
+        (readiness.SET, "Backend interpreter set: /home/me/venv/bin/python (starts with the first Generate)"),
+        ("", "Backend interpreter found: /home/me/venv/bin/python (starts with the first Generate)"),
+    ],
+)
+def test_a_backend_not_started_says_which_python_and_where_it_came_from(source, text):
+    facts = Facts(interpreter="/home/me/venv/bin/python", interpreter_source=source)
+    assert readiness.check(facts).backend.text == text
 
 
 @pytest.mark.parametrize(
@@ -98,7 +145,7 @@ def test_parameter_errors_use_the_panels_labels(message, shown):
 
 
 def test_models_on_disk_lists_complete_cached_models_and_a_folders_models(tmp_path):
-    from blender_sd_addon.model_catalog import local_models
+    from blender_sd_addon.contract.model_catalog import local_models
 
     cache = tmp_path / "hub"
     for repo, complete in (("owner--done", True), ("owner--half", False)):
@@ -132,6 +179,7 @@ def test_a_remote_backend_needs_no_interpreter_here_and_its_model_is_the_servers
     ready = readiness.check(facts)
     assert ready.blocker == ""
     assert ready.backend.text == "Remote backend: gpu-box:8765 (connects with the first Generate)"
+    assert ready.backend.icon == "INFO"  # nothing has checked it yet
     assert fixes(ready.backend) == ["sdtex.test_connection"]
     assert ready.model.text == "Model on the server: owner/m"
     running = readiness.check(Facts(remote="gpu-box:8765", running=True, device="cuda", model_state="remote"))

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from remote_server_process import ServerProcess
 
+from blender_sd_addon.blender import session  # noqa: E402
 from blender_sd_addon.remote import RemoteSettings, write_new
 from blender_sd_addon.rpc import SDTexError
 from blender_sd_addon.transport import parse_address
@@ -56,12 +57,12 @@ def test_headless_api_through_a_remote_server_gives_the_local_pixels(scene, remo
     try:
         cube = add_cube("Remote", 2.0)
         far = api.generate_texture([cube], "oak planks", output_dir=str(there), **settings)
-        assert api.current_client().remote == RemoteSettings(remote.address, remote.token)
+        assert session.current_client().remote == RemoteSettings(remote.address, remote.token)
         # an input given by its path on this machine is uploaded
         far_variation = api.img2img(local.files[0], "moss", output_dir=str(there), **variation)
     finally:
         api.configure_remote(None)
-    assert api.get_client().remote is None  # back to the local worker
+    assert session.get_client().remote is None  # back to the local worker
 
     assert len(far.files) == len(local.files) == 5  # albedo and four maps
     for mine, theirs in zip(local.files + local_variation.files, far.files + far_variation.files, strict=True):
@@ -76,12 +77,11 @@ def test_headless_api_through_a_remote_server_gives_the_local_pixels(scene, remo
 def test_preferences_remote_and_test_connection(scene, addon, remote: ServerProcess, tiny_model_dir: Path):
     import bpy
 
-    from blender_sd_addon import api
     from blender_sd_addon.blender import remote as remote_ui
 
     addon.backend_mode, addon.remote_address, addon.remote_token = "REMOTE", remote.address, remote.token
     try:
-        assert api.remote_settings() == RemoteSettings(remote.address, remote.token)
+        assert session.remote_settings() == RemoteSettings(remote.address, remote.token)
         assert bpy.ops.sdtex.test_connection() == {"FINISHED"}
         message = remote_ui.STATE["message"]
         assert message.startswith("Connected: ") and "device cpu" in message and tiny_model_dir.name in message
@@ -90,7 +90,7 @@ def test_preferences_remote_and_test_connection(scene, addon, remote: ServerProc
             bpy.ops.sdtex.test_connection()
     finally:
         addon.backend_mode = "LOCAL"
-    assert api.remote_settings() is None
+    assert session.remote_settings() is None
 
 
 def test_a_wrong_token_is_a_clear_error(scene, remote: ServerProcess):
@@ -129,7 +129,6 @@ def test_remote_settings_from_the_environment_and_bad_addresses(tmp_path: Path):
 def test_batch_texture_selected_objects_applies_each_objects_own_prompt(scene):
     import bpy
 
-    from blender_sd_addon import api
 
     scene.sdtex.random_seed, scene.sdtex.seed = False, 7
     plain, named = add_cube("Wall"), add_cube("Floor", 2.0)
@@ -138,7 +137,7 @@ def test_batch_texture_selected_objects_applies_each_objects_own_prompt(scene):
         obj.select_set(True)
     assert bpy.ops.sdtex.batch_texture(template="{name} of mossy bricks") == {"FINISHED"}
 
-    [manifest] = Path(api.output_folder(None)).glob("batch-*/jobs.jsonl")
+    [manifest] = Path(session.output_folder(None)).glob("batch-*/jobs.jsonl")
     jobs = {job["id"]: job for job in map(json.loads, manifest.read_text().splitlines())}
     prompts = {key: job["prompt"] for key, job in jobs.items()}
     assert prompts == {"Wall": "Wall of mossy bricks", "Floor": "polished marble"}

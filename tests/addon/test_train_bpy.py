@@ -13,7 +13,7 @@ import pytest
 bpy = pytest.importorskip("bpy")
 
 from blender_sd_addon import api  # noqa: E402
-from blender_sd_addon.blender import train  # noqa: E402
+from blender_sd_addon.blender import session, train  # noqa: E402
 
 
 def write_photos(folder: Path, count: int = 4) -> Path:
@@ -48,7 +48,7 @@ def test_presets_and_prompts(scene):
 
 
 def test_train_operator_adds_the_lora_and_generation_uses_it(scene, tmp_path):
-    api.preferences().output_folder = str(tmp_path / "out")
+    session.preferences().output_folder = str(tmp_path / "out")
     settings = scene.sdtex_train
     settings.photos_dir = str(write_photos(tmp_path / "photos"))
     settings.token, settings.subject, settings.prior = "sks", "tiles", False
@@ -102,15 +102,15 @@ def test_missing_photos_folder_is_a_clear_report(scene):
 def test_the_panel_says_when_the_backend_cannot_train(monkeypatch):
     from types import SimpleNamespace
 
-    from blender_sd_addon import protocol
+    from blender_sd_addon.contract import protocol
 
     reason = "PEFT 0.21.2 is older than transformers 5.24.0 needs (0.22.0)"
     shake = protocol.HandshakeResult.from_dict(
         {"protocol_version": 2, "backend_version": "x", "devices": ["cpu"], "schedulers": [], "tasks": {},
          "unavailable": {"train_lora": reason}}
     )  # fmt: skip
-    monkeypatch.setattr(train.api, "remote_settings", lambda: None)
-    monkeypatch.setattr(train.api, "current_client", lambda: SimpleNamespace(alive=True, handshake=shake))
+    monkeypatch.setattr(train.session, "remote_settings", lambda: None)
+    monkeypatch.setattr(train.session, "current_client", lambda: SimpleNamespace(alive=True, handshake=shake))
     line = train.unavailable_line()
     assert line.text == f"Training unavailable: {reason}" and line.fixes[0][1] == "Reinstall Backend"
     shake.unavailable = {}

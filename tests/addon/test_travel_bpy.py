@@ -12,6 +12,7 @@ import pytest
 bpy = pytest.importorskip("bpy")
 
 from blender_sd_addon import api, jobs  # noqa: E402
+from blender_sd_addon.blender import session, tasks, ui_jobs, ui_state  # noqa: E402
 
 KEYS = [{"prompt": "lava", "seed": 1}, {"prompt": "basalt", "seed": 2}]
 SMALL = {"steps": 1, "width": 64, "height": 64}
@@ -76,7 +77,7 @@ def test_panel_keyframes_and_travel_operator(scene, tmp_path):
     assert [(k.prompt, k.seed) for k in travel.keyframes] == [("rust", 5), ("chrome", 6)]
     travel.frames, travel.loop = 1, True
     settings.steps = 1
-    api.preferences().output_folder = str(tmp_path)
+    session.preferences().output_folder = str(tmp_path)
     cube = add_cube()
     cube.select_set(True)
     assert bpy.ops.sdtex.travel() == {"FINISHED"}
@@ -89,15 +90,14 @@ def test_panel_keyframes_and_travel_operator(scene, tmp_path):
 
 
 def test_ui_travel_job_applies_sequences_through_the_job_timer(scene, tmp_path):
-    from blender_sd_addon.blender import operators
 
     cube = add_cube()
-    params = api.image_task_params("travel", {"keyframes": KEYS, "frames": 1} | SMALL, output_dir=str(tmp_path))
-    job = operators.start_ui_job(params, [cube], api.apply_options(), apply=True, task="travel")
-    while (delay := operators._tick()) is not None:
+    params = tasks.task_params("travel", {"keyframes": KEYS, "frames": 1} | SMALL, output_dir=str(tmp_path))
+    job = ui_jobs.start_ui_job(params, [cube], tasks.apply_options(), apply=True, task="travel")
+    while (delay := ui_jobs._tick()) is not None:
         time.sleep(delay)
-    operators.stop_polling()
-    assert job.state == jobs.DONE and not operators.STATE.is_error, operators.STATE.message
+    ui_jobs.stop_polling()
+    assert job.state == jobs.DONE and not ui_state.STATE.is_error, ui_state.STATE.message
     assert [a.kind for a in job.artifacts] == ["frame", "frame"]
     node = cube.active_material.node_tree.nodes["Albedo"]
     assert (node.image.source, node.image_user.frame_duration) == ("SEQUENCE", 2)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from backend.__main__ import build_parser
-from blender_sd_addon.protocol import GENERATE_PARAMS
+from sdtex_contract.protocol import GENERATE_PARAMS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,7 +147,7 @@ def test_pbr_command_derives_maps_of_a_file(tmp_path):
 
 def test_every_image_task_command_has_a_flag_per_parameter():
     from backend.__main__ import COMMANDS
-    from blender_sd_addon.protocol import TASK_PARAMS, ImageInput
+    from sdtex_contract.protocol import TASK_PARAMS, ImageInput
 
     parser = build_parser()
     for command in ("img2img", "inpaint", "upscale", "make-seamless"):

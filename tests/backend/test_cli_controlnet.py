@@ -8,7 +8,7 @@ from diffusers import ControlNetModel
 from backend import controlnets
 from backend.__main__ import main
 from backend.models import ModelManager
-from blender_sd_addon.protocol import model_params
+from sdtex_contract.protocol import model_params
 
 
 def test_make_test_model_writes_a_controlnet_that_fits_the_model(tiny_model_dir, tmp_path, capsys):

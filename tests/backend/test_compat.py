@@ -9,7 +9,7 @@ import transformers.integrations.peft
 
 from backend import compat
 from backend.worker import Worker
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 REASON = "PEFT 0.21.2 is older than transformers 5.24.0 needs (0.22.0)"
 

@@ -17,7 +17,7 @@ from backend.tasks import project
 from backend.tiny_model import make_test_controlnet
 from benchmarks.project import cube
 from blender_sd_addon.projection import orbit_views
-from blender_sd_addon.protocol import EVENT_PROGRESS, INVALID_PARAMS, ProjectParams, ProtocolError, model_params
+from sdtex_contract.protocol import EVENT_PROGRESS, INVALID_PARAMS, ProjectParams, ProtocolError, model_params
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """download_model and list_models against a fake Hugging Face hub on loopback (no network), and the add-on's
-stdlib view of the same cache (blender_sd_addon.model_catalog).
+stdlib view of the same cache (sdtex_contract.model_catalog).
 
 The fake hub serves the few endpoints huggingface_hub uses to download (repo info, the recursive file tree, HEAD
 and ranged GET of files); huggingface_hub is pointed at it through its endpoint setting, its cache at a temporary
@@ -28,8 +28,8 @@ from backend.context import JobContext
 from backend.downloads import Progress, select_files
 from backend.models import ModelManager
 from backend.worker import Worker
-from blender_sd_addon import model_catalog, protocol
-from blender_sd_addon.protocol import DownloadResult, GenerateParams, ModelList
+from sdtex_contract import model_catalog, protocol, units
+from sdtex_contract.protocol import DownloadResult, GenerateParams, ModelList
 
 REPO_ID = "test-org/tiny-sd"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -472,7 +472,7 @@ def test_model_catalog_defaults_and_texts():
     assert model_catalog.defaults_for("/models/plain.safetensors", "sd2").width == 768
     assert all(rule.scheduler in protocol.SCHEDULERS for rule in model_catalog.NAME_RULES)
     assert all(d.scheduler in protocol.SCHEDULERS for d in model_catalog.BASE_DEFAULTS.values())
-    assert model_catalog.transfer_text(312e6, 2.1e9, 14.2e6) == "312 MB of 2.1 GB · 14 MB/s"
+    assert units.transfer_text(312e6, 2.1e9, 14.2e6) == "312 MB of 2.1 GB · 14 MB/s"
     env = {"HF_HOME": "/data/hf"}
     assert model_catalog.hf_cache_dir(env) == Path("/data/hf/hub")
     assert model_catalog.hf_cache_dir({"HF_HUB_CACHE": "/c", **env}) == Path("/c")

@@ -16,7 +16,7 @@ from backend.families import (
     family_of_pipeline_class,
     size_multiple,
 )
-from backend.tasks.txt2img import size_multiple as txt2img_size_multiple
+from backend.worker import size_multiple as worker_size_multiple
 
 ROWS = [(family, task, cls) for family in FAMILIES.values() for task, cls in family.pipelines.items()]
 
@@ -53,4 +53,4 @@ def test_loaded_pipelines_and_their_size_multiple(request, fixture, family):
     pipe = family.txt2img.from_pretrained(request.getfixturevalue(fixture), **family.pipeline_kwargs)
     assert family_of(pipe) is family
     assert size_multiple(pipe) == 4  # the tiny models: VAE factor 2 times one U-Net downsampling
-    assert txt2img_size_multiple is size_multiple  # worker.py imports it from there
+    assert worker_size_multiple is size_multiple  # worker.py imports it from there

@@ -23,13 +23,13 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 import backend.seamless
+from backend.context import Cancelled
 from backend.families import SD, SDXL, Family
 from backend.inputs import InputStore, open_image
 from backend.models import LoadedModel
 from backend.tasks.img2img import run_img2img, source_picture
-from backend.tasks.txt2img import Cancelled
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import INVALID_PARAMS, Img2ImgParams, ProtocolError
+from sdtex_contract import protocol
+from sdtex_contract.protocol import INVALID_PARAMS, Img2ImgParams, ProtocolError
 
 
 def ours_and_reference(folder: Path, family: Family) -> tuple[DiffusionPipeline, DiffusionPipeline]:

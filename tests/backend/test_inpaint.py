@@ -35,8 +35,8 @@ from backend.models import ModelManager
 from backend.tasks import TASKS
 from backend.tasks.inpaint import inpaint, prepare_inpaint, prepare_make_seamless, run_inpaint
 from backend.tiny_model import make_test_model
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import INVALID_PARAMS, ProtocolError
+from sdtex_contract import protocol
+from sdtex_contract.protocol import INVALID_PARAMS, ProtocolError
 
 SIZE = 64
 MASK_BOX = (slice(16, 40), slice(20, 48))  # rows, columns: repainted

@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 from worker_process import WorkerProcess
 
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 SIZE = 64
 

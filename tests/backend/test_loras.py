@@ -17,7 +17,7 @@ from backend import loras
 from backend.families import SD, SDXL, Family
 from backend.models import ModelManager
 from backend.tasks.txt2img import run_txt2img
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     MODEL_LOAD_FAILED,
     MODEL_NOT_FOUND,
     UNSAFE_CHECKPOINT,

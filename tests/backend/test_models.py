@@ -21,8 +21,8 @@ from backend.models import (
     pick_dtype,
     single_file_family,
 )
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import MODEL_LOAD_FAILED, MODEL_NOT_FOUND, GenerateParams, ProtocolError
+from sdtex_contract import protocol
+from sdtex_contract.protocol import MODEL_LOAD_FAILED, MODEL_NOT_FOUND, GenerateParams, ProtocolError
 
 
 def code_of(call) -> str:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from worker_process import WorkerProcess
 
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 REAL_MODEL = os.environ.get("SDTEX_REAL_MODEL", "")
 GPU = os.environ.get("SDTEX_GPU") == "1"

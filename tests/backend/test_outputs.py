@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from backend.outputs import TEMP_PREFIX, sanitise_prefix, save_images
-from blender_sd_addon.protocol import OUTPUT_FAILED, PROTOCOL_VERSION, GenerateParams, ProtocolError
+from sdtex_contract.protocol import OUTPUT_FAILED, PROTOCOL_VERSION, GenerateParams, ProtocolError
 
 
 def make_params(tmp_path, **changes) -> GenerateParams:

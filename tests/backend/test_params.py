@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import GENERATE_PARAMS, GenerateParams, ProtocolError
+from sdtex_contract import protocol
+from sdtex_contract.protocol import GENERATE_PARAMS, GenerateParams, ProtocolError
 
 VALID = {"model": "/models/tiny", "prompt": "mossy stone wall", "output_dir": "/tmp/out"}
 

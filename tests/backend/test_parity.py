@@ -17,9 +17,11 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
+from backend.context import Cancelled
 from backend.families import SD, SDXL, Family
-from backend.tasks.txt2img import Cancelled, encode_prompt, run_txt2img
-from blender_sd_addon.protocol import INVALID_PARAMS, GenerateParams, ProtocolError
+from backend.steps import encode_prompt
+from backend.tasks.txt2img import run_txt2img
+from sdtex_contract.protocol import INVALID_PARAMS, GenerateParams, ProtocolError
 
 
 def load_twice(folder: Path, family: Family, dtype: torch.dtype = torch.float32) -> list[DiffusionPipeline]:

@@ -20,7 +20,7 @@ from backend.tiny_model import make_test_controlnet
 from backend.travel import Frame
 from benchmarks.project import cube
 from blender_sd_addon.projection import orbit_views
-from blender_sd_addon.protocol import EVENT_ARTIFACT, task_params
+from sdtex_contract.protocol import EVENT_ARTIFACT, task_params
 
 # A1111's own parser (modules/infotext_utils.py): a "Key: value" pair, the value JSON-quoted when it holds a comma.
 PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

@@ -21,7 +21,7 @@ from backend.tasks import project
 from backend.tiny_model import make_test_controlnet
 from benchmarks.project import cube, uv_sphere
 from blender_sd_addon.projection import orbit_views
-from blender_sd_addon.protocol import (
+from sdtex_contract.protocol import (
     EVENT_ARTIFACT,
     EVENT_PROGRESS,
     EVENT_STATUS,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from remote_server_process import Raw, ServerProcess, self_signed
 
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 QUOTA = 50 * 2**20
 

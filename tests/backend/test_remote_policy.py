@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from backend.remote_policy import Policy
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 
 def path_params() -> list[tuple[str, str, protocol.Param, str | None]]:

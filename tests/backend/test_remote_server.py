@@ -16,8 +16,8 @@ from remote_server_process import Raw, ServerProcess, self_signed
 
 from backend.remote_policy import Policy
 from backend.server_token import is_loopback, load_or_create_token, token_matches
-from blender_sd_addon import protocol
 from blender_sd_addon.client import BackendError
+from sdtex_contract import protocol
 
 MAX_MESSAGE = 1 << 20
 

@@ -17,7 +17,7 @@ from PIL import Image
 from worker_process import REPO, WorkerProcess
 
 from backend.outputs import TEMP_PREFIX
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 KILLED_JOBS = int(os.environ.get("SDTEX_KILLED_JOBS", "50"))
 

@@ -12,8 +12,8 @@ import PIL.Image
 import pytest
 
 from backend.batch import DONE, FAILED, Progress, run_batch
-from blender_sd_addon import safe_remove
-from blender_sd_addon.safe_remove import RemovalRefused
+from sdtex_contract import safe_remove
+from sdtex_contract.safe_remove import RemovalRefused
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from backend.schedulers import display_name, make_scheduler
 from backend.tasks.txt2img import run_txt2img
-from blender_sd_addon.protocol import INVALID_PARAMS, SCHEDULERS, GenerateParams, ProtocolError
+from sdtex_contract.protocol import INVALID_PARAMS, SCHEDULERS, GenerateParams, ProtocolError
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch import nn
 
 from backend.seamless import seamless, wrap_axes
 from backend.tasks.txt2img import run_txt2img
-from blender_sd_addon.protocol import GenerateParams
+from sdtex_contract.protocol import GenerateParams
 
 LATENT_H, LATENT_W = 16, 24  # not square, so swapped axes cannot pass
 SHIFT = 2  # latent cells: a multiple of the tiny U-Net's downsampling factor (2 levels -> 2)

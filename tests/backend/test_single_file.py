@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from backend import single_file
 from backend.families import SD, SDXL
 from backend.models import ModelManager
-from blender_sd_addon.protocol import MODEL_LOAD_FAILED, GenerateParams, ProtocolError
+from sdtex_contract.protocol import MODEL_LOAD_FAILED, GenerateParams, ProtocolError
 
 FULL = os.environ.get("SDTEX_FULL_SINGLE_FILE") == "1"
 

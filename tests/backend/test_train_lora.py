@@ -25,8 +25,8 @@ from backend.context import Cancelled, JobContext
 from backend.models import ModelManager
 from backend.tasks import train_lora
 from backend.tasks.txt2img import run_txt2img
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import INVALID_PARAMS, NOT_ENOUGH_SPACE, GenerateParams, ProtocolError
+from sdtex_contract import protocol
+from sdtex_contract.protocol import INVALID_PARAMS, NOT_ENOUGH_SPACE, GenerateParams, ProtocolError
 
 # EXIF orientation -> the transpose that turns the upright picture into the stored pixels (exif_transpose undoes it)
 STORED = {

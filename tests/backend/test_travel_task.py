@@ -20,12 +20,12 @@ from backend.__main__ import main as cli_main
 from backend.context import Cancelled, JobContext
 from backend.models import ModelManager
 from backend.seamless import seamless
+from backend.steps import decode_latents
 from backend.tasks import travel as travel_task
 from backend.tasks import txt2img
-from backend.tasks.txt2img import decode_latents
 from backend.travel import frame_plan, lerp, slerp
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import GenerateParams, ProtocolError, TravelParams
+from sdtex_contract import protocol
+from sdtex_contract.protocol import GenerateParams, ProtocolError, TravelParams
 
 KEYS = [
     {"prompt": "red clay bricks", "seed": 11},

@@ -14,7 +14,7 @@ from worker_process import WorkerProcess
 
 from backend import inputs
 from backend.inputs import InputStore, UploadQuota
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 
 @pytest.fixture(autouse=True)

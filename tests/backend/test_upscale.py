@@ -24,8 +24,8 @@ from backend.models import LoadedModel, ModelManager, locate
 from backend.tasks.upscale import run_tiled, run_x4
 from backend.tiny_model import make_test_model
 from backend.upscaler import load_upscaler
-from blender_sd_addon import protocol
-from blender_sd_addon.protocol import ProtocolError, UpscaleParams
+from sdtex_contract import protocol
+from sdtex_contract.protocol import ProtocolError, UpscaleParams
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from worker_process import WorkerProcess
 
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 
 @pytest.fixture

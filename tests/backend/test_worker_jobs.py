@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from worker_process import WorkerProcess
 
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 from backend import worker as worker_module
 from backend.worker import Worker
-from blender_sd_addon import protocol
+from sdtex_contract import protocol
 
 
 @pytest.fixture

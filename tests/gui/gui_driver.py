@@ -12,7 +12,10 @@ cube on screen once EEVEE has compiled its shaders) until a deadline, so a loade
 It does what a user does: install the zip (legacy add-on path), open the sidebar on the SD Textures tab,
 follow the setup lines (no backend: set the interpreter; the default model not on disk: choose the tiny model's
 folder), select the cube and press Generate, select the plane and press Generate again while the first runs, watch
-both jobs' progress, look at the result in Material Preview, undo both. Everything after
+both jobs' progress (the live preview in an Image Editor), look at the result in Material Preview, undo both;
+then, in a new unsaved file, generate once and save into a new folder: the texture must follow the .blend.
+A heartbeat timer measures how long Blender's event loop stalls, first without a job, then during the jobs
+(gui_stalls.py). Everything after
 Generate runs from `bpy.app.timers` callbacks, so the report also shows that Blender kept running its
 event loop while the backend worked. Any exception ends the run with the traceback in the report.
 """
@@ -23,9 +26,13 @@ import os
 import sys
 import time
 import traceback
+from types import SimpleNamespace
 
 import addon_utils
 import bpy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Blender runs this file as a script
+from gui_stalls import START, Stalls  # noqa: E402
 
 ARGS = json.loads(sys.argv[sys.argv.index("--") + 1])
 ADDON = "blender_sd_addon"
@@ -33,12 +40,15 @@ TAB = "SD Textures"
 TICK = 0.1  # seconds between driver steps
 TAB_WAIT = 60.0  # seconds the sidebar may take to show the add-on's tab
 PREVIEW_WAIT = 150.0  # seconds EEVEE may take to compile its shaders (minutes-long on a loaded llvmpipe)
+BASELINE = 5.0  # seconds of heartbeat with the same load and the same redraws, before any job
 REPORT = {"errors": [], "ticks_during_job": 0, "progress_seen": [], "screenshots": {}, "timeline": {}}
-START = time.monotonic()
 
 
 def mark(event: str) -> None:
     REPORT["timeline"][event] = round(time.monotonic() - START, 2)
+
+
+STALLS = Stalls()
 
 
 class TabProbe(bpy.types.Panel):
@@ -71,7 +81,7 @@ def override():
 
 def screenshot(name: str) -> None:
     path = os.path.join(ARGS["out"], name)
-    with override():
+    with override(), STALLS.paused():  # the driver's own work, not the add-on's
         bpy.ops.screen.screenshot(filepath=path)
     REPORT["screenshots"][name] = path
 
@@ -133,21 +143,50 @@ def setup() -> None:
     REPORT["before"] = object_state("Cube")
     REPORT["plane_before"] = object_state("Plane")
 
-    # 3. Open the sidebar
+    # 3. Open the sidebar, and an Image Editor (for the live preview) where the Properties editor was
     _, area, _ = view3d()
     area.spaces.active.show_region_ui = True
     bpy.utils.register_class(TabProbe)
+    properties = next(a for a in bpy.context.window_manager.windows[0].screen.areas if a.type == "PROPERTIES")
+    properties.type = "IMAGE_EDITOR"
+    bpy.app.timers.register(STALLS.tick, persistent=True)
+    STALLS.watch_viewport()
 
 
 def scenario():
     """The steps after start-up; each `yield` gives Blender back its event loop for that many seconds."""
-    window, area, region = view3d()
-    operators = sys.modules[ADDON + ".blender.operators"]
+    ui = addon_ui()
     yield 0.1
     with override():  # what the user did so far is one undo step, as their clicks would have made it
         bpy.ops.ed.undo_push(message="Scene set up")
+    yield from open_tab()
+    yield from guided_setup(ui)
+    yield from idle_baseline(ui)
+    first_job = yield from generate_on_both(ui)
+    yield from follow_jobs(ui, first_job)
+    yield from material_preview()
+    yield from undo_and_redo()
+    yield from first_save(ui)
+    mark("end")
 
-    # 1. Switch the sidebar to the add-on's tab (Ctrl+Wheel over the sidebar cycles tabs; 3.4 has no API)
+
+def addon_ui() -> SimpleNamespace:
+    """The add-on's UI parts the driver looks into, by their names in the installed package."""
+    blender = sys.modules[ADDON + ".blender"]
+    parts = {name: sys.modules[f"{ADDON}.blender.{name}"] for name in ("ui_jobs", "ui_state", "status", "preview")}
+    return SimpleNamespace(
+        jobs=parts["ui_jobs"],
+        STATE=parts["ui_state"].STATE,
+        backend_status=parts["ui_state"].backend_status,
+        check_readiness=parts["status"].check_readiness,
+        preview=parts["preview"],
+        panels=[cls for cls in blender.classes if issubclass(cls, bpy.types.Panel)],
+    )
+
+
+def open_tab():
+    """Switch the sidebar to the add-on's tab (Ctrl+Wheel over the sidebar cycles tabs; 3.4 has no API)."""
+    window, _, region = view3d()
     deadline = time.monotonic() + TAB_WAIT
     while time.monotonic() < deadline:
         yield 0.3
@@ -159,7 +198,9 @@ def scenario():
     REPORT["tab_open"] = TabProbe.draws > 0
     mark("tab_open")
 
-    # 2. A newcomer's setup, as the panel's lines guide it: no backend, then no model, then ready
+
+def guided_setup(ui):
+    """A newcomer's setup, as the panel's lines guide it: no backend, then no model, then ready."""
     prefs = bpy.context.preferences.addons[ADDON].preferences
     for step in ("backend_missing", "model_missing", "ready"):
         if step == "model_missing":  # Preferences > Backend Interpreter (or Install Backend)
@@ -167,59 +208,105 @@ def scenario():
         if step == "ready":  # the panel's Choose Model, on the tiny model's folder
             with override():
                 bpy.ops.sdtex.browse_model(target="PREFERENCES", filepath="", directory=ARGS["model"])
-        operators.STATE.readiness = None
+        ui.STATE.readiness = None
         yield 0.5
         with override():
             bpy.ops.wm.redraw_timer(type="DRAW_WIN_SWAP", iterations=1)
             can_generate = bpy.ops.sdtex.generate.poll()
-        ready = operators.check_readiness(bpy.context)
+        ready = ui.check_readiness(bpy.context)
         REPORT[f"setup_{step}"] = {"blocker": ready.blocker, "generate_enabled": can_generate}
         screenshot(f"setup_{step}.png")
     mark("setup_done")
-    settings = bpy.context.scene.sdtex  # picking the model filled in its size and steps: smaller for the test
-    settings.steps, settings.width, settings.height = ARGS["steps"], ARGS["size"], ARGS["size"]
-    settings.random_seed = False
+    small_settings(bpy.context.scene.sdtex)  # picking the model filled in its size and steps
     with override():
         bpy.ops.ed.undo_push(message="Settings")
 
-    # 3. Press Generate on the cube, then on the plane while the first job runs (as a button press does:
-    # invoke, with an undo step); each must return at once
+
+def small_settings(settings) -> None:
+    settings.steps, settings.width, settings.height = ARGS["steps"], ARGS["size"], ARGS["size"]
+    settings.random_seed = False
+
+
+def idle_baseline(ui):
+    """The same load and the same redraws as during a job, without one (see Stalls)."""
+    STALLS.watch_addon(ui)
+    STALLS.start("idle")
+    deadline = time.monotonic() + BASELINE
+    while time.monotonic() < deadline:
+        ui.jobs._redraw()  # what the add-on's timer does on each step's news
+        yield 0.05
+    STALLS.start(None)
+
+
+def generate_on_both(ui):
+    """Press Generate on the cube, then on the plane while the first job runs (as a button press does:
+    invoke, with an undo step); each must return at once. Returns the first job. The cube is already selected
+    (since the setup)."""
     mark("generate_pressed")
     REPORT["generate"] = []
     for name, seed in (("Cube", 7), ("Plane", 8)):
-        select_only(name)
+        if name == "Plane":  # the user's click redraws the viewport: their stall, recorded on its own
+            yield 2.0  # first, whether pressing Generate redrew the viewport (in "steps")
+            STALLS.start("user_selects")
+            select_only(name)
+            yield from viewport_settles()
         bpy.context.scene.sdtex.seed = seed
         with override():
             REPORT["generate"].append(sorted(bpy.ops.sdtex.generate("INVOKE_DEFAULT", True)))
+        STALLS.start("after_first_result" if STALLS.result_applied else "steps")
     # The redo panel shows the last registered operator: Generate must not be one (it would re-run a job)
     registered = bpy.context.window_manager.operators
     REPORT["last_registered_operator"] = registered[-1].bl_idname if len(registered) else None
-    REPORT["returned_while_running"] = operators.STATE.running
-    REPORT["jobs_listed"] = len(operators.STATE.board.active)
-    first_job = operators.STATE.board.active[0]
+    REPORT["returned_while_running"] = ui.STATE.running
+    REPORT["jobs_listed"] = len(ui.STATE.board.active)
     mark("generate_returned")
+    return ui.STATE.board.active[0]
 
-    # 4. Follow the jobs from timer ticks (the first job's progress); screenshot the panel once it shows some
-    while operators.STATE.running:
+
+def viewport_settles(quiet: float = 1.0, longest: float = 30.0):
+    """Wait until the 3D viewport has not redrawn for `quiet` seconds (a redraw starts up to 8 more: the
+    Solid mode's anti-aliasing samples), at most `longest` seconds."""
+    started = time.monotonic()
+    deadline = started + longest
+    while time.monotonic() < started + 3.0 and STALLS.last_viewport_draw < started:  # the redraw it caused
+        yield 0.1
+    while time.monotonic() < deadline and time.monotonic() - STALLS.last_viewport_draw < quiet:
+        yield 0.1
+
+
+def follow_jobs(ui, first_job):
+    """Follow the jobs from timer ticks (the first job's progress); screenshot the panel once it shows some."""
+    while ui.STATE.running:
         REPORT["ticks_during_job"] += 1
         fraction = first_job.fraction
         if fraction and (not REPORT["progress_seen"] or REPORT["progress_seen"][-1] != fraction):
             REPORT["progress_seen"].append(fraction)
         if 0 < fraction < 1 and "progress.png" not in REPORT["screenshots"]:
-            with override():
+            with override(), STALLS.paused():
                 bpy.ops.wm.redraw_timer(type="DRAW_WIN_SWAP", iterations=1)  # draw the progress now
             screenshot("progress.png")
             REPORT["progress_screenshot_at"] = fraction
+        drawn = STALLS.callbacks.get("gpu draw_texture_2d", [0])[0]
+        if drawn and "live_preview.png" not in REPORT["screenshots"]:  # the Image Editor showed a step
+            screenshot("live_preview.png")
         yield TICK
+    STALLS.start(None)
     mark("job_finished")
-    REPORT["message"] = operators.STATE.message
-    REPORT["is_error"] = operators.STATE.is_error
-    REPORT["backend_status"] = operators.backend_status()
+    REPORT["stalls"] = STALLS.summary()
+    window = bpy.context.window_manager.windows[0]
+    image_editor = next(a for a in window.screen.areas if a.type == "IMAGE_EDITOR").spaces.active
+    REPORT["image_editor_shows"] = image_editor.image.name if image_editor.image else None
+    REPORT["message"] = ui.STATE.message
+    REPORT["is_error"] = ui.STATE.is_error
+    REPORT["backend_status"] = ui.backend_status()
     REPORT["after"] = object_state("Cube")
     REPORT["plane_after"] = object_state("Plane")
-    select_only("Cube")
 
-    # 5. Look at the result in Material Preview, the cube filling the view (EEVEE compiles its shaders first)
+
+def material_preview():
+    """Look at the result in Material Preview, the cube filling the view (EEVEE compiles its shaders first)."""
+    window, area, _ = view3d()
+    select_only("Cube")
     area.spaces.active.shading.type = "MATERIAL"
     with bpy.context.temp_override(
         window=window, area=area, region=next(r for r in area.regions if r.type == "WINDOW")
@@ -238,8 +325,10 @@ def scenario():
             break
     mark("preview_shown")
 
-    # 6. Undo, once per applied job (and nothing else), puts the old materials back but keeps the history;
-    # redo brings the materials again
+
+def undo_and_redo():
+    """Undo, once per applied job (and nothing else), puts the old materials back but keeps the history;
+    redo brings the materials again."""
     REPORT["history_before_undo"] = len(bpy.context.scene.sdtex.history)
     for step in ("undo", "redo"):
         for _ in range(2):
@@ -249,7 +338,48 @@ def scenario():
         REPORT[f"after_{step}"] = object_state("Cube")
         REPORT[f"plane_after_{step}"] = object_state("Plane")
         REPORT[f"history_after_{step}"] = len(bpy.context.scene.sdtex.history)
-    mark("end")
+
+
+def texture_files(name: str) -> list[str]:
+    """The image paths as the object's material stores them (relative ones start with //)."""
+    material = bpy.data.objects[name].active_material
+    return [n.image.filepath for n in material.node_tree.nodes if n.type == "TEX_IMAGE" and n.image]
+
+
+def first_save(ui):
+    """File > New, Generate on the cube, File > Save As into a new folder, then reopen what was saved."""
+    with override():
+        bpy.ops.wm.read_homefile(app_template="")
+    yield 1.0
+    REPORT["new_file"] = {"filepath": bpy.data.filepath, "addon_enabled": ADDON in bpy.context.preferences.addons}
+    settings = bpy.context.scene.sdtex
+    small_settings(settings)
+    settings.prompt, settings.seed = "mossy stone wall", 9
+    select_only("Cube")
+    with override():
+        REPORT["new_file"]["generate"] = sorted(bpy.ops.sdtex.generate("INVOKE_DEFAULT", True))
+    while ui.STATE.running:
+        yield TICK
+    REPORT["new_file"]["message"] = ui.STATE.message
+    unsaved = [bpy.path.abspath(path) for path in texture_files("Cube")]
+    blend = os.path.join(ARGS["out"], "new folder", "first.blend")
+    os.makedirs(os.path.dirname(blend))  # as the file browser's New Folder does
+    with override():
+        REPORT["new_file"]["save"] = sorted(bpy.ops.wm.save_as_mainfile(filepath=blend))
+    yield 0.5
+    saved = texture_files("Cube")
+    with override():
+        bpy.ops.wm.open_mainfile(filepath=blend)
+    yield 1.0
+    reopened = texture_files("Cube")
+    REPORT["first_save"] = {
+        "blend": blend,
+        "unsaved": unsaved,
+        "unsaved_still_there": [os.path.exists(path) for path in unsaved],
+        "after_save": saved,
+        "reopened": reopened,
+        "reopened_exist": [os.path.isfile(bpy.path.abspath(path)) for path in reopened],
+    }
 
 
 STEPS = scenario()
@@ -278,7 +408,7 @@ def drive():
 try:
     setup()
     mark("setup")
-    bpy.app.timers.register(drive, first_interval=1.0)
+    bpy.app.timers.register(drive, first_interval=1.0, persistent=True)  # the scenario opens files
 except Exception:
     REPORT["errors"].append(traceback.format_exc())
     finish()

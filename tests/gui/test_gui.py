@@ -24,10 +24,12 @@ DRIVER = Path(__file__).with_name("gui_driver.py")
 ARTIFACTS = REPO / "artifacts" / "gui"
 README_IMAGE = REPO / "docs" / "images" / "gui_material_preview.png"
 STEPS, SIZE = 12, 64  # a tiny model on a shared CPU (Blender draws with llvmpipe): a job of several seconds
-BLENDER_TIMEOUT = 480  # seconds for the whole Blender run; the driver gives up earlier and reports
+BLENDER_TIMEOUT = 600  # seconds for the whole Blender run; the driver gives up earlier and reports
 # Where the textured cube fills the Material Preview screenshot, and the mean HSV saturation (0-255) it shows
 # there once EEVEE has compiled its shaders (Blender's grey UI and the untextured cube are near 0).
 PREVIEW_BOX, PREVIEW_SATURATION = (450, 350, 650, 550), 40
+STALL_LIMIT = 0.1  # seconds: the longest any add-on callback may keep Blender from reacting
+FREEZE = 1.0  # seconds: less than one 3D viewport redraw with llvmpipe here (1.2-2.8 s measured)
 
 
 def require(tool: str) -> str:
@@ -104,9 +106,15 @@ def gui_run(display, tiny_model_dir, tmp_path_factory) -> dict:
         "preview_saturation": PREVIEW_SATURATION,
     }
     command = [blender, "--factory-startup", "--enable-event-simulate", str(scene), "--python", str(DRIVER)]
-    done = subprocess.run(
-        [*command, "--", json.dumps(args)], env=env, capture_output=True, text=True, timeout=BLENDER_TIMEOUT
-    )
+    # A busy machine: one core spins beside Blender all along (the stall measurements must hold under load)
+    load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        done = subprocess.run(
+            [*command, "--", json.dumps(args)], env=env, capture_output=True, text=True, timeout=BLENDER_TIMEOUT
+        )
+    finally:
+        load.kill()
+        load.wait()
     report_path = out / "report.json"
     assert report_path.is_file(), f"the driver wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     report = json.loads(report_path.read_text())
@@ -175,7 +183,7 @@ def test_undo_keeps_the_history(gui_run):
 def test_screenshots_show_the_window(gui_run):
     shots = {name: Path(path) for name, path in gui_run["screenshots"].items()}
     setup = {f"setup_{step}.png" for step in ("backend_missing", "model_missing", "ready")}
-    assert set(shots) == {"progress.png", "material_preview.png", *setup}
+    assert set(shots) == {"progress.png", "live_preview.png", "material_preview.png", *setup}
     for path in shots.values():
         assert Image.open(path).size == (1600, 1000) and not is_blank(path)
     # The textured cube fills the middle of the view: colourful, unlike Blender's grey UI.
@@ -189,3 +197,43 @@ def test_screenshots_show_the_window(gui_run):
         for name in sorted(setup):  # the sidebar only: what the README's Getting started shows
             sidebar = Image.open(shots[name]).convert("RGB").crop((1095, 80, 1310, 500))
             sidebar.save(README_IMAGE.with_name(f"gui_{name}"), optimize=True)
+
+
+def test_blender_never_stalls_on_the_addon_while_jobs_step(gui_run):
+    """Stalls (gui_stalls.py): a heartbeat's gaps while two jobs step, the add-on's own callbacks timed one by
+    one, 3D viewport redraws counted and timed.
+
+    What is asserted, and why: everything the add-on runs (its timer, panel draws, preview drawing, applying a
+    result) must each stay under STALL_LIMIT, and no step may redraw a 3D viewport (per-step image datablock
+    updates did: 1.2-2.8 s each with llvmpipe, 8 times over with the Solid mode's anti-aliasing samples). The
+    heartbeat's gaps cannot all stay under STALL_LIMIT on this machine whatever the add-on does: one redraw of
+    the sidebar's progress costs Blender a whole-window redraw in software, 0.15-0.2 s in the idle phase (same
+    load, same redraws, no job), more while the backend computes on the same 2 cores. So the gaps are bounded
+    by what the fixed freeze cost instead: a gap as long as a viewport redraw means one came back."""
+    stalls = gui_run["stalls"]
+    idle, steps = stalls["phases"]["idle"], stalls["phases"]["steps"]
+    assert idle["ticks"] > 20 and steps["ticks"] > 200, (idle["ticks"], steps["ticks"])  # enough beats to see
+    assert steps["viewport_redraws"] == [], steps["viewport_redraws"]
+    callbacks = stalls["callbacks"]
+    assert callbacks["preview_draw"]["calls"] > 0 and callbacks["timer"]["calls"] > 200
+    addon_code = ("timer", "preview_draw", "apply_result", "redraw_request")
+    slow = {name: c["max"] for name, c in callbacks.items() if name in addon_code or name.startswith("draw ")}
+    assert max(slow.values()) < STALL_LIMIT, slow
+    assert steps["max_gap"] < FREEZE, (steps["worst"], idle["worst"])
+
+
+def test_the_live_preview_hands_over_to_the_result_in_the_image_editor(gui_run):
+    results = {Path(path).name for path in gui_run["after"]["images"] + gui_run["plane_after"]["images"]}
+    assert gui_run["image_editor_shows"] in results
+
+
+def test_a_new_files_texture_follows_it_on_the_first_save(gui_run):
+    new_file, saved = gui_run["new_file"], gui_run["first_save"]
+    assert new_file["addon_enabled"] and not new_file["filepath"]
+    assert new_file["generate"] == ["FINISHED"] and new_file["save"] == ["FINISHED"], new_file["message"]
+    (unsaved,) = saved["unsaved"]  # made in the user folder: an unsaved file has no folder of its own
+    assert Path(unsaved).is_relative_to(Path(gui_run["work"]) / "home/.config/blender")
+    beside = f"//textures/{Path(unsaved).name}"
+    assert saved["after_save"] == [beside] and saved["reopened"] == [beside]  # the .blend on disk names it
+    assert saved["reopened_exist"] == [True] and saved["unsaved_still_there"] == [False]
+    assert (Path(saved["blend"]).parent / "textures" / Path(unsaved).name).is_file()

@@ -6,7 +6,6 @@ Stdlib only and Blender-free, so the panel can answer without the backend runnin
   4-8 steps). The backend's list_models attaches the same dict to each entry.
 - `local_status(model)`: "file" / "folder" / "cached" / "missing" / "invalid", from the file system and the Hugging
   Face cache's layout, so Generate can say "the model is not on disk" and early start can skip warming it.
-- `transfer_text(done, total, speed)`: "312 MB of 2.1 GB · 14 MB/s", for downloads and the installer.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # the backend's own test (backend/models.py)
+from .params import HUB_ID
+
 BASES = ("sd1", "sd2", "sdxl")
 
 
@@ -203,21 +203,3 @@ def local_status(model: str, cache_dir: Path | None = None) -> str:
     except OSError:
         return "invalid"
     return "missing"
-
-
-# --- progress text --------------------------------------------------------------------------------------------
-
-
-def size_text(size: float) -> str:
-    """Bytes for people: 812 KB, 312 MB, 2.1 GB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if size >= scale:
-            value = size / scale
-            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
-    return f"{size:.0f} B"
-
-
-def transfer_text(done: float, total: float, speed: float = 0.0) -> str:
-    """ "312 MB of 2.1 GB · 14 MB/s" (total 0: unknown; speed 0: not shown)."""
-    text = f"{size_text(done)} of {size_text(total)}" if total else size_text(done)
-    return text + (f" · {size_text(speed)}/s" if speed > 0 else "")
