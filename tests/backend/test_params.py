@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sdtex_contract import protocol
@@ -95,8 +97,9 @@ def test_error_replies_stay_short_and_encodable():
 def test_each_task_has_its_generated_dataclass():
     for task, table in protocol.TASK_PARAMS.items():
         cls = protocol.PARAMS_CLASSES[task]
-        assert [f for f in cls.__dataclass_fields__] == [p.name for p in table]
-        fields = cls.__dataclass_fields__  # list parameters: a fresh list each (default_factory), not a shared one
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # (TABLE is a ClassVar, not a field)
+        assert list(fields) == [p.name for p in table]
+        # list parameters: a fresh list each (default_factory), not a shared one
         assert all(fields[p.name].default == p.default for p in table if p.kind is not list)
         assert all(fields[p.name].default_factory() == list(p.default) for p in table if p.kind is list)
     pbr = protocol.task_params({"task": "pbr", "image": {"path": "/a.png"}, "output_dir": "/o"})
