@@ -7,6 +7,8 @@ preference changed, knows nothing of it). The panel reads `status_text` and `fra
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,7 +18,7 @@ from .contract import protocol
 from .contract.protocol import CANCELLED, DONE, FAILED, FINISHED_STATES, QUEUED, RUNNING
 from .contract.units import transfer_text
 
-__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Job", "JobBoard"]
+__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Job", "JobBoard", "ProcessJob"]
 
 
 @dataclass(eq=False)
@@ -64,6 +66,13 @@ class Job:
         if not self.finished:
             self.cancelling = True
             self.client.cancel(self.request_id)
+
+    def abandon(self, reason: str) -> None:
+        """Cancel and finish it here at once, without waiting for the worker (the file it works for is closing):
+        nothing of it is applied later, and no panel keeps a row of it."""
+        if not self.finished:
+            self.cancel()
+            self.error, self.state, self.finished_at = reason, CANCELLED, time.monotonic()
 
     def handle(self, message: dict) -> None:
         """Update from one worker message for this request."""
@@ -136,6 +145,51 @@ class Job:
         return f"Step {self.step}/{self.total}" + (f" · ~{left:.0f}s left" if left is not None else "")
 
 
+@dataclass(eq=False)
+class ProcessJob(Job):
+    """A job run by a process of its own (`python -m backend batch --ray`) rather than the worker: a row on the
+    board like any other. Its progress is how many of `outputs` exist (each written when its entry is done);
+    Cancel stops the process."""
+
+    process: subprocess.Popen | None = None
+    outputs: list[str] = field(default_factory=list)
+    log: str = ""  # where the process writes its output (named in errors)
+    check_every: float = 0.5  # seconds between counting the outputs
+    _next_check: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.state, self.total = RUNNING, len(self.outputs)
+
+    def poll(self) -> bool:
+        now = time.monotonic()
+        if self.finished or now < self._next_check:
+            return False
+        self._next_check = now + self.check_every
+        before = (self.step, self.state)
+        self.step = sum(os.path.isfile(path) for path in self.outputs)
+        code = self.process.poll()
+        if code is not None:
+            if self.cancelling:
+                self.error, self.state = "Cancelled", CANCELLED
+            elif code:
+                self.error, self.state = f"the batch process stopped with exit status {code}; see {self.log}", FAILED
+            else:
+                self.state = DONE
+            self.finished_at = now
+        return (self.step, self.state) != before
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.cancelling = True
+            self.process.terminate()
+
+    @property
+    def status_text(self) -> str:
+        if self.state == RUNNING and not self.cancelling:
+            return f"{self.step} of {self.total} done"
+        return super().status_text
+
+
 class JobBoard:
     """The jobs the UI follows: any number at once, each on the client that took it.
 
@@ -159,6 +213,11 @@ class JobBoard:
 
     def submit(self, client: BackendClient, task: str, params: dict) -> Job:
         job = Job.submit(client, task, params)
+        self._jobs.append(job)
+        return job
+
+    def add(self, job: Job) -> Job:
+        """List a job started elsewhere (a ProcessJob)."""
         self._jobs.append(job)
         return job
 

@@ -5,7 +5,8 @@ The prompt of an object is its custom property `sdtex_prompt` when it has one, e
 <output folder>/batch-<time>/: its manifest (jobs.jsonl, the format of `python -m backend batch`) and, per
 job, <key>/ with the images and result.json. Here each entry is a job on the warm worker, a row on the UI's
 job board (background mode: run one after another); "On Ray" runs the manifest with `python -m backend batch
---ray` as a separate process instead (seeds derived from each job, see backend/batch.py), applied when it ends.
+--ray` as a separate process instead (seeds derived from each job, see backend/batch.py): one row on the board
+(entries done of all), applied when it ends, cancelled or not (what was done is applied).
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from bpy.props import BoolProperty, StringProperty
 from .. import paths
 from ..client import SDTexError
 from ..contract import protocol
+from ..jobs import ProcessJob
 from . import materials, panels, session, tasks, ui_jobs
 from .operator_base import SDTexOperator
 from .results import material_name
 from .ui_state import Target
 
 PROMPT_PROPERTY = "sdtex_prompt"
-POLL_SECONDS = 1.0
-STATE: dict = {"process": None, "message": ""}  # the batch running now (one at a time)
+RAY = "ray_batch"  # the Ray batch's target kind: its finisher (ui_jobs.FINISHERS)
+STATE: dict = {"job": None, "message": ""}  # the Ray batch running now (one at a time), the last outcome
 _SETTINGS = [p.name for p in protocol.TASK_PARAMS["txt2img"] if p.name not in ("task", "model", "output_dir")]
 
 
@@ -129,14 +131,39 @@ def _finished(job, target: Target) -> None:
 ui_jobs.FINISHERS["batch"] = _finished
 
 
-def _watch() -> float | None:
-    process, out, targets = STATE["process"]
-    if process.poll() is None:
-        return POLL_SECONDS
-    STATE["process"] = None
+def _ray_finished(job: ProcessJob, target: Target) -> None:
+    """The Ray batch ended (done, failed or cancelled): apply every entry that finished."""
+    out, targets = target.request
+    STATE["job"] = None
     applied, problems = apply_results(out, targets)
-    STATE["message"] = f"Batch: {applied} of {len(targets)} applied" + (f"; {problems[0]}" if problems else "")
-    return None
+    ended = "" if job.state == protocol.DONE else f" ({job.status_text})"
+    STATE["message"] = f"Batch: {applied} of {len(targets)} applied{ended}" + (f"; {problems[0]}" if problems else "")
+
+
+ui_jobs.FINISHERS[RAY] = _ray_finished
+
+
+def start_on_ray(manifest: Path, out: Path, targets: dict[str, str], address: str) -> ProcessJob:
+    """`python -m backend batch --ray` on the manifest: a row on the UI's board (background mode: waited for)."""
+    backend_python = bpy.path.abspath(session.preferences().backend_python)
+    python = paths.find_backend_python(backend_python, session.user_data_dir())
+    command = [*paths.worker_command(python)[:-1], "batch", str(manifest), "--out", str(out), "--ray", address]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    log = out / "batch.log"
+    with open(log, "w") as file:
+        process = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT, env=env)
+    outputs = [str(out / key / "result.json") for key in targets]  # each written last, when its entry is done
+    job = ProcessJob(None, f"batch-{process.pid}", "batch", process=process, outputs=outputs, log=str(log))
+    target = Target(tuple(targets.values()), materials.ApplyOptions(), True, kind=RAY, request=(out, targets))
+    STATE["job"], STATE["message"] = job, f"Batch: {len(targets)} job(s) on Ray, log {log}"
+    if bpy.app.background:  # no timers tick: wait here
+        process.wait()
+        job.check_every = 0.0
+        job.poll()
+        _ray_finished(job, target)
+    else:
+        ui_jobs.add_ui(job, target)
+    return job
 
 
 class SDTEX_OT_batch_texture(SDTexOperator, bpy.types.Operator):
@@ -157,8 +184,8 @@ class SDTEX_OT_batch_texture(SDTexOperator, bpy.types.Operator):
         return context.window_manager.invoke_props_dialog(self)
 
     def run(self, context, props: dict) -> str | None:
-        if STATE["process"] is not None:
-            raise SDTexError("A batch is running already")
+        if STATE["job"] is not None and not STATE["job"].finished:
+            raise SDTexError("A batch is running on Ray already")
         meshes = [obj for obj in context.selected_objects if obj.type == "MESH"]
         if not meshes:
             raise SDTexError("Select one or more mesh objects")
@@ -174,22 +201,9 @@ class SDTEX_OT_batch_texture(SDTexOperator, bpy.types.Operator):
         if not props["use_ray"]:
             queue_on_worker(Batch(out, len(jobs)), jobs, meshes)
             return STATE["message"] if bpy.app.background else None
-        backend_python = bpy.path.abspath(session.preferences().backend_python)
-        python = paths.find_backend_python(backend_python, session.user_data_dir())
-        command = [*paths.worker_command(python)[:-1], "batch", str(manifest), "--out", str(out), "--ray"]
-        command.append(props["ray_address"])
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-        with open(out / "batch.log", "w") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         targets = {key: obj.name for key, obj in zip(jobs, meshes, strict=True)}
-        STATE["process"] = (process, out, targets)
-        STATE["message"] = f"Batch: {len(jobs)} job(s) running, log {out / 'batch.log'}"
-        if bpy.app.background:  # no timers tick: wait here
-            process.wait()
-            _watch()
-            return STATE["message"]
-        bpy.app.timers.register(_watch, first_interval=POLL_SECONDS)
-        return None
+        start_on_ray(manifest, out, targets, props["ray_address"])
+        return STATE["message"] if bpy.app.background else None
 
 
 class BatchPanel(panels.SidebarPanel):
@@ -203,8 +217,7 @@ class BatchPanel(panels.SidebarPanel):
 
 
 def unregister() -> None:
-    if bpy.app.timers.is_registered(_watch):
-        bpy.app.timers.unregister(_watch)
+    STATE["job"], STATE["message"] = None, ""
 
 
 classes = (SDTEX_OT_batch_texture, *panels._for_each_space(BatchPanel, parent="mainpanel"))

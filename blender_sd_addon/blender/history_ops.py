@@ -1,4 +1,7 @@
-"""The history list's operators: Apply Again, Use These Settings, Tile Preview."""
+"""The history list's operators: Apply Again, Use These Settings, Tile Preview.
+
+Every task leaves a record: images (txt2img, image tasks, pbr, travel), baked textures (project: Apply Again
+puts each back on its object) and LoRAs (train_lora: Apply Again enables it in the LoRA list)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from bpy.props import StringProperty
 
 from ..client import SDTexError
 from ..history import IMAGE_TASKS, HistoryRecord
-from . import materials, session, tasks
+from . import materials, projecting, session, tasks
 from .operator_base import SDTexOperator
 from .properties import INT32_MAX, SCENE_CONTROLS
 from .results import apply_record
@@ -30,7 +33,19 @@ class SDTEX_OT_apply_history(SDTexOperator, bpy.types.Operator):
     def run(self, context, props: dict) -> None:
         record = active_record(context)
         options = tasks.apply_options(**context.scene.sdtex.apply_settings())
-        apply_record(record, tasks.mesh_objects(context.selected_objects), options)
+        if record.task == "train_lora":
+            use_lora(context.scene, record.images()[0].path)
+        elif record.task == projecting.TASK:  # on the objects it was baked for, not the selection
+            projecting.apply_project_record(record, tasks.apply_options(shared_material=False, slot=options.slot))
+        else:
+            apply_record(record, tasks.mesh_objects(context.selected_objects), options)
+
+
+def use_lora(scene, path: str) -> None:
+    """A training record applied again: its LoRA enabled in the LoRA list (added when missing)."""
+    loras = scene.sdtex_train.loras
+    entry = next((e for e in loras if bpy.path.abspath(e.filepath) == path), None) or loras.add()
+    entry.filepath, entry.enabled = path, True
 
 
 def restore_settings(settings, record: HistoryRecord) -> None:
@@ -38,6 +53,11 @@ def restore_settings(settings, record: HistoryRecord) -> None:
     rest (prompt, seed...) to the main panel; the preferences' device and memory options are left alone."""
     # A pbr record's seamless says whether its image tiles: the pbr section's own choice.
     panel_names = {"seamless": "pbr_seamless"} if record.task == "pbr" else {}
+    if record.task == "train_lora":  # the Train panel's settings, not the main panel's
+        restore_into(settings.id_data.sdtex_train, record.params)
+        return
+    if record.task == projecting.TASK:
+        restore_into(settings.id_data.sdtex_project, record.params)
     values = settings.restore_image_task(record) if record.task in IMAGE_TASKS else record.settings()
     for name, value in values.items():
         if name == "seed" and value is None:  # a job that sampled nothing (strength 0)
@@ -51,6 +71,17 @@ def restore_settings(settings, record: HistoryRecord) -> None:
             settings.model = "" if value == session.load_model_params()["model"] else value
         else:
             setattr(settings, panel_names.get(name, name), value)
+
+
+def restore_into(group, values: dict) -> None:
+    """Set the group's properties that `values` names (a sub-panel's own settings); others are left alone."""
+    properties = group.bl_rna.properties
+    for name, value in values.items():
+        if name in properties and not properties[name].is_readonly and properties[name].type != "POINTER":
+            try:
+                setattr(group, name, value)
+            except (TypeError, ValueError):  # a value the panel cannot hold (out of its range): keep the panel's
+                continue
 
 
 class SDTEX_OT_use_history_settings(SDTexOperator, bpy.types.Operator):
@@ -79,7 +110,10 @@ class SDTEX_OT_tile_preview(SDTexOperator, bpy.types.Operator):
     )
 
     def run(self, context, props: dict) -> None:
-        path = props["filepath"] or active_record(context).images()[0].path
+        record = None if props["filepath"] else active_record(context)
+        if record is not None and record.task == "train_lora":
+            raise SDTexError("This entry is a LoRA, not an image: Apply Again enables it in the LoRA list")
+        path = props["filepath"] or record.images()[0].path
         if not path:
             raise SDTexError("This entry's image is not a file (its maps were made from an unsaved image)")
         materials.show_tile_preview(bpy.path.abspath(path))

@@ -15,6 +15,7 @@ from ..client import SDTexError
 from ..contract import protocol
 from . import status, tasks, ui_jobs
 from .operator_base import JobOperator, SDTexOperator
+from .own_message import OwnMessage
 from .properties import INT32_MAX
 from .train import generation_loras
 from .ui_jobs import JobRequest
@@ -97,7 +98,7 @@ class SDTEX_OT_derive_pbr_maps(JobOperator, bpy.types.Operator):
         return scene_request(context, "pbr", values, props["apply"], {"image": image})
 
 
-class SDTEX_OT_image_task(JobOperator, bpy.types.Operator):
+class SDTEX_OT_image_task(OwnMessage, JobOperator, bpy.types.Operator):
     """Run the chosen task (variations, inpaint, outpaint, upscale, make seamless) on the image in the Image
     Editor; the results are new images, the image itself is never changed"""
 

@@ -17,7 +17,7 @@ import bpy
 
 MAP_LABELS = {"albedo": "Albedo", "roughness": "Roughness", "normal": "Normal", "height": "Height", "ao": "AO"}
 MAP_KINDS = tuple(MAP_LABELS)
-SLOT_MODES = ("NEW", "REPLACE")
+SLOT_MODES = ("REUSE", "NEW", "REPLACE")
 PROJECTIONS = ("UV", "BOX")
 DISPLACEMENTS = ("BUMP", "DISPLACEMENT")
 TEXTURE_SCALE_MIN, TEXTURE_SCALE_MAX = 0.001, 1000.0
@@ -38,7 +38,7 @@ class ApplyOptions:
     """How `apply_images` builds and assigns materials."""
 
     shared_material: bool = True  # one material for all objects, else one per object
-    slot: str = "NEW"  # "NEW" (append a slot) | "REPLACE" (replace the active slot)
+    slot: str = "NEW"  # "REUSE" (the slot made before) | "NEW" (append a slot) | "REPLACE" (the active slot)
     projection: str = "UV"  # "UV" (object UVs; made when missing) | "BOX" (triplanar)
     texture_scale: float = 1.0  # UV repeats, or world units per tile with BOX
     displacement: str = "BUMP"  # "BUMP" | "DISPLACEMENT"
@@ -237,9 +237,18 @@ def _assign(obj, material: bpy.types.Material, slot: str) -> None:
     NEW appends a slot, makes it active and assigns every face to it: the old materials stay in
     their slots, one click away from being reassigned. REPLACE swaps the material of the active
     slot (a slot is added when there is none); the material taken out gets a fake user so it
-    survives saving even when nothing else uses it.
+    survives saving even when nothing else uses it. REUSE swaps the material of the slot the add-on
+    filled before (the active one when it is the add-on's), and is NEW the first time: trying again
+    does not pile up slots, and the artist's own materials are never touched.
     """
     mesh = obj.data
+    if slot == "REUSE":
+        own = _own_slot(obj)
+        if own is not None:
+            obj.active_material_index = own
+            obj.material_slots[own].material = material  # the one taken out is in the history: no fake user
+            return
+        slot = "NEW"
     if slot == "NEW" and material.name in mesh.materials:  # a linked duplicate sharing this mesh took it
         obj.active_material_index = mesh.materials.find(material.name)
         return
@@ -254,6 +263,14 @@ def _assign(obj, material: bpy.types.Material, slot: str) -> None:
     if old is not None and old != material:
         old.use_fake_user = True
     active.material = material
+
+
+def _own_slot(obj) -> int | None:
+    """The slot holding a material the add-on made: the active one when it is, else the last such slot."""
+    made = [i for i, s in enumerate(obj.material_slots) if s.material is not None and MATERIAL_KEY in s.material]
+    if not made:
+        return None
+    return obj.active_material_index if obj.active_material_index in made else made[-1]
 
 
 def _assign_faces(mesh: bpy.types.Mesh, index: int) -> None:

@@ -2,26 +2,53 @@
 
 from __future__ import annotations
 
-import textwrap
+import re
+from collections.abc import Callable
 
 import bpy
 
 from .. import readiness
 from ..contract import protocol
 from ..history import PBR_CONTROLS, HistoryRecord
-from . import preview, session, status
+from ..jobs import Job
+from . import own_message, preview, session, size_hint, status
 from .properties import IMAGE_MODES, shown_params
 from .ui_jobs import SOLID_HINT
 from .ui_state import STATE, Target
 
 SPACES = ("VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR")
+MESSAGE_MARGIN = 60  # px of a message line that are not text: its icon and the panel's margins (seen in 3.4)
+BAR_CELLS = 5  # the drawn bar of Blender < 4.0 (no layout.progress): short, the text beside it must fit too
+# The sidebar's sub-panels, in the order of what the artist does: generate (size, material, model), then the
+# other ways to texture, then the record. bl_order sorts siblings; the rarely used ones start closed.
+PANEL_ORDER = (
+    "ImagePanel", "ApplyPanel", "AdvancedPanel", "LorasPanel", "ProjectPanel", "TravelPanel", "TrainPanel",
+    "BatchPanel", "HistoryPanel",
+)  # fmt: skip
+
+
+# A task's own progress line (fraction, text) where the generic one says too little (project: which view of how
+# many; train: which phase); the task's module registers it.
+PROGRESS: dict[str, Callable[[Job], tuple[float, str]]] = {}
+
+
+def job_progress(job: Job) -> tuple[float, str]:
+    """The bar's fraction and text of a job: its task's own (PROGRESS), else the step count."""
+    own = PROGRESS.get(job.task)
+    return own(job) if own and not job.finished else (job.fraction, job.status_text)
+
+
+def progress_bar(factor: float) -> str:
+    """A bar of block characters, for the Blender versions that cannot draw one."""
+    filled = round(min(max(factor, 0.0), 1.0) * BAR_CELLS)
+    return "█" * filled + "░" * (BAR_CELLS - filled)
 
 
 def draw_progress(layout, factor: float, text: str) -> None:
     if hasattr(layout, "progress"):  # Blender 4.0+
         layout.progress(factor=factor, type="BAR", text=text)
     else:
-        layout.label(text=f"{factor:.0%} · {text}")
+        layout.label(text=f"{progress_bar(factor)} {factor:.0%} · {text}")
 
 
 class SidebarPanel:
@@ -37,44 +64,61 @@ class SidebarPanel:
 class MainPanel(SidebarPanel):
     """Setup status, the prompt and Generate first: the rest is in sub-panels (collapsed when advanced)."""
 
-    bl_label = "SD Textures"
+    bl_label = "Generate"
     bl_order = 2
 
     def draw(self, context):
         layout = self.layout
         settings = context.scene.sdtex
-        draw_readiness(layout, status.check_readiness(context), context.region.width)
-
         col = layout.column(align=True)
         col.label(text="Prompt")
         col.prop(settings, "prompt", text="")
-        col.label(text="Avoid")
+        col.label(text="Negative Prompt")
         col.prop(settings, "negative_prompt", text="")
+        col = layout.column(align=True)
+        col.label(text="Model (empty: Preferences)")
+        row = col.row(align=True)
+        row.prop(settings, "model", text="")
+        row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
         col = layout.column(align=True)
         col.label(text="Seamless Tiling")
         col.row(align=True).prop(settings, "seamless", expand=True)
 
-        state = STATE
-        state.clear_fixed_error(settings)
+        STATE.clear_fixed_error(settings)
         row = layout.row()
         row.scale_y = 1.5
         row.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
-        for upload in state.uploads:
-            draw_progress(layout.row(), 0.0, f"{job_label(upload.target, upload.task)}: Sending the image…")
-        for job in state.board.active:  # each job: its own progress and Cancel; later ones wait in the queue
-            column = layout.column(align=True)
-            column.label(text=job_label(state.targets.get(job.request_id), job.task), icon="OBJECT_DATA")
-            row = column.row(align=True)
-            draw_progress(row, job.fraction, job.status_text)
-            row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
-        if state.message:
-            draw_message(layout, state.message, state.is_error, context.region.width)
+        # Everything that comes and goes is below the button, so Generate never moves under the mouse.
+        draw_jobs(layout)
+        if STATE.message:
+            draw_message(layout, STATE.message, STATE.is_error, context.region.width)
             row = layout.row(align=True)
-            if state.is_error:
+            if STATE.is_error:
                 row.operator("sdtex.show_message", icon="TEXT")
-            elif state.message.endswith(SOLID_HINT):
+            elif STATE.message.endswith(SOLID_HINT):
                 row.operator("sdtex.material_preview", icon="SHADING_TEXTURE")
+        draw_readiness(layout, status.check_readiness(context), context.region.width)
         draw_output_folder(layout, context.region.width)
+
+
+def draw_jobs(layout) -> None:
+    """Each upload and job: its progress and Cancel; later ones wait in the queue."""
+    for upload in STATE.uploads:
+        draw_progress(layout.row(), 0.0, f"{job_label(upload.target, upload.task)}: Sending the image…")
+    for job in STATE.board.active:
+        column = layout.column(align=True)
+        column.label(text=job_label(STATE.targets.get(job.request_id), job.task), icon="OBJECT_DATA")
+        row = column.row(align=True)
+        draw_progress(row, *job_progress(job))
+        row.operator("sdtex.cancel", text="", icon="CANCEL").request_id = job.request_id
+    if warning := STATE.closing_warning():  # quitting or opening a file cancels them: say so before it happens
+        draw_message(layout, warning, False, bpy.context.region.width)
+
+
+def draw_own_message(layout, operator: str, width: int) -> None:
+    """An operator's own error (own_message.OwnMessage), under its button."""
+    if own_message.MESSAGES.get(operator):
+        draw_message(layout, own_message.MESSAGES[operator], True, width)
 
 
 def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
@@ -119,6 +163,7 @@ class ImagePanel(SidebarPanel):
         col = self.layout.column(align=True)
         col.prop(settings, "width")
         col.prop(settings, "height")
+        size_hint.draw(self.layout, context)
         row = self.layout.row(align=True)
         sub = row.row(align=True)
         sub.enabled = not settings.random_seed
@@ -139,10 +184,6 @@ class AdvancedPanel(SidebarPanel):
         col = layout.column(align=True)
         col.prop(settings, "guidance_scale", text="Guidance")
         col.prop(settings, "batch_size", text="Images")
-        layout.label(text="Model (empty: Preferences)")
-        row = layout.row(align=True)
-        row.prop(settings, "model", text="")
-        row.operator("sdtex.browse_model", text="", icon="FILEBROWSER").target = "SCENE"
         layout.operator("sdtex.open_preferences", text="Device and Memory…", icon="PREFERENCES")
 
 
@@ -165,15 +206,45 @@ class PbrPanel(SidebarPanel):
 
 def message_lines(text: str, width: int, ui_scale: float = 1.0) -> list[str]:
     """A message broken into lines that fit `width` pixels of sidebar (a label never wraps by itself, so a
-    long error used to be cut off in the middle of the instruction)."""
+    long error used to be cut off in the middle of the instruction); a long path breaks after a separator."""
     chars = max(16, int(width / (7 * ui_scale)))  # about 7 px per character at scale 1
-    return [line for paragraph in text.splitlines() for line in textwrap.wrap(paragraph, chars) or [""]]
+    return [line for paragraph in text.splitlines() for line in _wrap(paragraph, chars)]
+
+
+def _wrap(paragraph: str, chars: int) -> list[str]:
+    lines, line = [], ""
+    for word in paragraph.split():
+        for i, piece in enumerate(_pieces(word, chars)):
+            glue = "" if i else " "  # the pieces of one path join without a space
+            if line and len(line) + len(glue) + len(piece) > chars:
+                lines.append(line)
+                line = piece
+            else:
+                line = f"{line}{glue}{piece}" if line else piece
+    return [*lines, line]
+
+
+def _pieces(word: str, chars: int) -> list[str]:
+    """A word too long for a line, in pieces that each end at a path separator (cut hard only when one
+    folder's name alone is longer than a line)."""
+    if len(word) <= chars:
+        return [word]
+    pieces = [""]
+    for part in re.findall(r"[^/\\]*[/\\]|[^/\\]+$", word):
+        while len(part.rstrip("/\\")) > chars:  # a separator may overhang: never alone on a line
+            pieces.append(part[:chars])
+            part = part[chars:]
+        if len(pieces[-1]) + len(part.rstrip("/\\")) > chars:
+            pieces.append(part)
+        else:
+            pieces[-1] += part
+    return [piece for piece in pieces if piece]
 
 
 def draw_message(layout, text: str, is_error: bool, width: int) -> None:
     column = layout.column(align=True)
     scale = bpy.context.preferences.system.ui_scale or 1.0  # 0 without a window (background mode)
-    for i, line in enumerate(message_lines(text, width, scale)):
+    for i, line in enumerate(message_lines(text, width - MESSAGE_MARGIN, scale)):
         column.label(text=line, icon=("ERROR" if is_error else "INFO") if i == 0 else "BLANK1")
 
 
@@ -185,7 +256,8 @@ def job_label(target: Target | None, task: str) -> str:
 
 
 class ApplyPanel(SidebarPanel):
-    bl_label = "Apply"
+    bl_label = "Material & PBR"
+    bl_options = {"DEFAULT_CLOSED"}
 
     def draw_header(self, context):
         self.layout.prop(context.scene.sdtex, "apply", text="")
@@ -262,6 +334,7 @@ class SDTEX_PT_image_tasks(SidebarPanel, bpy.types.Panel):
         row = layout.row()
         row.enabled = image is not None
         row.operator("sdtex.image_task", text=mode.label, icon="IMAGE").apply = settings.apply
+        draw_own_message(layout, "sdtex.image_task", context.region.width)
 
 
 class SDTEX_UL_history(bpy.types.UIList):
@@ -291,12 +364,19 @@ class HistoryPanel(SidebarPanel):
         layout.operator("sdtex.tile_preview", icon="IMGDISPLAY")
 
 
+def panel_order(name: str) -> int:
+    """A sub-panel's bl_order (PANEL_ORDER): its place among the main panel's sub-panels."""
+    return PANEL_ORDER.index(name)
+
+
 def _for_each_space(base: type, parent: str = "") -> tuple[type, ...]:
     """One Panel subclass of `base` per sidebar (Blender needs a class per space type)."""
     made = []
     for space in SPACES:
         suffix = space.lower()
         attrs = {"bl_space_type": space, "bl_idname": f"SDTEX_PT_{base.__name__.lower()}_{suffix}"}
+        if base.__name__ in PANEL_ORDER:
+            attrs["bl_order"] = panel_order(base.__name__)
         if parent:
             attrs["bl_parent_id"] = f"SDTEX_PT_{parent}_{suffix}"
         made.append(type(f"SDTEX_PT_{base.__name__.lower()}_{suffix}", (base, bpy.types.Panel), attrs))
@@ -304,11 +384,12 @@ def _for_each_space(base: type, parent: str = "") -> tuple[type, ...]:
 
 
 classes = (
+    *size_hint.classes,
     SDTEX_UL_history,
     *_for_each_space(MainPanel),
     *_for_each_space(ImagePanel, parent="mainpanel"),
     *_for_each_space(ApplyPanel, parent="mainpanel"),
-    *_for_each_space(PbrPanel, parent="mainpanel"),
+    *_for_each_space(PbrPanel, parent="applypanel"),
     *_for_each_space(AdvancedPanel, parent="mainpanel"),
     *_for_each_space(HistoryPanel, parent="mainpanel"),
     SDTEX_PT_image_tasks,

@@ -64,16 +64,8 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
     def draw(self, context) -> None:
         layout = self.layout
         draw_preferences(self, layout)  # Local or Remote
-        box = layout.box()
-        box.label(text="Backend", icon="CONSOLE")
-        box.prop(self, "backend_python")
-        draw_install(box, context)
-        row = box.row()
-        row.operator("sdtex.start_backend", icon="PLAY")
-        row.operator("sdtex.stop_backend", icon="PAUSE")
-        kind = readiness.message_kind(STATE.backend_message)
-        box.label(text=backend_status(), icon=readiness.ICONS[kind])
-        box.prop(self, "start_early")
+        if self.backend_mode != "REMOTE":  # the local backend's interpreter and install mean nothing for a remote one
+            draw_local_backend(self, layout.box(), context)
 
         box = layout.box()
         box.label(text="Model", icon="FILE_3D")
@@ -95,6 +87,18 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
                 text="Pickle checkpoints (.ckpt/.pt/.bin) can run any code: load only files you trust", icon="ERROR"
             )
         layout.prop(self, "output_folder")
+
+
+def draw_local_backend(prefs, box, context) -> None:
+    box.label(text="Backend", icon="CONSOLE")
+    box.prop(prefs, "backend_python")
+    draw_install(box, context)
+    row = box.row()
+    row.operator("sdtex.start_backend", icon="PLAY")
+    row.operator("sdtex.stop_backend", icon="PAUSE")
+    kind = readiness.message_kind(STATE.backend_message)
+    box.label(text=backend_status(), icon=readiness.ICONS[kind])
+    box.prop(prefs, "start_early")
 
 
 def draw_install(box, context) -> None:

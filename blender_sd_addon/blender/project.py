@@ -7,12 +7,14 @@ UI's job board, applied when it ends; in background mode (`blender -b`) the oper
 
 from __future__ import annotations
 
+import re
+
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty
 
 from ..client import SDTexError
-from ..jobs import DONE, Job
-from . import geometry, panels, projecting, ui_jobs
+from ..jobs import CANCELLED, DONE, Job
+from . import geometry, panels, projecting, status, ui_jobs
 from .materials import ApplyOptions
 from .operator_base import SDTexOperator
 from .projecting import ProjectedTexture, ProjectionRequest
@@ -100,6 +102,9 @@ ui_jobs.FINISHERS[TASK] = _on_board_finished
 
 def _finish(job: Job, request: ProjectionRequest, slot: str) -> str:
     try:
+        if partial := projecting.partial_result(job, request) if job.state == CANCELLED else None:
+            projecting.finish_projection(partial, request, slot=slot)  # the views finished before the cancel
+            return projecting.cancelled_text(job, request)
         if job.state != DONE:
             raise request.failed(SDTexError(job.error))
         done = projecting.finish_projection(job.data, request, slot=slot)
@@ -112,7 +117,8 @@ def _finish(job: Job, request: ProjectionRequest, slot: str) -> str:
 
 def summary(done: ProjectedTexture) -> str:
     covered = ", ".join(f"{name} {share:.0%}" for name, share in done.coverage.items())
-    return f"Baked {len(done.images)} texture(s); views saw {covered}" + (
+    count = len(done.images)
+    return f"Baked {count} texture{'' if count == 1 else 's'}; views saw {covered}" + (
         f" ({'; '.join(done.warnings)})" if done.warnings else ""
     )
 
@@ -164,10 +170,23 @@ class SDTEX_OT_project_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
-def progress_text(job: Job) -> str:
-    """"view 3/8, step 12/25" while denoising; the stage (loading, view n/N) otherwise."""
-    stage = job.stage.replace("_", " ") or "starting"
-    return f"{stage.capitalize()}, step {job.step}/{job.total}" if job.total else stage.capitalize() + "…"
+VIEW_STAGE = re.compile(r"view (\d+)/(\d+)")  # the worker's stage while it paints view n of N
+
+
+def progress(job: Job) -> tuple[float, str]:
+    """The whole job's fraction and "View 3/8 · step 12/25" (the bar and the view count agree: the steps are the
+    view's own); the stage (loading, saving) before and after the views."""
+    view = VIEW_STAGE.fullmatch(job.stage)
+    if view is None:
+        stage = job.stage.replace("_", " ").capitalize() or "Starting"
+        return (1.0 if job.stage == "saving" else 0.0), f"{stage}…"
+    number, views = int(view[1]), int(view[2])
+    within = job.step / job.total if job.total else 0.0
+    steps = f" · step {job.step}/{job.total}" if job.total else ""
+    return (number - 1 + within) / views, f"View {number}/{views}{steps}"
+
+
+panels.PROGRESS[TASK] = progress
 
 
 class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
@@ -176,11 +195,17 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
     bl_space_type = "VIEW_3D"
     bl_parent_id = "SDTEX_PT_mainpanel_view_3d"
     bl_options = {"DEFAULT_CLOSED"}
+    bl_order = panels.panel_order("ProjectPanel")
 
     def draw(self, context):
         layout = self.layout
         settings = context.scene.sdtex_project
         layout.prop(settings, "controlnet")
+        if not settings.controlnet.strip():  # empty: the model family's standard depth ControlNet
+            hub_id, family = projecting.default_controlnet(status.scene_model(context))
+            column = layout.column(align=True)
+            column.label(text=f"Empty: {family} depth ControlNet", icon="INFO")
+            column.label(text=f"{hub_id} (downloaded on first use)", icon="BLANK1")
         layout.prop(settings, "targets")
         layout.prop(settings, "views")
         if "ORBIT" in settings.views:
@@ -201,7 +226,7 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
         layout.prop(settings, "apply_unseen")
         if project_jobs():
             for job in project_jobs():
-                panels.draw_progress(layout.row(), job.fraction, progress_text(job))
+                panels.draw_progress(layout.row(), *progress(job))
             layout.operator("sdtex.project_cancel", icon="CANCEL")
         else:
             layout.operator("sdtex.project", icon="MOD_UVPROJECT")

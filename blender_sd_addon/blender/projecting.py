@@ -9,11 +9,27 @@ from dataclasses import dataclass
 import bpy
 
 from ..client import BackendError, SDTexError
-from ..contract import protocol
-from . import geometry, materials, session, tasks
+from ..contract import model_catalog, protocol
+from ..history import HistoryRecord
+from ..jobs import Job
+from . import geometry, materials, relocate, session, tasks
+from .history_store import add_history
 from .results import material_name, written_files
 
 TASK = "project"
+# The standard depth ControlNet of each family: what an empty ControlNet field uses (hub ids, fetched on first use).
+DEPTH_CONTROLNETS = {
+    "sd1": "lllyasviel/sd-controlnet-depth",
+    "sd2": "thibaud/controlnet-sd21-depth-diffusers",
+    "sdxl": "diffusers/controlnet-depth-sdxl-1.0",
+}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def default_controlnet(model: str) -> tuple[str, str]:
+    """(hub id, family name) of the depth ControlNet that suits `model`, its family told by its name."""
+    base = model_catalog.guess_base(model)
+    return DEPTH_CONTROLNETS[base], FAMILY_NAMES[base]
 
 
 @dataclass
@@ -59,10 +75,8 @@ def prepare_projection(
     **settings,
 ) -> ProjectionRequest:  # fmt: skip
     """Check a project_texture request, collect the geometry and views, and upload them (starts the backend)."""
-    # 1. Parameters, checked with stand-ins for the arrays
-    if not controlnet:
-        raise SDTexError("controlnet: give a depth ControlNet (hub id, e.g. lllyasviel/control_v11f1p_sd15_depth, "
-                         "a folder or a .safetensors file)")  # fmt: skip
+    # 1. Parameters, checked with stand-ins for the arrays; no ControlNet given: the model family's depth one
+    controlnet = controlnet or default_controlnet(model or session.preferences().model)[0]
     values = settings | {"prompt": prompt, "controlnet": bpy.path.abspath(controlnet)}
     params = tasks.task_params(TASK, values, model=model, output_dir=output_dir)
 
@@ -115,8 +129,11 @@ def finish_projection(
         for index, (obj, uv_name, record) in enumerate(zip(found.objects, found.uv_maps, result.images, strict=True)):
             if index in result.unseen and not request.params.get("apply_unseen"):
                 continue  # no view saw it: its texture is a flat fill, and its own material beats that
-            made.append(_apply_baked(obj, uv_name, record, options, f"{material_name(request.prompt)}.{obj.name}"))
+            # apply_images names a per-object material "<name>.<object>" itself
+            made.append(_apply_baked(obj, uv_name, record, options, material_name(request.prompt)))
+    add_history(bpy.context.scene, history_record(result, request))
     views_files = [v[role] for v in result.views for role in ("image", "mask", "depth", "normal") if v[role]]
+    relocate.remember(written_files(result) + views_files)
     return ProjectedTexture(
         images=textures,
         materials=made,
@@ -138,3 +155,69 @@ def _apply_baked(obj, uv_name: str, record, options: materials.ApplyOptions, nam
         if node.type in ("UVMAP", "NORMAL_MAP"):
             node.uv_map = uv_name  # the map the texture was baked into, which need not be the active one
     return material
+
+
+# --- a cancelled job: what its finished views baked ------------------------------------------------------
+
+
+def views_done(job: Job) -> int:
+    """How many views a project job finished (each announces its picture when done)."""
+    return sum(a.kind == "view" and a.role == "image" for a in job.artifacts)
+
+
+def partial_result(job: Job, request: ProjectionRequest) -> dict | None:
+    """A cancelled project job's result, from the textures it announced: on cancel the worker still bakes and
+    writes every object's texture from the views finished so far. None when it baked none (no view finished).
+    Coverage is unknown (the worker reports it only at the end): 0 for each object."""
+    textures: dict[int, dict] = {}
+    for artifact in job.artifacts:
+        if artifact.kind in ("image", "map"):
+            texture = textures.setdefault(artifact.index, {"path": "", "seed": request.params.get("seed"), "maps": {}})
+            if artifact.kind == "image":
+                texture["path"] = artifact.path
+            else:
+                texture["maps"][artifact.role] = artifact.path
+    count = len(request.names)
+    if sorted(textures) != list(range(count)) or not all(t["path"] for t in textures.values()):
+        return None
+    params = request.params
+    return {
+        "images": [textures[i] for i in range(count)], "seed": params.get("seed"), "width": params["width"],
+        "height": params["height"], "model": params.get("model", ""), "seamless": "none", "timings": {},
+        "params": params, "texture_size": params.get("texture_size", 0), "coverage": [0.0] * count,
+    }  # fmt: skip
+
+
+def cancelled_text(job: Job, request: ProjectionRequest) -> str:
+    total = request.params["cameras"]["shape"][0]
+    return f"Cancelled after {views_done(job)} of {total} views: applied what was baked"
+
+
+# --- history: a project record and applying it again -----------------------------------------------------
+
+
+def history_record(result: protocol.ProjectResult, request: ProjectionRequest) -> HistoryRecord:
+    """The record of a project job: its baked textures (files, in object order), its settings, and the objects
+    and UV maps they belong to (Apply Again puts each back on its object)."""
+    record = HistoryRecord.from_result(result)
+    arrays = {p.name for p in protocol.TASK_PARAMS[TASK] if p.kind is protocol.ArrayInput}
+    record.params = {name: value for name, value in record.params.items() if name not in arrays} | {
+        "objects": request.names,
+        "uv_maps": list(request.geometry.uv_maps),
+    }
+    return record
+
+
+def apply_project_record(record: HistoryRecord, options: materials.ApplyOptions) -> list:
+    """Apply Again for a project record: each baked texture on its object, through the UV map it was baked into.
+    Objects no longer in the file (or without that UV map) are named in the error; the others are applied."""
+    made, missing = [], []
+    for name, uv_name, image in zip(record.params["objects"], record.params["uv_maps"], record.images(), strict=True):
+        obj = bpy.data.objects.get(name)
+        if obj is None or obj.type != "MESH" or uv_name not in obj.data.uv_layers:
+            missing.append(name)
+            continue
+        made.append(_apply_baked(obj, uv_name, image, options, material_name(record.prompt)))  # ".<object>" added
+    if missing:
+        raise SDTexError(f"Not applied to {', '.join(missing)}: no longer in this file or without its UV map")
+    return made

@@ -50,6 +50,7 @@ LABELS = {
     "fp16": "FP16",
     "bf16": "BF16",
     "fp32": "FP32",
+    "REUSE": "Reuse Its Slot",
     "NEW": "New Slot",
     "REPLACE": "Replace Active",
     "UV": "UV",
@@ -58,6 +59,14 @@ LABELS = {
     "DISPLACEMENT": "Displacement",
     "rect": "Rectangle",
 }
+SLOT_HELP = {
+    "REUSE": "Replace the texture in the slot the add-on filled before (a new slot the first time): trying again "
+    "adds no slots, and your own materials stay",
+    "NEW": "Add a slot for every result: earlier results and your own materials stay in theirs",
+    "REPLACE": "Put the result in the active slot (the material taken out is kept in the file)",
+}
+
+SLOT_ITEMS = [(mode, LABELS[mode], SLOT_HELP[mode]) for mode in materials.SLOT_MODES]
 
 
 def enum_items(choices: tuple[str, ...]) -> list[tuple[str, str, str]]:
@@ -255,7 +264,7 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
     shared_material: BoolProperty(
         name="Shared Material", description="One material for all selected objects, else one per object", default=True
     )
-    slot: EnumProperty(name="Slot", items=enum_items(materials.SLOT_MODES), default="NEW")
+    slot: EnumProperty(name="Slot", items=SLOT_ITEMS, default="REUSE")
     projection: EnumProperty(
         name="Projection",
         items=enum_items(materials.PROJECTIONS),

@@ -20,7 +20,7 @@ import bpy
 
 from .. import paths
 from . import session
-from .history_store import forget_history
+from .history_store import forget_history, move_history_lines
 
 _pending: list[str] = []  # absolute paths written while the file had no path, in order
 _resaving = False  # our own second save is running (its handlers must not start another)
@@ -119,6 +119,7 @@ def remap(moved: dict[str, str]) -> None:
                 image["maps"] = {kind: moved.get(p, p) for kind, p in image.get("maps", {}).items()}
             entry.files = json.dumps(files)
     forget_history()  # rebuilt from the scenes, with the new paths, at the next record
+    move_history_lines(moved)  # the records follow their files: one history file beside the .blend
 
 
 def _blend_relative(path: str) -> str:

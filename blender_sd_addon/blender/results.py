@@ -62,6 +62,21 @@ def finish(
     return TextureResult(images=albedos, maps=maps, materials=made, files=files, seed=result.seed, result=result)
 
 
+def add_training_history(result: protocol.TrainResult) -> HistoryRecord:
+    """Record a finished training: its LoRA file, with the settings it was trained with."""
+    params = result.params
+    record = HistoryRecord(
+        prompt=str(params.get("instance_prompt", "")), negative_prompt="", seed=params.get("seed"), steps=result.steps,
+        guidance_scale=0.0, width=int(params.get("resolution", 0)), height=int(params.get("resolution", 0)),
+        scheduler="", seamless="none", pbr=False, model=str(params.get("model", "")),
+        files=[{"path": result.lora, "seed": None, "maps": {}}], task=result.task,
+        params={k: v for k, v in params.items() if k != "output_dir"} | {"loss": result.loss},
+    )  # fmt: skip
+    add_history(bpy.context.scene, record)
+    relocate.remember([result.lora])
+    return record
+
+
 def written_files(result: protocol.GenerateResult) -> list[str]:
     """Every file a job wrote: albedos (not the pbr task's source) and maps."""
     albedos = result.task != "pbr"

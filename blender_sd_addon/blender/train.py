@@ -31,6 +31,7 @@ from ..jobs import CANCELLED, DONE, Job
 from . import panels, session, tasks, ui_jobs
 from .operator_base import SDTexOperator
 from .properties import param_property
+from .results import add_training_history
 from .ui_state import Target
 
 TASK = "train_lora"
@@ -42,6 +43,9 @@ PRESETS = {
     "STYLE": {"steps": 1000, "rank": 16, "learning_rate": 1e-4, "prior": False},
 }
 LORA_ITEMS = {p.name: p for p in protocol.param("loras").items}
+LORA_FOLDER = "loras"  # beside the .blend (//loras/), else in the user data folder: not among the textures
+PHASES = {"class_images": "Class images", "training": "Training"}  # the stages that count steps
+SKIPPED_SHOWN = 3  # skipped photos named in the panel (all of them are in the console)
 
 
 def sparkline(values: list[float], width: int = 32) -> str:
@@ -78,6 +82,8 @@ class TrainState:
     seen: int = 0  # artifacts of the job taken so far
     message: str = ""
     is_error: bool = False
+    earlier_losses: list[float] = field(default_factory=list)  # a resumed run's losses before it (the sparkline)
+    skipped: list[str] = field(default_factory=list)  # "photo.jpg: why", for the files the last run could not use
 
 
 STATE = TrainState()
@@ -100,10 +106,15 @@ def _finished(scene: bpy.types.Scene, job: Job) -> None:
         train = scene.sdtex_train
         entry = next((e for e in train.loras if bpy.path.abspath(e.filepath) == result.lora), None) or train.loras.add()
         entry.filepath, entry.enabled = result.lora, True
-        STATE.checkpoint = ""
+        add_training_history(result)
+        STATE.checkpoint, STATE.earlier_losses = "", []
+        job.losses[:] = result.losses  # every step's, the checkpoint's included
+        STATE.skipped = [f"{os.path.basename(s['path'])}: {s['reason']}" for s in result.skipped]
+        for line in STATE.skipped:
+            print(f"SD Textures: skipped photo {line}")
         STATE.message, STATE.is_error = f"LoRA saved: {os.path.basename(result.lora)} (loss {result.loss:.4f})", False
     elif job.state == CANCELLED:
-        STATE.message = "Cancelled" + (": Resume continues from the checkpoint" if STATE.checkpoint else "")
+        STATE.message = "Cancelled" + (f": Resume continues from {STATE.checkpoint}" if STATE.checkpoint else "")
         STATE.is_error = False
     else:
         STATE.message, STATE.is_error = job.status_text, True
@@ -115,13 +126,28 @@ def _on_board_finished(job: Job, target: Target) -> None:
 
 
 ui_jobs.WATCHERS[TASK] = _take_artifacts  # samples show up while it trains
+panels.PROGRESS[TASK] = lambda job: (job.fraction, progress_text(job))
 ui_jobs.FINISHERS[TASK] = _on_board_finished
+
+
+def lora_folder() -> str:
+    """Where LoRAs and checkpoints go: a loras folder beside the .blend, else in the user data folder."""
+    if bpy.data.filepath:
+        return os.path.abspath(bpy.path.abspath(f"//{LORA_FOLDER}/"))
+    return str(session.user_data_dir() / LORA_FOLDER)
+
+
+def all_losses(job: Job) -> list[float]:
+    """The sparkline's values: a resumed run's earlier losses first, so Resume does not start the line again."""
+    return STATE.earlier_losses + job.losses
 
 
 def start(scene: bpy.types.Scene, resume_from: str = "") -> Job:
     """Start training with the panel's settings on the UI's job board; in background mode block until it ends."""
-    params = tasks.task_params(TASK, scene.sdtex_train.train_settings() | {"resume_from": resume_from})
-    STATE.samples, STATE.seen, STATE.message = [], 0, ""
+    settings = scene.sdtex_train.train_settings() | {"resume_from": resume_from}
+    params = tasks.task_params(TASK, settings, output_dir=lora_folder())
+    earlier = all_losses(STATE.job) if resume_from and STATE.job is not None else []
+    STATE.samples, STATE.seen, STATE.message, STATE.skipped, STATE.earlier_losses = [], 0, "", [], earlier
     if bpy.app.background:  # no timers run: wait here, passing the events to the job
         client = session.get_client()
         STATE.job = job = Job.submit(client, TASK, params)
@@ -258,6 +284,37 @@ class SDTEX_OT_lora_add(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class SDTEX_OT_lora_choose(bpy.types.Operator):
+    """Choose this LoRA's file"""
+
+    bl_idname = "sdtex.lora_choose"
+    bl_label = "Choose LoRA File"
+    bl_options = {"REGISTER", "UNDO", "INTERNAL"}
+
+    index: IntProperty(name="Row", description="The row of the LoRA list", default=0, min=0)
+    filepath: StringProperty(subtype="FILE_PATH")
+    filter_glob: StringProperty(default="*.safetensors", options={"HIDDEN"})
+
+    @classmethod
+    def description(cls, context, properties):
+        """The full path as the tooltip: the list shows the file's name only."""
+        loras = context.scene.sdtex_train.loras
+        path = loras[properties.index].filepath if properties.index < len(loras) else ""
+        return bpy.path.abspath(path) if path else cls.__doc__
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        loras = context.scene.sdtex_train.loras
+        if self.index >= len(loras):
+            self.report({"ERROR"}, f"No LoRA in row {self.index + 1}")
+            return {"CANCELLED"}
+        loras[self.index].filepath = self.filepath
+        return {"FINISHED"}
+
+
 class SDTEX_OT_lora_remove(bpy.types.Operator):
     """Remove the selected LoRA from the list (the file stays)"""
 
@@ -283,8 +340,19 @@ class SDTEX_UL_loras(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         row = layout.row(align=True)
         row.prop(item, "enabled", text="")
-        row.prop(item, "filepath", text="", emboss=False)
+        # The file's name, whole (a path would be cut in the middle); the full path is the button's tooltip.
+        name = os.path.basename(bpy.path.abspath(item.filepath).rstrip("/\\")) or "Choose File…"
+        row.operator("sdtex.lora_choose", text=name, icon="FILEBROWSER", emboss=False).index = index
         row.prop(item, "weight", text="")
+
+
+def progress_text(job: Job) -> str:
+    """ "Class images 35/50" while it makes the prior images, "Training 10/40 · loss 0.1234" while it trains."""
+    phase = PHASES.get(job.stage)
+    if phase is None or not job.total or job.cancelling:
+        return job.status_text
+    loss = f" · loss {job.losses[-1]:.4f}" if phase == PHASES["training"] and job.losses else ""
+    return f"{phase} {job.step}/{job.total}{loss}"
 
 
 def unavailable_line() -> readiness.Line | None:
@@ -327,8 +395,7 @@ class TrainPanel(panels.SidebarPanel):
         job = STATE.job
         if job is not None and not job.finished:
             row = layout.row(align=True)
-            loss = f" · loss {job.losses[-1]:.4f}" if job.losses else ""
-            panels.draw_progress(row, job.fraction, job.status_text + loss)
+            panels.draw_progress(row, *panels.job_progress(job))
             row.operator("sdtex.train_cancel", text="", icon="CANCEL")
         else:
             row = layout.row(align=True)
@@ -336,8 +403,8 @@ class TrainPanel(panels.SidebarPanel):
             row.operator("sdtex.train", icon="OUTLINER_OB_ARMATURE").resume = False
             if STATE.checkpoint:
                 row.operator("sdtex.train", text="Resume", icon="PLAY").resume = True
-        if job is not None and job.losses:
-            layout.label(text=sparkline(job.losses), icon="GRAPH")
+        if job is not None and all_losses(job):
+            layout.label(text=sparkline(all_losses(job)), icon="GRAPH")
         shown = [bpy.data.images[name] for name in STATE.samples[-THUMBNAILS:] if name in bpy.data.images]
         if shown:
             grid = layout.grid_flow(columns=len(shown), even_columns=True, align=True)
@@ -346,6 +413,18 @@ class TrainPanel(panels.SidebarPanel):
                 grid.template_icon(icon_value=image.preview.icon_id, scale=4.0)
         if STATE.message:
             panels.draw_message(layout, STATE.message, STATE.is_error, context.region.width)
+        draw_skipped(layout, context.region.width)
+
+
+def draw_skipped(layout, width: int) -> None:
+    """The photos the last run could not use, and why (they were only in backend.log)."""
+    if not STATE.skipped:
+        return
+    more = len(STATE.skipped) - SKIPPED_SHOWN
+    text = f"Skipped {len(STATE.skipped)} photo{'s' if len(STATE.skipped) > 1 else ''}: " + "; ".join(
+        STATE.skipped[:SKIPPED_SHOWN]
+    ) + (f"; and {more} more (listed in the console)" if more > 0 else "")
+    panels.draw_message(layout, text, False, width)
 
 
 class LorasPanel(panels.SidebarPanel):
@@ -367,6 +446,7 @@ classes = (
     SDTEX_OT_train,
     SDTEX_OT_train_cancel,
     SDTEX_OT_lora_add,
+    SDTEX_OT_lora_choose,
     SDTEX_OT_lora_remove,
     SDTEX_UL_loras,
     *panels._for_each_space(LorasPanel, parent="mainpanel"),

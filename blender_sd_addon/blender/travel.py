@@ -5,6 +5,7 @@ UI's job board; its frames become image-sequence textures that play with the tim
 from __future__ import annotations
 
 import random
+import re
 
 import bpy
 from bpy.props import CollectionProperty, IntProperty, PointerProperty, StringProperty
@@ -13,6 +14,7 @@ from ..client import SDTexError
 from ..contract import protocol
 from . import panels, tasks
 from .operator_base import JobOperator
+from .own_message import OwnMessage
 from .properties import INT32_MAX, param_property
 from .ui_jobs import JobRequest
 from .ui_state import STATE
@@ -21,6 +23,15 @@ TASK = "travel"
 # The travel task's own settings the panel holds (keyframes aside); the rest come from the main panel.
 OWN_SETTINGS = ("frames", "loop", "easing", "embedding_interpolation", "export", "fps")
 FRAME_COUNTS: dict[str, int] = {}  # UI job request id -> frames in its sequence (for "Frame 3/24")
+PREFIX_WORDS = 24  # characters of each end keyframe's prompt in the frames' folder name
+
+
+def frames_prefix(prompts: list[str]) -> str:
+    """The frames' file and folder names: the first and last keyframes' prompts (the worker adds a digest of the
+    settings), so the folder says what it holds instead of being a bare hash."""
+    words = [re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:PREFIX_WORDS].strip("_") for prompt in prompts]
+    ends = [w for w in (words[:1] + words[-1:]) if w] if words else []
+    return "travel_" + "-".join(dict.fromkeys(ends)) if ends else "travel"
 
 
 # --- the panel's settings ---------------------------------------------------------------------------------
@@ -52,7 +63,9 @@ class SDTEX_PG_travel(bpy.types.PropertyGroup):
         names = {p.name for p in protocol.TASK_PARAMS[TASK]}
         shared = {k: v for k, v in scene_settings.generate_settings(None).items() if k in names}
         keyframes = [{"prompt": k.prompt, "negative_prompt": k.negative_prompt, "seed": k.seed} for k in self.keyframes]
-        return shared | {name: getattr(self, name) for name in OWN_SETTINGS} | {"keyframes": keyframes}
+        prefix = frames_prefix([k.prompt for k in self.keyframes])
+        own = {name: getattr(self, name) for name in OWN_SETTINGS}
+        return shared | own | {"keyframes": keyframes, "filename_prefix": prefix}
 
 
 # --- operators --------------------------------------------------------------------------------------------
@@ -95,7 +108,7 @@ class SDTEX_OT_travel_remove_key(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class SDTEX_OT_travel(JobOperator, bpy.types.Operator):
+class SDTEX_OT_travel(OwnMessage, JobOperator, bpy.types.Operator):
     """Make an animated texture travelling through the keyframes and put it on the selected meshes as image
     sequences that play with the timeline"""
 
@@ -108,7 +121,10 @@ class SDTEX_OT_travel(JobOperator, bpy.types.Operator):
     def request(self, context, props: dict) -> JobRequest:
         settings, travel = context.scene.sdtex, context.scene.sdtex_travel
         if len(travel.keyframes) < 2:
-            raise SDTexError("keyframes: add at least 2 keyframes (Add Keyframe takes the prompt and seed)")
+            raise SDTexError(
+                "Keyframes: add at least 2 with the Add Keyframe button (+) beside the list; each takes the main "
+                "panel's prompt and seed"
+            )
         options = tasks.apply_options(**settings.apply_settings())
         meshes = tasks.mesh_objects(context.selected_objects) if props["apply"] else []
         values = travel.travel_settings(settings) | {"preview_every": 0 if bpy.app.background else 1}
@@ -134,7 +150,7 @@ def frames_done(job) -> int:
 
 
 class TravelPanel(panels.SidebarPanel):
-    bl_label = "Travel"
+    bl_label = "Animate (Travel)"
     bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):
@@ -147,7 +163,7 @@ class TravelPanel(panels.SidebarPanel):
         col.operator("sdtex.travel_remove_key", text="", icon="REMOVE")
         col = layout.column(align=True)
         col.prop(travel, "frames")
-        col.prop(travel, "easing", text="")
+        col.prop(travel, "easing")
         col.prop(travel, "embedding_interpolation")
         layout.prop(travel, "loop")
         row = layout.row(align=True)
@@ -157,6 +173,7 @@ class TravelPanel(panels.SidebarPanel):
         if len(travel.keyframes) >= 2:
             layout.label(text=f"{travel.length} frames", icon="SEQUENCE")
         layout.operator("sdtex.travel", icon="RENDER_ANIMATION").apply = settings.apply
+        panels.draw_own_message(layout, "sdtex.travel", context.region.width)
         for job in STATE.board.active:
             if job.request_id in FRAME_COUNTS:
                 total = FRAME_COUNTS[job.request_id]

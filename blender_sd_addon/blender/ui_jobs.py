@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import bpy
 
 from ..client import BackendClient, SDTexError
 from ..history import IMAGE_TASKS
-from ..jobs import CANCELLED, DONE, Job, JobBoard
+from ..jobs import CANCELLED, DONE, Job, JobBoard, ProcessJob
 from . import images, preview, session, tasks
 from .materials import ApplyOptions
 from .results import TextureResult, finish
@@ -24,7 +25,9 @@ from .ui_state import STATE, Target, Upload
 
 POLL_INTERVAL = 0.01  # seconds between timer polls while a job runs: a cheap mailbox check, and the
 # result waits at most this long (0.05 s cost 25 ms per job on average, over the 20 ms overhead budget)
-REDRAW_AREAS = {"VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR", "PREFERENCES"}
+SIDEBARS = {"VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR"}  # the spaces whose sidebar (region "UI") shows the board
+PROGRESS_REDRAW_INTERVAL = 0.25  # seconds: a sidebar redraw costs 0.2-0.25 s on software GL, so progress alone
+# redraws at most 4 times a second; a job starting, finishing or being cancelled redraws at once
 # Tasks whose results are not a material on the target objects (train_lora, project, batch entries) register their
 # own handling here, by task (or a target's `kind`): every job is still a row on the one board.
 WATCHERS: dict[str, Callable[[Job], None]] = {}  # on each poll that brought news (e.g. sample images)
@@ -125,6 +128,14 @@ def submit_ui(task: str, params: dict, target: Target) -> Job:
     return job
 
 
+def add_ui(job: Job, target: Target) -> Job:
+    """Put a job started elsewhere (a ProcessJob) on the board and follow it."""
+    STATE.board.add(job)
+    STATE.targets[job.request_id] = target
+    follow()
+    return job
+
+
 def follow() -> None:
     STATE.say("")
     if not bpy.app.timers.is_registered(_tick):
@@ -146,7 +157,7 @@ def _tick() -> float | None:
         return _follow_jobs()
     except Exception as exc:  # Blender drops a timer that raises: leave a message, not a stuck progress bar
         traceback.print_exc()
-        stop_polling()
+        stop_polling(f"Cancelled: internal error ({exc})")
         STATE.say(f"Internal error: {exc}", is_error=True)
         return None
 
@@ -164,9 +175,14 @@ def _follow_jobs() -> float | None:
             preview.show_preview(job.preview)
     for job in finished:
         _finish(job, STATE.targets.pop(job.request_id, Target((), None, False)))
-    if changed or uploaded:  # redraw only on news: a redraw per tick can cost more than a step on a slow GPU
-        _redraw()
+    # Redraw only on news: a redraw per tick can cost more than a step on a slow GPU
+    REDRAWS.news(bool(changed or uploaded), _board_signature())
     return POLL_INTERVAL if STATE.running else None
+
+
+def _board_signature() -> tuple:
+    """What the rows show besides progress: a change here redraws at once."""
+    return tuple((j.request_id, j.state, j.stage, j.cancelling, bool(j.download)) for j in STATE.board.jobs)
 
 
 def _submit_uploaded() -> list[Upload]:
@@ -186,18 +202,30 @@ def _submit_uploaded() -> list[Upload]:
 def _finish(job: Job, target: Target) -> None:
     """Apply a finished job's result to the objects it was started for, and say how it went."""
     STATE.readiness = None  # a download or a worker's start changes what the panel says
-    finisher = FINISHERS.get(target.kind or job.task)
-    if finisher is not None:
-        finisher(job, target)
-        return
-    finish_texture_job(job, target)
+    (FINISHERS.get(target.kind or job.task) or finish_texture_job)(job, target)
+    if made_something(job):
+        mark_file_changed("Apply SD texture" if target.apply else "SD Textures result")
+
+
+def made_something(job: Job) -> bool:
+    """A result, or files a cancelled job made that its finisher applied (a project's views, a Ray batch's
+    entries); a download changes nothing in the .blend."""
+    partial = bool(job.artifacts) or isinstance(job, ProcessJob) and job.step > 0
+    return job.task != "download_model" and (job.state == DONE or partial)
+
+
+def mark_file_changed(message: str) -> None:
+    """A result was applied or recorded: one undo step, which also marks the .blend unsaved, so Blender asks
+    to save it on quit (loading images or adding history entries alone does not)."""
+    if bpy.ops.ed.undo_push.poll():  # no undo stack without a window
+        bpy.ops.ed.undo_push(message=message)
 
 
 def finish_texture_job(job: Job, target: Target) -> None:
     """The usual end: apply the images to the target objects, record them, and say how it went."""
     if job.state != DONE:
         if job.state == CANCELLED:
-            STATE.say("Cancelled")
+            STATE.say(cancelled_text(job))
         else:
             STATE.say(job.error or job.status_text, is_error=True)
         return
@@ -215,16 +243,24 @@ def finish_texture_job(job: Job, target: Target) -> None:
             preview.hand_over(texture.images[0])  # the final image replaces the live preview
         if target.apply and not meshes:
             raise SDTexError("The objects were deleted while generating; the images are in the history")
-        if target.apply and bpy.ops.ed.undo_push.poll():  # no undo stack without a window
-            bpy.ops.ed.undo_push(message="Apply SD texture")
         STATE.say(saved_message(texture) + (SOLID_HINT if target.apply and solid_viewports() else ""))
     except SDTexError as exc:
         STATE.say(str(exc), is_error=True)
 
 
+def cancelled_text(job: Job) -> str:
+    """A cancelled travel keeps its finished frames on disk (a re-run with the same settings skips them)."""
+    frames = [a.path for a in job.artifacts if a.kind == "frame"]
+    if job.task != "travel" or not frames:
+        return "Cancelled"
+    return (f"Cancelled after {len(frames)} frame(s): they stay in {os.path.dirname(frames[0])}, and running the "
+            "same travel again continues from there")  # fmt: skip
+
+
 def saved_message(texture: TextureResult) -> str:
     seed = "" if texture.seed is None else f" (seed {texture.seed})"
-    return f"Saved {len(texture.files)} file(s) in {os.path.dirname(texture.files[0])}{seed}"
+    count = len(texture.files)
+    return f"Saved {count} file{'' if count == 1 else 's'} in {os.path.dirname(texture.files[0])}{seed}"
 
 
 SOLID_HINT = "\nThe viewport is in Solid shading: press Material Preview (Z) to see the texture."
@@ -250,21 +286,50 @@ def show_result(source: str, image: bpy.types.Image) -> None:
                 space.image = image
 
 
+class Redraws:
+    """Tags the sidebars for redraw: at once when the board's state changed, at most every
+    PROGRESS_REDRAW_INTERVAL seconds when only progress did (the last progress is drawn when the interval ends)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.last = float("-inf")  # when the sidebars were last tagged
+        self.signature: tuple = ()
+        self.pending = False  # progress news not drawn yet
+
+    def news(self, progress: bool, signature: tuple) -> bool:
+        """Called on every tick; True when the sidebars were tagged."""
+        now = self.clock()
+        changed = signature != self.signature
+        self.signature, self.pending = signature, self.pending or progress
+        if not changed and not (self.pending and now - self.last >= PROGRESS_REDRAW_INTERVAL):
+            return False
+        self.last, self.pending = now, False
+        _redraw()
+        return True
+
+
+REDRAWS = Redraws()
+
+
 def _redraw() -> None:
-    """Redraw the sidebars and preferences that show progress, and the Image Editors' images; never a whole
-    3D viewport (with software drawing a viewport redraw costs more than a denoising step)."""
+    """Tag the sidebars that show the board (region "UI"), never the area: tagging the area redraws its main
+    region too, a whole 3D viewport (with software drawing that costs more than a denoising step). Previews
+    redraw their Image Editors themselves (image.update())."""
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type not in REDRAW_AREAS:
-                continue
-            for region in area.regions:
-                if region.type == "UI" or area.type in ("PREFERENCES", "IMAGE_EDITOR") and region.type == "WINDOW":
-                    region.tag_redraw()
+            if area.type in SIDEBARS:
+                for region in area.regions:
+                    if region.type == "UI":
+                        region.tag_redraw()
 
 
-def stop_polling() -> None:
-    """Forget the UI jobs (unregister, new file): cancel them and stop the timer."""
-    cancel_ui_jobs()
+def stop_polling(reason: str = "Cancelled") -> None:
+    """Forget the UI jobs (unregister, another file opened: load_pre): each is cancelled and marked finished at
+    once, so nothing of it is applied to the next file and no panel keeps a running row; the timer stops."""
+    for job in STATE.board.active:
+        job.abandon(reason)
+    for upload in STATE.uploads:
+        upload.cancelled = True
     STATE.board, STATE.targets, STATE.uploads = JobBoard(), {}, []
     if bpy.app.timers.is_registered(_tick):
         bpy.app.timers.unregister(_tick)

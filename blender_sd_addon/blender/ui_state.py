@@ -10,7 +10,7 @@ from .. import messages, readiness
 from ..client import BackendClient, SDTexError
 from ..contract import model_catalog, protocol
 from ..jobs import Job, JobBoard
-from . import session
+from . import own_message, session
 from .materials import ApplyOptions
 
 
@@ -68,11 +68,18 @@ class UIState:
     def running(self) -> bool:
         return bool(self.board.active or self.uploads)
 
+    def closing_warning(self) -> str:
+        """What the main panel says while jobs run or wait: quitting or opening a file cancels them."""
+        count = len(self.board.active) + len(self.uploads)
+        if not count:
+            return ""
+        return f"{count} job{'s' if count > 1 else ''} running: closing Blender or opening a file cancels them"
+
     def say(self, message: str, is_error: bool = False) -> None:
         self.message, self.details, self.is_error = message, message, is_error
         if is_error:
             print(f"SD Textures: {message}")  # the precise text; the panel shows it in its own words
-            self.message = messages.readable(message)
+            self.message = own_message.in_ui_words(messages.readable(message))  # the panel's labels
 
     def clear_fixed_error(self, settings) -> None:
         """Forget an error about a panel field once the field holds a value it accepts (a stale "Prompt is

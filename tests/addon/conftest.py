@@ -10,7 +10,11 @@ Artifact and ProtocolError are the ones the add-on uses.
 
 from __future__ import annotations
 
+import time
+
 import pytest
+
+from blender_sd_addon import installer
 
 ADDON = "blender_sd_addon"
 
@@ -49,3 +53,14 @@ def scene(addon):
     settings.width = settings.height = 64
     settings.steps = 2
     return bpy.context.scene
+
+
+@pytest.fixture
+def idle_installer():
+    """Waits, after the test, until an install the test left running has stopped (Cancel first)."""
+    yield
+    if installer.STATE.running:
+        installer.cancel_install()
+        deadline = time.monotonic() + 30
+        while installer.STATE.running and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -351,8 +351,8 @@ def test_a_long_error_is_drawn_whole_over_several_lines(scene):
     for text, _ in labels[start:]:
         if len(shown) >= len(message):
             break
+        shown += text if shown.endswith("/") or not shown else " " + text  # a path breaks after its "/"
         lines.append(text)
-        shown = " ".join(lines)
     assert len(lines) > 2 and all(len(line) <= 280 / 7 for line in lines)
     assert shown == message  # nothing cut off
     assert all(icon == "BLANK1" for _, icon in labels[start + 1 : start + len(lines)])

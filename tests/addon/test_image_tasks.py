@@ -13,7 +13,7 @@ from scipy import ndimage
 
 bpy = pytest.importorskip("bpy")
 from blender_sd_addon import api, jobs  # noqa: E402
-from blender_sd_addon.blender import tasks, ui_jobs, ui_state  # noqa: E402
+from blender_sd_addon.blender import own_message, tasks, ui_jobs, ui_state  # noqa: E402
 from blender_sd_addon.history import HistoryRecord  # noqa: E402
 
 SIZE = 64
@@ -177,8 +177,10 @@ def test_operator_runs_the_chosen_task_in_background_mode_and_reports_errors(sce
     assert (record.task, record.params["mask_from"], record.seed) == ("inpaint", "none", 5)
 
     settings.image_task = "INPAINT"  # mask_from image, and no mask image chosen
-    with pytest.raises(RuntimeError, match="mask: mask_from is image but no mask image was given"):
+    # In the menus' words, under the Image Tasks panel's button (not on the main panel's line)
+    with pytest.raises(RuntimeError, match="Mask From is Image but .* set Mask From to Alpha, Rectangle or Off"):
         bpy.ops.sdtex.image_task(image=source.name)
+    assert own_message.MESSAGES["sdtex.image_task"].startswith("mask: Mask From is Image")
     with pytest.raises(RuntimeError, match="No image to start from: show one in the Image Editor"):
         bpy.ops.sdtex.image_task()
     settings.image_task, settings.img2img.strength, settings.steps = "VARIATIONS", 0.5, 1  # each fine alone
@@ -236,7 +238,7 @@ def test_ui_job_uploads_an_unsaved_source_and_mask_then_applies_by_the_timer(sce
     follow_ui_jobs()
 
     assert not ui_state.STATE.is_error, ui_state.STATE.message
-    assert ui_state.STATE.message.startswith("Saved 1 file(s)") and "(seed 3)" in ui_state.STATE.message
+    assert ui_state.STATE.message.startswith("Saved 1 file in ") and "(seed 3)" in ui_state.STATE.message
     image = albedo_of(cube.active_material)
     assert image not in (source, mask)
     record = HistoryRecord.from_fields(scene.sdtex.history[0])
@@ -287,7 +289,8 @@ def test_the_panel_draws_each_tasks_own_controls_from_its_table(scene, mode, exp
     scene.sdtex.image_task = mode
     drawn: list = []
     space = type("Space", (), {"image": bpy.data.images.new("Shown", 8, 8)})()
-    context = type("Context", (), {"scene": scene, "space_data": space})()
+    region = type("Region", (), {"width": 280})()
+    context = type("Context", (), {"scene": scene, "space_data": space, "region": region})()
     SDTEX_PT_image_tasks.draw(type("Panel", (), {"layout": RecordingLayout(drawn)})(), context)
 
     assert drawn[:2] == ["image_task", "prompt"] and drawn[-1] == "sdtex.image_task"

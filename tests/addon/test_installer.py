@@ -50,14 +50,7 @@ def wait_for_line(text: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(autouse=True)
-def idle_installer():
-    yield
-    if STATE.running:
-        installer.cancel_install()
-        deadline = time.monotonic() + 30
-        while STATE.running and time.monotonic() < deadline:
-            time.sleep(0.05)
+pytestmark = pytest.mark.usefixtures("idle_installer")
 
 
 def test_streams_lines_and_cancels_the_running_command(tmp_path):

@@ -27,14 +27,7 @@ def pip_phase(recording: str, message: str = "Installing torch (a large download
     return Phase(message, [sys.executable, "-c", code])
 
 
-@pytest.fixture(autouse=True)
-def idle_installer():
-    yield
-    if STATE.running:
-        installer.cancel_install()
-        deadline = time.monotonic() + 30
-        while STATE.running and time.monotonic() < deadline:
-            time.sleep(0.05)
+pytestmark = pytest.mark.usefixtures("idle_installer")
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,66 @@ def test_polling_is_cheap_when_nothing_happened(tmp_path):
         assert all(job.status_text == "Starting backend…" for job in board.jobs)
     finally:
         client.shutdown()
+
+
+def test_abandon_cancels_on_the_worker_and_finishes_here_at_once():
+    client = StubClient()
+    job = Job(client, "r1", "project")
+    job.abandon("Cancelled: another file was opened")
+    assert client.cancelled == ["r1"] and job.state == CANCELLED and job.finished
+    assert job.status_text == "Cancelled" and job.error == "Cancelled: another file was opened"
+    client.inbox = [{"id": "r1", "result": {"images": []}}]  # the worker's late answer changes nothing
+    assert not job.poll() and job.state == CANCELLED
+
+
+def _process_job(tmp_path: Path, script: str, count: int = 3):
+    import subprocess
+
+    from blender_sd_addon.jobs import ProcessJob
+
+    outputs = [str(tmp_path / f"entry{i}" / "result.json") for i in range(count)]
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+    return ProcessJob(None, "batch-1", "batch", process=process, outputs=outputs, log="batch.log", check_every=0.0)
+
+
+def _poll_until_finished(job, seconds: float = 30.0) -> list[str]:
+    seen, deadline = [], time.monotonic() + seconds
+    while not job.finished and time.monotonic() < deadline:
+        if job.poll():
+            seen.append(job.status_text)
+        time.sleep(0.02)
+    return seen
+
+
+WRITE_ENTRIES = """
+import os, sys, time
+for i in range({count}):
+    time.sleep(0.3)
+    os.makedirs(os.path.join(sys.argv[1], f"entry{{i}}"), exist_ok=True)
+    open(os.path.join(sys.argv[1], f"entry{{i}}", "result.json"), "w").write("{{}}")
+sys.exit({code})
+"""
+
+
+def test_a_process_job_counts_its_entries_and_ends_as_its_process(tmp_path):
+    job = _process_job(tmp_path, WRITE_ENTRIES.format(count=3, code=0))
+    assert job.state == RUNNING and job.status_text == "0 of 3 done"
+    seen = _poll_until_finished(job)
+    assert job.state == DONE and job.step == 3 and job.fraction == 1.0
+    assert "1 of 3 done" in seen and "2 of 3 done" in seen  # progress while it ran
+
+    failing = _process_job(tmp_path / "f", WRITE_ENTRIES.format(count=1, code=2), count=2)
+    _poll_until_finished(failing)
+    assert failing.state == FAILED and failing.step == 1
+    assert failing.status_text == "Failed: the batch process stopped with exit status 2; see batch.log"
+
+
+def test_cancelling_a_process_job_stops_its_process(tmp_path):
+    job = _process_job(tmp_path, WRITE_ENTRIES.format(count=50, code=0), count=50)
+    while job.step < 1:
+        job.poll()
+        time.sleep(0.02)
+    job.cancel()
+    assert job.status_text == "Cancelling…"
+    _poll_until_finished(job, 10.0)
+    assert job.state == CANCELLED and job.process.returncode != 0 and job.step < 50

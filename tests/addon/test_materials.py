@@ -212,6 +212,20 @@ def test_slot_replace_keeps_the_old_material_alive_after_save_and_reload(maps, t
     assert [slot.material.name for slot in bpy.data.objects["Cube"].material_slots] == ["Fresh"]
 
 
+def test_slot_reuse_fills_the_slot_it_made_before_and_leaves_the_artists_alone(maps):
+    cube = add_cube()
+    old = bpy.data.materials.new("Old")
+    cube.data.materials.append(old)
+    (first,) = apply_images([cube], maps, ApplyOptions(slot="REUSE"), "Try 1")
+    assert [slot.material for slot in cube.material_slots] == [old, first]  # the first time: a new slot
+    cube.active_material_index = 0  # the artist looks at their own slot meanwhile
+    for attempt in range(2, 7):  # six tries in all
+        (made,) = apply_images([cube], maps, ApplyOptions(slot="REUSE"), f"Try {attempt}")
+    assert [slot.material for slot in cube.material_slots] == [old, made]  # still two slots
+    assert made.name == "Try 6" and cube.active_material_index == 1
+    assert {p.material_index for p in cube.data.polygons} == {1}
+
+
 def test_slot_replace_on_an_object_without_slots_adds_one(maps):
     cube = add_cube()
     (mat,) = apply_images([cube], maps, ApplyOptions(slot="REPLACE"), "Fresh")

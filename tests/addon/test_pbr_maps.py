@@ -248,7 +248,7 @@ def test_ui_job_uploads_when_needed_and_applies_by_the_timer(scene, png_file, ki
     follow_ui_jobs()
 
     assert not ui_state.STATE.is_error, ui_state.STATE.message
-    assert ui_state.STATE.message.startswith("Saved 4 file(s)") and "seed" not in ui_state.STATE.message
+    assert ui_state.STATE.message.startswith("Saved 4 files in ") and "seed" not in ui_state.STATE.message
     textures = node_images(cube.active_material)
     assert textures["Albedo"] == image and len(textures) == 5
 
@@ -279,7 +279,7 @@ def test_the_operator_queues_on_the_job_board_in_the_ui_and_blocks_in_background
     assert bpy.ops.sdtex.derive_pbr_maps(image=image.name) == {"FINISHED"}  # the UI: returns at once, queued
     assert [job.task for job in ui_state.STATE.board.jobs] == ["pbr"] and len(scene.sdtex.history) == 1
     follow_ui_jobs()
-    assert len(scene.sdtex.history) == 2 and ui_state.STATE.message.startswith("Saved 4 file(s)")
+    assert len(scene.sdtex.history) == 2 and ui_state.STATE.message.startswith("Saved 4 files in ")
     with pytest.raises(RuntimeError, match="there is none called 'Nope'"):
         bpy.ops.sdtex.derive_pbr_maps(image="Nope")
     assert ui_state.STATE.is_error and "Nope" in ui_state.STATE.message  # the panel shows it too

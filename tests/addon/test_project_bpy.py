@@ -150,8 +150,8 @@ def test_panel_operator_in_background_mode_bakes_every_visible_mesh(scene, contr
     settings.targets = "VISIBLE"
     assert bpy.ops.sdtex.project() == {"FINISHED"}
     for obj in (cube, other):
-        assert obj.active_material and obj.active_material.name.startswith(f"SD mossy stone wall.{obj.name}")
-    assert project.Running.message.startswith("Baked 2 texture(s); views saw ")
+        assert obj.active_material and obj.active_material.name == f"SD mossy stone wall.{obj.name}"  # the name once
+    assert project.Running.message.startswith("Baked 2 textures; views saw ")
 
 
 def test_ui_job_reports_the_view_and_step_and_applies_when_done(scene, controlnet):
@@ -170,13 +170,16 @@ def test_ui_job_reports_the_view_and_step_and_applies_when_done(scene, controlne
     options = ApplyOptions(shared_material=False)
     job = ui_jobs.submit_ui("project", request.params, Target((cube.name,), options, True, request=request))
     assert project.project_jobs() == [job]  # a row on the UI's one job board
-    texts = set()
+    shown = set()
     while ui_jobs._tick() is not None:
-        texts.add(project.progress_text(job))
+        shown.add(project.progress(job))
         time.sleep(0.02)
-    stepping = [t for t in texts if re.fullmatch(r"View [1-3]/3, step [12]/2", t)]
-    assert len({t.split(",")[0] for t in stepping}) >= 2, texts  # polled every 20 ms: most views are seen
-    assert project.Running.message.startswith("Baked 1 texture(s)") and cube.active_material is not None
+    stepping = [(f, t) for f, t in shown if re.fullmatch(r"View [1-3]/3 · step [12]/2", t)]
+    assert len({t.split(" · ")[0] for _, t in stepping}) >= 2, shown  # polled every 20 ms: most views are seen
+    for fraction, text in stepping:  # the bar is the whole job's: view n of 3 is between (n-1)/3 and n/3
+        view = int(text[5])
+        assert (view - 1) / 3 <= fraction <= view / 3, (fraction, text)
+    assert project.Running.message.startswith("Baked 1 texture;") and cube.active_material is not None
 
 
 def test_an_object_no_view_sees_keeps_its_material_and_the_warning_names_it(scene, controlnet, tmp_path):
@@ -214,3 +217,25 @@ def test_the_operator_reports_an_unseen_object_and_applies_it_when_asked(scene, 
     assert bpy.ops.sdtex.project() == {"FINISHED"}
     assert "Cube.001: no view sees it" in project.Running.message
     assert inner.active_material.name.startswith("SD mossy stone wall.Cube.001")
+
+
+def test_an_empty_controlnet_field_uses_the_model_familys_depth_controlnet():
+    assert projecting.default_controlnet("runwayml/stable-diffusion-v1-5")[0] == "lllyasviel/sd-controlnet-depth"
+    assert projecting.default_controlnet("stabilityai/stable-diffusion-xl-base-1.0") == (
+        "diffusers/controlnet-depth-sdxl-1.0",
+        "SDXL",
+    )
+
+
+def test_the_progress_bar_counts_the_views_done():
+    from types import SimpleNamespace
+
+    from blender_sd_addon.blender import project
+
+    def job(stage: str, step: int = 0, total: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(stage=stage, step=step, total=total)
+
+    assert project.progress(job("loading_model")) == (0.0, "Loading model…")
+    assert project.progress(job("view 1/8", 25, 25)) == (1 / 8, "View 1/8 · step 25/25")  # not "100 % · View 1/8"
+    assert project.progress(job("view 4/8", 5, 10)) == (3.5 / 8, "View 4/8 · step 5/10")
+    assert project.progress(job("saving", 10, 10)) == (1.0, "Saving…")

@@ -85,7 +85,7 @@ def test_panel_keyframes_and_travel_operator(scene, tmp_path):
     assert (node.image.source, node.image_user.frame_duration, node.image_user.use_cyclic) == ("SEQUENCE", 2, True)
 
     assert bpy.ops.sdtex.travel_remove_key() == {"FINISHED"} and len(travel.keyframes) == 1
-    with pytest.raises(RuntimeError, match="at least 2 keyframes"):
+    with pytest.raises(RuntimeError, match="add at least 2 with the Add Keyframe button"):
         bpy.ops.sdtex.travel()
 
 
