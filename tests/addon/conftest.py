@@ -64,3 +64,36 @@ def idle_installer():
         deadline = time.monotonic() + 30
         while installer.STATE.running and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def controlnet(tiny_model_dir, tmp_path_factory) -> str:
+    """A tiny depth ControlNet for the tiny model (the project task needs one)."""
+    from backend.tiny_model import make_test_controlnet
+
+    return str(make_test_controlnet(tmp_path_factory.mktemp("controlnet") / "cn", tiny_model_dir))
+
+
+@pytest.fixture
+def as_ui(monkeypatch):
+    """as_ui(*modules): those modules see bpy.app.background False, as in the GUI, so their operators queue
+    jobs on the board instead of blocking (bpy as a module is always in background mode)."""
+    import bpy
+
+    class App:
+        background = False
+
+        def __getattr__(self, name):
+            return getattr(bpy.app, name)
+
+    class UiBpy:
+        app = App()
+
+        def __getattr__(self, name):
+            return getattr(bpy, name)
+
+    def patch(*modules) -> None:
+        for module in modules:
+            monkeypatch.setattr(module, "bpy", UiBpy())
+
+    return patch

@@ -20,29 +20,6 @@ from blender_sd_addon.blender.ui_state import STATE  # noqa: E402
 from blender_sd_addon.jobs import CANCELLED, Job  # noqa: E402
 
 
-class _App:
-    """bpy.app as the UI sees it: not in background mode (bpy as a module always is)."""
-
-    background = False
-
-    def __getattr__(self, name):
-        return getattr(bpy.app, name)
-
-
-class _Bpy:
-    app = _App()
-
-    def __getattr__(self, name):
-        return getattr(bpy, name)
-
-
-@pytest.fixture(scope="module")
-def controlnet(tiny_model_dir, tmp_path_factory) -> str:
-    from backend.tiny_model import make_test_controlnet
-
-    return str(make_test_controlnet(tmp_path_factory.mktemp("controlnet") / "cn", tiny_model_dir))
-
-
 def tick_until(done, seconds: float = 180.0) -> None:
     deadline = time.monotonic() + seconds
     while not done() and time.monotonic() < deadline:
@@ -51,9 +28,8 @@ def tick_until(done, seconds: float = 180.0) -> None:
     assert done(), "timed out"
 
 
-def start_project(scene, controlnet: str, monkeypatch) -> Job:
-    for module in (operator_base, project):
-        monkeypatch.setattr(module, "bpy", _Bpy())
+def start_project(scene, controlnet: str, as_ui) -> Job:
+    as_ui(operator_base, project)
     scene.sdtex.steps = 6
     settings = scene.sdtex_project
     settings.controlnet, settings.texture_size = controlnet, 64
@@ -76,8 +52,8 @@ def material_images(obj) -> set[str]:
     }
 
 
-def test_a_cancelled_project_applies_the_views_baked_and_is_in_the_history(scene, controlnet, monkeypatch):
-    job = start_project(scene, controlnet, monkeypatch)
+def test_a_cancelled_project_applies_the_views_baked_and_is_in_the_history(scene, controlnet, as_ui):
+    job = start_project(scene, controlnet, as_ui)
     tick_until(lambda: projecting.views_done(job) >= 1)
     job.cancel()
     tick_until(lambda: job.finished)
@@ -99,9 +75,9 @@ def test_a_cancelled_project_applies_the_views_baked_and_is_in_the_history(scene
     assert material_images(cube) == textures
 
 
-def test_opening_a_file_abandons_running_jobs_and_the_panel_warns_before(scene, controlnet, monkeypatch):
+def test_opening_a_file_abandons_running_jobs_and_the_panel_warns_before(scene, controlnet, as_ui):
     scene.sdtex.steps = 200
-    job = start_project(scene, controlnet, monkeypatch)
+    job = start_project(scene, controlnet, as_ui)
     assert STATE.closing_warning() == "1 job running: closing Blender or opening a file cancels them"
     bpy.ops.wm.read_homefile(use_empty=True)  # load_pre
     assert job.state == CANCELLED and job.cancelling and STATE.board.active == [] and STATE.targets == {}
@@ -227,12 +203,11 @@ def test_a_cancelled_travel_says_where_its_finished_frames_are(addon):
     )
 
 
-def test_a_ray_batch_is_one_row_on_the_board_and_applies_what_it_made(scene, monkeypatch):
+def test_a_ray_batch_is_one_row_on_the_board_and_applies_what_it_made(scene, as_ui):
     from blender_sd_addon.blender import batch
     from blender_sd_addon.jobs import DONE
 
-    for module in (operator_base, batch):
-        monkeypatch.setattr(module, "bpy", _Bpy())
+    as_ui(operator_base, batch)
     bpy.ops.mesh.primitive_cube_add(size=1.0)
     cube = bpy.context.active_object
     cube.name = "Crate"

@@ -14,29 +14,6 @@ from blender_sd_addon.blender import batch, operator_base, project, train, ui_jo
 from blender_sd_addon.jobs import CANCELLED  # noqa: E402
 
 
-class _App:
-    """bpy.app as the UI sees it: not in background mode (bpy as a module always is)."""
-
-    background = False
-
-    def __getattr__(self, name):
-        return getattr(bpy.app, name)
-
-
-class _Bpy:
-    app = _App()
-
-    def __getattr__(self, name):
-        return getattr(bpy, name)
-
-
-@pytest.fixture(scope="module")
-def controlnet(tiny_model_dir, tmp_path_factory) -> str:
-    from backend.tiny_model import make_test_controlnet
-
-    return str(make_test_controlnet(tmp_path_factory.mktemp("controlnet") / "cn", tiny_model_dir))
-
-
 def write_photos(folder: Path) -> Path:
     import PIL.Image
 
@@ -75,9 +52,8 @@ def start_every_kind(scene, controlnet: str, tmp_path: Path) -> None:
     assert bpy.ops.sdtex.download_model() == {"FINISHED"}
 
 
-def test_every_kind_of_job_is_a_row_on_the_board_and_cancel_says_so_at_once(scene, controlnet, tmp_path, monkeypatch):
-    for module in (operator_base, train, project, batch):
-        monkeypatch.setattr(module, "bpy", _Bpy())
+def test_every_kind_of_job_is_a_row_on_the_board_and_cancel_says_so_at_once(scene, controlnet, tmp_path, as_ui):
+    as_ui(operator_base, train, project, batch)
     start_every_kind(scene, controlnet, tmp_path)
 
     rows = ui_state.STATE.board.active

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -63,17 +62,7 @@ bpy.app.timers.register(run, first_interval=0.5)
 """
 
 
-def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (apt-get install blender xvfb): this GUI test needs it"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def test_a_result_marks_the_file_unsaved(tmp_path):
+def test_a_result_marks_the_file_unsaved(require, tmp_path):
     blender, xvfb_run = require("blender"), require("xvfb-run")
     script = tmp_path / "script.py"
     script.write_text(SCRIPT.format(repo=str(REPO), folder=str(tmp_path)))

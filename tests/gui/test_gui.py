@@ -32,18 +32,8 @@ STALL_LIMIT = 0.1  # seconds: the longest any add-on callback may keep Blender f
 FREEZE = 1.0  # seconds: less than one 3D viewport redraw with llvmpipe here (1.2-2.8 s measured)
 
 
-def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (apt-get install blender xvfb): the GUI test needs it"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture(scope="module")
-def display():
+def display(require):
     """A fresh Xvfb server on a free display number (Xvfb picks it and tells us through -displayfd)."""
     xvfb = require("Xvfb")
     read, write = os.pipe()
@@ -74,7 +64,7 @@ def is_blank(path: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def gui_run(display, tiny_model_dir, tmp_path_factory) -> dict:
+def gui_run(require, display, tiny_model_dir, tmp_path_factory) -> dict:
     blender = require("blender")
     work = tmp_path_factory.mktemp("gui")
     out, home = work / "out", work / "home"
