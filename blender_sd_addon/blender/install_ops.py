@@ -14,7 +14,7 @@ from bpy.props import StringProperty
 
 from .. import installer, paths, readiness
 from ..client import SDTexError
-from . import session
+from . import session, ui_jobs
 from .ui_state import STATE, start_backend_async
 
 REDRAW_INTERVAL = 0.5  # seconds
@@ -22,10 +22,7 @@ REDRAW_INTERVAL = 0.5  # seconds
 
 def _redraw_while_running() -> float | None:
     """Redraw the preferences and sidebars while installing; start the new backend once it is in place."""
-    for window in bpy.context.window_manager.windows:
-        for area in window.screen.areas:
-            if area.type in ("PREFERENCES", "VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR"):
-                area.tag_redraw()
+    ui_jobs.redraw(areas=("PREFERENCES",))
     STATE.readiness = None
     if installer.STATE.running:
         return REDRAW_INTERVAL

@@ -304,20 +304,23 @@ class Redraws:
         if not changed and not (self.pending and now - self.last >= PROGRESS_REDRAW_INTERVAL):
             return False
         self.last, self.pending = now, False
-        _redraw()
+        redraw()
         return True
 
 
 REDRAWS = Redraws()
 
 
-def _redraw() -> None:
-    """Tag the sidebars that show the board (region "UI"), never the area: tagging the area redraws its main
-    region too, a whole 3D viewport (with software drawing that costs more than a denoising step). Previews
-    redraw their Image Editors themselves (image.update())."""
+def redraw(areas: tuple[str, ...] = ()) -> None:
+    """The add-on's one redraw: tag the sidebars that show the board (region "UI"), never the area: tagging the
+    area redraws its main region too, a whole 3D viewport (with software drawing that costs more than a
+    denoising step). `areas`: area types redrawn whole (the Preferences window while installing). Previews
+    redraw their own Image Editors (blender/preview.py)."""
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type in SIDEBARS:
+            if area.type in areas:
+                area.tag_redraw()
+            elif area.type in SIDEBARS:
                 for region in area.regions:
                     if region.type == "UI":
                         region.tag_redraw()

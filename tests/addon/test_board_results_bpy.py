@@ -161,7 +161,7 @@ def test_redraw_tags_only_the_sidebars_and_progress_at_most_4_times_a_second(mon
     windows = [SimpleNamespace(screen=SimpleNamespace(areas=areas))]
     monkeypatch.setattr(ui_jobs, "bpy", SimpleNamespace(context=SimpleNamespace(window_manager=SimpleNamespace(
         windows=windows))))  # fmt: skip
-    ui_jobs._redraw()
+    ui_jobs.redraw()
     assert [(r.type, a.type) for a in areas for r in a.regions if r in tagged] == [
         ("UI", "VIEW_3D"), ("UI", "IMAGE_EDITOR"), ("UI", "NODE_EDITOR")
     ]  # fmt: skip
@@ -169,7 +169,7 @@ def test_redraw_tags_only_the_sidebars_and_progress_at_most_4_times_a_second(mon
     now = [100.0]
     redraws = ui_jobs.Redraws(clock=lambda: now[0])
     calls: list[float] = []
-    monkeypatch.setattr(ui_jobs, "_redraw", lambda: calls.append(now[0]))
+    monkeypatch.setattr(ui_jobs, "redraw", lambda: calls.append(now[0]))
     board = [("r1", "running", "denoising", False, False)]  # what _board_signature gives: one row, running
 
     def tick(at: float, progress: bool) -> bool:

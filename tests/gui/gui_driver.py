@@ -233,7 +233,7 @@ def idle_baseline(ui):
     STALLS.start("idle")
     deadline = time.monotonic() + BASELINE
     while time.monotonic() < deadline:
-        ui.jobs._redraw()  # what the add-on's timer does on each step's news
+        ui.jobs.redraw()  # what the add-on's timer does on each step's news
         yield 0.05
     STALLS.start(None)
 

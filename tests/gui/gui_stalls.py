@@ -75,7 +75,7 @@ class Stalls:
         jobs._tick = self.timed("timer", jobs._tick)
         preview._draw = self.timed("preview_draw", preview._draw)
         jobs._finish = self.timed("apply_result", self._ends_steps(jobs._finish))
-        jobs._redraw = self.timed("redraw_request", self._noted(jobs._redraw))
+        jobs.redraw = self.timed("redraw_request", self._noted(jobs.redraw))
         # Inside the preview's drawing: which GPU call costs what (shader compiles are slow on llvmpipe)
         preview.draw_texture_2d = self.timed("gpu draw_texture_2d", preview.draw_texture_2d)
         gpu.types.GPUTexture = self.timed("gpu GPUTexture", gpu.types.GPUTexture)
@@ -96,9 +96,9 @@ class Stalls:
         return panel_draw
 
     def _noted(self, redraw):
-        def noting_redraw_requests():
+        def noting_redraw_requests(*args, **kwargs):
             self.redraw_requests.append(time.monotonic() - START)
-            return redraw()
+            return redraw(*args, **kwargs)
 
         return noting_redraw_requests
 
