@@ -16,7 +16,7 @@ from ..contract import model_catalog, protocol
 from . import session, status, ui_jobs
 from .operator_base import SDTexOperator
 from .panels import message_lines
-from .ui_jobs import SOLID_HINT, solid_viewports
+from .ui_jobs import solid_viewports
 from .ui_state import STATE, Target, start_backend_async
 
 
@@ -160,8 +160,6 @@ class SDTEX_OT_material_preview(bpy.types.Operator):
     def execute(self, context):
         for shading in solid_viewports():
             shading.type = "MATERIAL"
-        if STATE.message.endswith(SOLID_HINT):
-            STATE.message = STATE.message[: -len(SOLID_HINT)]
         return {"FINISHED"}
 
 

@@ -155,7 +155,10 @@ def start_on_ray(manifest: Path, out: Path, targets: dict[str, str], address: st
     outputs = [str(out / key / "result.json") for key in targets]  # each written last, when its entry is done
     job = ProcessJob(None, f"batch-{process.pid}", "batch", process=process, outputs=outputs, log=str(log))
     target = Target(tuple(targets.values()), materials.ApplyOptions(), True, kind=RAY, request=(out, targets))
-    STATE["job"], STATE["message"] = job, f"Batch: {len(targets)} job(s) on Ray, log {log}"
+    STATE["job"], STATE["message"] = (
+        job,
+        f"Batch: {len(targets)} job{'' if len(targets) == 1 else 's'} on Ray, log {log}",
+    )
     if bpy.app.background:  # no timers tick: wait here
         process.wait()
         job.check_every = 0.0

@@ -13,7 +13,7 @@ from ..history import PBR_CONTROLS, HistoryRecord
 from ..jobs import Job
 from . import own_message, preview, session, size_hint, status
 from .properties import IMAGE_MODES, shown_params
-from .ui_jobs import SOLID_HINT
+from .ui_jobs import SOLID_HINT, solid_viewports
 from .ui_state import STATE, Target
 
 SPACES = ("VIEW_3D", "IMAGE_EDITOR", "NODE_EDITOR")
@@ -95,8 +95,9 @@ class MainPanel(SidebarPanel):
             row = layout.row(align=True)
             if STATE.is_error:
                 row.operator("sdtex.show_message", icon="TEXT")
-            elif STATE.message.endswith(SOLID_HINT):
-                row.operator("sdtex.material_preview", icon="SHADING_TEXTURE")
+            elif STATE.applied and solid_viewports():
+                draw_message(layout, SOLID_HINT, False, context.region.width)
+                layout.operator("sdtex.material_preview", icon="SHADING_TEXTURE")
         draw_readiness(layout, status.check_readiness(context), context.region.width)
         draw_output_folder(layout, context.region.width)
 

@@ -243,7 +243,8 @@ def finish_texture_job(job: Job, target: Target) -> None:
             preview.hand_over(texture.images[0])  # the final image replaces the live preview
         if target.apply and not meshes:
             raise SDTexError("The objects were deleted while generating; the images are in the history")
-        STATE.say(saved_message(texture) + (SOLID_HINT if target.apply and solid_viewports() else ""))
+        STATE.say(saved_message(texture))
+        STATE.applied = target.apply
     except SDTexError as exc:
         STATE.say(str(exc), is_error=True)
 
@@ -253,7 +254,8 @@ def cancelled_text(job: Job) -> str:
     frames = [a.path for a in job.artifacts if a.kind == "frame"]
     if job.task != "travel" or not frames:
         return "Cancelled"
-    return (f"Cancelled after {len(frames)} frame(s): they stay in {os.path.dirname(frames[0])}, and running the "
+    done = f"{len(frames)} frame" + ("" if len(frames) == 1 else "s")
+    return (f"Cancelled after {done}: they stay in {os.path.dirname(frames[0])}, and running the "
             "same travel again continues from there")  # fmt: skip
 
 
@@ -263,7 +265,8 @@ def saved_message(texture: TextureResult) -> str:
     return f"Saved {count} file{'' if count == 1 else 's'} in {os.path.dirname(texture.files[0])}{seed}"
 
 
-SOLID_HINT = "\nThe viewport is in Solid shading: press Material Preview (Z) to see the texture."
+# Drawn while it is true (a hint kept in the message went stale once the artist switched shading).
+SOLID_HINT = "The viewport is in Solid shading: press Material Preview (Z) to see the texture."
 
 
 def solid_viewports() -> list:

@@ -61,6 +61,7 @@ class UIState:
     message: str = ""  # the last outcome, shown under the Generate button (an error in the panel's words)
     details: str = ""  # an error's whole text, as the backend gave it (the Details popup)
     is_error: bool = False
+    applied: bool = False  # the message is about a result put on objects (the panel may say how to see it)
     backend_message: str = ""  # set by the start-up thread: plain Python only, never bpy
     readiness: tuple[float, readiness.Readiness] | None = None  # (when, what): reused for FACTS_TTL
 
@@ -76,7 +77,7 @@ class UIState:
         return f"{count} job{'s' if count > 1 else ''} running: closing Blender or opening a file cancels them"
 
     def say(self, message: str, is_error: bool = False) -> None:
-        self.message, self.details, self.is_error = message, message, is_error
+        self.message, self.details, self.is_error, self.applied = message, message, is_error, False
         if is_error:
             print(f"SD Textures: {message}")  # the precise text; the panel shows it in its own words
             self.message = own_message.in_ui_words(messages.readable(message))  # the panel's labels

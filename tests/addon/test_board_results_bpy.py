@@ -198,7 +198,7 @@ def test_a_cancelled_travel_says_where_its_finished_frames_are(addon):
     job.artifacts = [protocol.Artifact(f"/out/lava_1a2b/lava_{n:04d}.png", "frame", 9, "0" * 64) for n in (1, 2)]
     ui_jobs.finish_texture_job(job, ui_jobs.Target((), None, False))
     assert STATE.message == (
-        "Cancelled after 2 frame(s): they stay in /out/lava_1a2b, and running the same travel again continues "
+        "Cancelled after 2 frames: they stay in /out/lava_1a2b, and running the same travel again continues "
         "from there"
     )
 

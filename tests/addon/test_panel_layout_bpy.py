@@ -254,3 +254,23 @@ def test_an_empty_controlnet_field_says_which_one_it_uses(scene):
     assert "lllyasviel/sd-controlnet-depth (downloaded on first use)" in labels
     scene.sdtex_project.controlnet = "/models/my_depth_cn"
     assert not any("depth ControlNet" in text for kind, text, _ in draw(project.SDTEX_PT_project, scene))
+
+
+def test_the_solid_shading_hint_shows_only_while_a_viewport_is_in_solid_shading(scene, quiet, monkeypatch):
+    """The hint used to be part of the saved message and stayed after the artist switched to Material Preview."""
+    ui_state.STATE.say("Saved 1 file in /textures (seed 3)")
+    ui_state.STATE.applied = True
+    solid = [SimpleNamespace(type="SOLID")]
+    monkeypatch.setattr(panels, "solid_viewports", lambda: solid)
+    shown = draw(panels.MainPanel, scene)
+    assert ("operator", "sdtex.material_preview", None) in shown
+    assert "Solid shading" in text(shown)
+    solid.clear()  # the artist pressed Z
+    shown = draw(panels.MainPanel, scene)
+    assert ("operator", "sdtex.material_preview", None) not in shown
+    assert "Solid shading" not in text(shown) and "Saved 1 file" in text(shown)
+
+
+def text(drawn: list) -> str:
+    """The labels drawn, as one text (messages wrap over several labels)."""
+    return " ".join(item[1] for item in drawn if item[0] == "label")
