@@ -14,6 +14,7 @@ from . import materials, projecting, session, tasks
 from .operator_base import SDTexOperator
 from .properties import INT32_MAX, SCENE_CONTROLS
 from .results import apply_record
+from .train import use_lora
 
 
 def active_record(context) -> HistoryRecord:
@@ -39,13 +40,6 @@ class SDTEX_OT_apply_history(SDTexOperator, bpy.types.Operator):
             projecting.apply_project_record(record, tasks.apply_options(shared_material=False, slot=options.slot))
         else:
             apply_record(record, tasks.mesh_objects(context.selected_objects), options)
-
-
-def use_lora(scene, path: str) -> None:
-    """A training record applied again: its LoRA enabled in the LoRA list (added when missing)."""
-    loras = scene.sdtex_train.loras
-    entry = next((e for e in loras if bpy.path.abspath(e.filepath) == path), None) or loras.add()
-    entry.filepath, entry.enabled = path, True
 
 
 def restore_settings(settings, record: HistoryRecord) -> None:

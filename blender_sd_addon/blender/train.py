@@ -99,13 +99,18 @@ def _take_artifacts(job: Job) -> None:
     STATE.seen = len(job.artifacts)
 
 
+def use_lora(scene, path: str) -> None:
+    """A LoRA (a finished training, or its history record applied again) enabled in the LoRA list, added if missing."""
+    loras = scene.sdtex_train.loras
+    entry = next((e for e in loras if bpy.path.abspath(e.filepath) == path), None) or loras.add()
+    entry.filepath, entry.enabled = path, True
+
+
 def _finished(scene: bpy.types.Scene, job: Job) -> None:
     """A finished job: its LoRA joins the LoRA list (enabled), or the reason it stopped is shown."""
     if job.state == DONE:
         result = protocol.TrainResult.from_dict(job.data)
-        train = scene.sdtex_train
-        entry = next((e for e in train.loras if bpy.path.abspath(e.filepath) == result.lora), None) or train.loras.add()
-        entry.filepath, entry.enabled = result.lora, True
+        use_lora(scene, result.lora)
         add_training_history(result)
         STATE.checkpoint, STATE.earlier_losses = "", []
         job.losses[:] = result.losses  # every step's, the checkpoint's included
