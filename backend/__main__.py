@@ -1,4 +1,4 @@
-"""Command line: `python -m backend serve | generate | pbr | img2img | inpaint | upscale | make-seamless |
+"""Command line: `python -m backend serve | generate | pbr | estimate | img2img | inpaint | upscale | make-seamless |
 travel | train | make-test-model | info` (also `sd-textures-backend`).
 
 Each task with a `command` in its spec (sdtex_contract/tasks.py; `generate` runs txt2img) is a command with

@@ -1,5 +1,5 @@
-"""What a running job sees of the worker: its id, the model manager, the uploaded inputs, and callbacks
-for events, artifacts and cancel. Tasks take a JobContext and their parameters and return a result."""
+"""What a running job sees of the worker: its id, the model manager, the estimators, the uploaded inputs, and
+callbacks for events, artifacts and cancel. Tasks take a JobContext and their parameters and return a result."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ class JobContext:
     emit: Callable[[str, dict], None] = lambda kind, data: None  # (event kind, data) for this job
     is_cancelled: Callable[[], bool] = lambda: False
     started: float = field(default_factory=time.perf_counter)
+    # The worker's backend.estimators.Estimators (Marigold models, warm between jobs); None: the job makes its own
+    # when it needs one (estimated_maps.job_estimators). Not imported here: the estimators import this module.
+    estimators: Any = None
 
     def stage(self, name: str) -> None:
         self.emit(EVENT_STATUS, {"stage": name})

@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from backend import single_file
+from backend.estimators import PIPELINES as ESTIMATOR_PIPELINES
 from backend.families import family_of_class_name
 from sdtex_contract import model_catalog, units
 from sdtex_contract.protocol import (
@@ -104,6 +105,11 @@ def select_files(tree: dict[str, int], model_index: dict, variant: str = "fp16")
 
 
 # --- disk space ---------------------------------------------------------------------------------------------
+
+
+def is_estimator(class_name: object) -> bool:
+    """A Marigold pipeline's model_index `_class_name`: downloaded like a generator, used for the PBR maps."""
+    return class_name in {pipeline.__name__ for pipeline in ESTIMATOR_PIPELINES.values()}
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -286,10 +292,11 @@ def plan_download(
         raise _hub_error(repo_id, exc) from None
     model_index = json.loads(Path(index_path).read_text(encoding="utf-8"))
     name = model_index.get("_class_name")
-    if family_of_class_name(name) is None:
+    if family_of_class_name(name) is None and not is_estimator(name):
         raise ProtocolError(
             DOWNLOAD_FAILED,
-            f"{repo_id} is a {name}: this add-on runs Stable Diffusion 1.x/2.x and SDXL pipelines",
+            f"{repo_id} is a {name}: this add-on runs Stable Diffusion 1.x/2.x and SDXL pipelines, and Marigold "
+            "estimators for PBR maps",
             {"param": "model", "value": repo_id},
         )
     files = {path: tree[path] for path in select_files(tree, model_index, variant)}
@@ -370,10 +377,10 @@ def describe_folder(folder: Path, model: str, kind: str, name: str, size: int) -
     class_name = index.get("_class_name")
     family = family_of_class_name(class_name if isinstance(class_name, str) else None)
     if family is None:
-        entry.usable, entry.problem = (
-            False,
-            f"a {class_name or 'folder without a pipeline class'}, not SD 1.x/2.x or SDXL",
-        )
+        problem = f"a {class_name or 'folder without a pipeline class'}, not SD 1.x/2.x or SDXL"
+        if is_estimator(class_name):
+            problem = f"a {class_name}: an estimator for PBR maps (Preferences > PBR Estimator Models), not a generator"
+        entry.usable, entry.problem = False, problem
         return entry
     unet, vae = _json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json")
     entry.family = family.name

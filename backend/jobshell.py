@@ -5,7 +5,7 @@ metadata) and make the GenerateResult.
 A runner reads like a diffusers pipeline's `__call__`:
 
     # 1. Check inputs that need no model       (its own checks, output_folder(params))
-    job = ImageJob(ctx, params, resolved)
+    job = ImageJob(ctx, params, resolved)     (it finds the PBR maps' estimator models too)
     # 2. Load                                   pipe = job.load("img2img")
     # 3. Run                                    output = run_img2img(pipe, resolved, picture, **job.callbacks())
     # 4. Save                                   return job.save(output, width, height)
@@ -22,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from backend.context import JobContext
+from backend.estimated_maps import check_estimators
 from backend.families import Factors
 from backend.outputs import save_images
 from backend.previews import preview_event
@@ -70,6 +71,7 @@ class ImageJob:
     def __init__(self, ctx: JobContext, params: TaskParams, resolved: TaskParams | None = None) -> None:
         self.ctx, self.params = ctx, params
         self.resolved = resolved if resolved is not None else params
+        check_estimators(self.resolved)  # the maps' estimator models are found before the generator runs
         self.load_seconds = 0.0
         self.model_name = ""  # the model that ran ("" when none did)
         self.device: torch.device | None = None
@@ -108,7 +110,7 @@ class ImageJob:
         ctx = self.ctx
         ctx.stage("saving")
         save_start = time.perf_counter()
-        records = save_images(output.images, output.seeds, self.resolved, announce=ctx.artifact, names=names)
+        records = save_images(output.images, output.seeds, self.resolved, announce=ctx.artifact, names=names, ctx=ctx)
         timings = {"load": self.load_seconds, **output.timings, "save": time.perf_counter() - save_start}
         timings["total"] = time.perf_counter() - ctx.started
         return GenerateResult(

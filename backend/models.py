@@ -163,7 +163,7 @@ def locate(model: str, allow_pickle: bool = False) -> ModelSource:
             )
         return ModelSource("single_file", str(path.resolve()), True)
     if is_hub_id(model):
-        snapshot = _hub_snapshot(model)  # a cached copy is checked like a folder: loading it must not fail later
+        snapshot = hub_snapshot(model)  # a cached copy is checked like a folder: loading it must not fail later
         pickled = _pickle_only_components(snapshot) if snapshot else []
         if pickled and not allow_pickle:
             raise _unsafe(model, f"{model} ({', '.join(pickled)}: only .bin/.pt weights in the cache)")
@@ -195,7 +195,7 @@ def weights_variant(folder: Path, dtype: str) -> str | None:
     return "fp16" if has_fp16 and dtype != "fp32" else None
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
+def hub_snapshot(repo_id: str) -> Path | None:
     """The cached snapshot folder of a hub model (its model_index.json's folder), or None when not cached."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -275,7 +275,7 @@ def load_pipeline(source: ModelSource, device: str, dtype: str, cpu_offload: boo
             index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         else:
             index = _hub_model_index(source.location)
-            folder = _hub_snapshot(source.location)
+            folder = hub_snapshot(source.location)
         family = _folder_family(index, source.location)
         kwargs["use_safetensors"] = source.use_safetensors or None  # None: safetensors when present, else .bin
         if folder is not None and source.use_safetensors:

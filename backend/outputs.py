@@ -4,8 +4,8 @@ never overwrites anything, each announced as an artifact the moment it is comple
 Every PNG goes through write_png. Each generated picture (albedo, projection view, training sample) carries
 an A1111 `parameters` text chunk describing what its task ran (backend.infotext; read by most SD tools) and
 an `sdtex` chunk with the full settings as JSON, so any texture can be regenerated from the file alone. PBR
-maps, masks and depth images carry only the `sdtex` chunk (naming the role and the albedo): other tools must
-not list a normal map as a generated image.
+maps (a delit albedo included), masks and depth images carry only the `sdtex` chunk (naming the role and the
+albedo): other tools must not list a normal map as a generated image.
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
 from backend import __version__
+from backend.context import JobContext
+from backend.estimated_maps import STAGE as ESTIMATING
+from backend.estimated_maps import job_estimators, needed_estimators, wants_maps
 from backend.infotext import GENERATED_ROLES, a1111_parameters
 from backend.pbr import maps_for
 from sdtex_contract.protocol import (
@@ -39,6 +43,9 @@ from sdtex_contract.protocol import (
 
 PREFIX_MAX = 64
 TEMP_PREFIX = ".sdtex-partial-"  # hidden, and never a name a finished file gets
+# A map's role in its PNG's sdtex chunk where it differs from the map's name: a delit albedo is a map, not the
+# generated picture (no A1111 chunk).
+PNG_ROLES = {"albedo": "delit_albedo"}
 
 Announce = Callable[[Artifact], None]
 
@@ -163,6 +170,56 @@ def write_png(
     return path, len(data), hashlib.sha256(data).hexdigest()
 
 
+def write_map(
+    picture: PIL.Image.Image,
+    folder: Path,
+    stem: str,
+    params: TaskParams,
+    name: str,
+    *,
+    seed: int | None,
+    source: str | None,
+    index: int = 0,
+    announce: Announce | None = None,
+) -> str:
+    """Write and announce an albedo (source None) or one of its maps (source: the albedo's path, "" when it came
+    in as bytes); the map's name is its artifact role, its PNG role that too unless PNG_ROLES says otherwise."""
+    role = name if source is None else PNG_ROLES.get(name, name)
+    path, size, digest = write_png(picture, folder, stem, params, seed, role, source=source or "")
+    if announce:
+        kind = "image" if source is None else "map"
+        announce(Artifact(path=str(path), kind=kind, size=size, sha256=digest, index=index, role=name))
+    return str(path)
+
+
+def write_maps(
+    maps: Mapping[str, PIL.Image.Image], folder: Path, base: str, params: TaskParams, **where: Any
+) -> dict[str, str]:
+    """write_map for each map as `<base>_<name>.png`; name -> path."""
+    return {name: write_map(m, folder, f"{base}_{name}", params, name, **where) for name, m in maps.items()}
+
+
+def input_stem(params: TaskParams, source: str) -> str:
+    """The file-name stem of maps of an input image: a file's own name, or for uploaded bytes the prefix and
+    the job's stamp (a generated albedo's maps are named after it likewise)."""
+    return sanitise_prefix(Path(source).stem) if source else f"{sanitise_prefix(params.filename_prefix)}_{run_stamp()}"
+
+
+def job_maps(
+    image: PIL.Image.Image, params: TaskParams, ctx: JobContext | None = None
+) -> tuple[dict[str, PIL.Image.Image], dict[str, str]]:
+    """backend.pbr.maps_for within a job: estimators (when a map's method is "model") run on the job's Estimators
+    under the stage "estimating_maps", their steps as the job's progress, the job's cancel honoured."""
+    if ctx is None or not needed_estimators(params):
+        return maps_for(image, params)
+    ctx.stage(ESTIMATING)
+    start = time.perf_counter()
+    on_step = lambda step, total: ctx.progress(step, total, time.perf_counter() - start)  # noqa: E731
+    maps = maps_for(image, params, job_estimators(ctx), on_step=on_step, is_cancelled=ctx.is_cancelled)
+    ctx.stage("saving")
+    return maps
+
+
 def save_image_set(
     image: PIL.Image.Image,
     params: TaskParams,
@@ -173,22 +230,19 @@ def save_image_set(
     seed: int | None = None,
     albedo: bool = True,
     announce: Announce | None = None,
+    ctx: JobContext | None = None,
 ) -> ImageRecord:
     """Write an albedo (unless albedo=False: the image came in as an input) and, when params.pbr is set or
-    the task is `pbr`, its maps; announce each file as it is complete."""
+    the task is `pbr`, its maps (job_maps: estimated ones need `ctx`); announce each file as it is complete.
+    A delit albedo is the map "albedo" (`<stem>_albedo.png`, artifact kind "map"; its PNG role "delit_albedo")."""
 
-    def write(picture: PIL.Image.Image, file_stem: str, role: str, source: str = "") -> str:
-        path, size, digest = write_png(picture, folder, file_stem, params, seed, role, source=source)
-        if announce:
-            kind = "image" if role == "albedo" else "map"
-            announce(Artifact(path=str(path), kind=kind, size=size, sha256=digest, index=index, role=role))
-        return str(path)
-
-    record = ImageRecord(path=write(image, stem, "albedo") if albedo else "", seed=seed)
-    if getattr(params, "pbr", False) or params.task == "pbr":
-        maps = maps_for(image, params)
+    where = dict(seed=seed, index=index, announce=announce)
+    record = ImageRecord(path=write_map(image, folder, stem, params, "albedo", source=None, **where) if albedo else "",
+                         seed=seed)  # fmt: skip
+    if wants_maps(params):
+        maps, record.map_sources = job_maps(image, params, ctx)
         base = Path(record.path).stem if record.path else stem
-        record.maps = {name: write(m, f"{base}_{name}", name, source=record.path) for name, m in maps.items()}
+        record.maps = write_maps(maps, folder, base, params, source=record.path, **where)
     return record
 
 
@@ -198,14 +252,17 @@ def save_images(
     params: TaskParams,
     announce: Announce | None = None,
     names: list[str] | None = None,
+    ctx: JobContext | None = None,
 ) -> list[ImageRecord]:
-    """Save each generated image (and its PBR maps when asked), announcing every file once complete.
-    names: each image's part of its file name after the job's stamp (default: its seed)."""
+    """Save each generated image (and its PBR maps when asked; estimated ones need `ctx`), announcing every file
+    once complete. names: each image's part of its file name after the job's stamp (default: its seed)."""
     folder = output_folder(params)
     prefix = sanitise_prefix(params.filename_prefix)
     stamp = run_stamp()
     names = names if names is not None else [str(seed) for seed in seeds]
     return [
-        save_image_set(image, params, folder, f"{prefix}_{stamp}_{name}", index=i, seed=seed, announce=announce)
+        save_image_set(
+            image, params, folder, f"{prefix}_{stamp}_{name}", index=i, seed=seed, announce=announce, ctx=ctx
+        )
         for i, (image, seed, name) in enumerate(zip(images, seeds, names, strict=True))
     ]

@@ -1,8 +1,9 @@
-"""PBR maps derived from an albedo by classical image filters: height, normal, roughness, ambient occlusion.
+"""PBR maps of an albedo: height, normal, roughness, ambient occlusion by classical image filters, or (per map,
+as a task asks) from a Marigold model's estimate, with metallic and a delit albedo (backend/estimated_maps.py).
 
-No model is involved, so the maps are a plausible starting point, not a measurement. Every filter wraps
-around the axes on which the texture tiles (and reflects on the others), so the maps of a tileable albedo
-tile as well: deriving the maps of a shifted albedo gives the shifted maps.
+The classical filters involve no model, so their maps are a plausible starting point, not a measurement. Every
+filter wraps around the axes on which the texture tiles (and reflects on the others), so the maps of a tileable
+albedo tile as well: deriving the maps of a shifted albedo gives the shifted maps.
 
 Conventions: height is 0..1 (0.5 = flat), saved as 16-bit; normals are tangent-space, unit length before
 8-bit quantisation, encoded as (n * 0.5 + 0.5) * 255, +X right and +Y up (OpenGL, what Blender expects),
@@ -12,12 +13,18 @@ or +Y down for DirectX.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 from scipy import ndimage
 
+from backend.estimated_maps import CLASSICAL_MAPS, estimate_maps, map_names, map_sources
 from sdtex_contract.protocol import TaskParams
+
+if TYPE_CHECKING:
+    from backend.estimators import Estimators
 
 NORMAL_FORMATS = ("opengl", "directx")
 LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 weights
@@ -50,32 +57,70 @@ def derive_maps(
     # 1. Check inputs
     _check_controls(normal_format, strength, height_contrast, roughness_contrast, ao_strength)
     modes = ("wrap" if wrap_y else "reflect", "wrap" if wrap_x else "reflect")  # per array axis: rows, columns
-    rgb = np.asarray(albedo.convert("RGB"), dtype=np.float64) / 255.0
-    luminance = rgb @ LUMA
+    luminance = _luminance(albedo)
 
     # 2. Height, then 3. normal, 4. roughness, 5. ambient occlusion
     height = _height(luminance, height_contrast, modes)
-    normal = _normal(height, strength, normal_format, modes)
-    return {
-        "height": PIL.Image.fromarray(_quantise(height, 65535, np.uint16)),
-        "normal": PIL.Image.fromarray(_quantise(normal * 0.5 + 0.5, 255, np.uint8)),
-        "roughness": PIL.Image.fromarray(_quantise(_roughness(luminance, roughness_contrast), 255, np.uint8)),
-        "ao": PIL.Image.fromarray(_quantise(_ambient_occlusion(height, ao_strength, modes), 255, np.uint8)),
-    }
-
-
-def maps_for(albedo: PIL.Image.Image, params: TaskParams) -> dict[str, PIL.Image.Image]:
-    """derive_maps with a task's PBR parameters, wrapping on the axes it tiles on (params.seamless resolved)."""
-    return derive_maps(
-        albedo,
-        wrap_x=params.seamless in ("x", "xy"),
-        wrap_y=params.seamless in ("y", "xy"),
-        normal_format=params.normal_format,
-        strength=params.normal_strength,
-        height_contrast=params.height_contrast,
-        roughness_contrast=params.roughness_contrast,
-        ao_strength=params.ao_strength,
+    return encode_maps(
+        {
+            "height": height,
+            "normal": _normal(height, strength, normal_format, modes),
+            "roughness": _roughness(luminance, roughness_contrast),
+            "ao": _ambient_occlusion(height, ao_strength, modes),
+        }
     )
+
+
+def maps_for(
+    albedo: PIL.Image.Image,
+    params: TaskParams,
+    estimators: Estimators | None = None,
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> tuple[dict[str, PIL.Image.Image], dict[str, str]]:
+    """A task's maps and how each was made ({"normal": "classical" | "model:<model>", ...}), wrapping on the axes
+    it tiles on (params.seamless resolved). Each map follows its method: the filters of derive_maps, or a Marigold
+    model's estimate (backend/estimated_maps.py; metallic and the delit "albedo" exist only from a model). AO
+    is classical, from whichever height is used; so is a classical normal. With every method classical the maps
+    are derive_maps'."""
+    # 1. Check inputs
+    strength, ao_strength = params.normal_strength, params.ao_strength
+    _check_controls(params.normal_format, strength, params.height_contrast, params.roughness_contrast, ao_strength)
+    wrap_x, wrap_y = params.seamless in ("x", "xy"), params.seamless in ("y", "xy")
+    modes = ("wrap" if wrap_y else "reflect", "wrap" if wrap_x else "reflect")
+
+    # 2. The estimates (each estimator at most once), 3. the classical maps for the rest, then AO
+    values = estimate_maps(albedo, params, estimators, on_step=on_step, is_cancelled=is_cancelled)
+    luminance = _luminance(albedo)
+    if "height" not in values:
+        values["height"] = _height(luminance, params.height_contrast, modes)
+    if "normal" not in values:
+        values["normal"] = _normal(values["height"], strength, params.normal_format, modes)
+    if "roughness" not in values:
+        values["roughness"] = _roughness(luminance, params.roughness_contrast)
+    values["ao"] = _ambient_occlusion(values["height"], ao_strength, modes)
+    names = map_names(params) or CLASSICAL_MAPS
+    sources = map_sources(params) or dict.fromkeys(names, "classical")
+    return encode_maps({name: values[name] for name in names}), sources
+
+
+def _luminance(albedo: PIL.Image.Image) -> np.ndarray:
+    return (np.asarray(albedo.convert("RGB"), dtype=np.float64) / 255.0) @ LUMA
+
+
+def encode_maps(values: dict[str, np.ndarray]) -> dict[str, PIL.Image.Image]:
+    """Float maps (0..1; normals -1..1) as images: height and depth 16-bit ("I;16"), normal (n * 0.5 + 0.5) and
+    albedo 8-bit RGB, the others 8-bit "L"."""
+    images = {}
+    for name, value in values.items():
+        if name in ("height", "depth"):
+            images[name] = PIL.Image.fromarray(_quantise(value, 65535, np.uint16))
+        elif name == "normal":
+            images[name] = PIL.Image.fromarray(_quantise(value * 0.5 + 0.5, 255, np.uint8))
+        else:
+            images[name] = PIL.Image.fromarray(_quantise(value, 255, np.uint8))
+    return images
 
 
 def _check_controls(normal_format: str, strength: float, height_contrast: float, roughness_contrast: float,

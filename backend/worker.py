@@ -35,6 +35,7 @@ import transformers
 
 from backend import __version__, compat
 from backend.context import Cancelled, JobContext
+from backend.estimators import Estimators
 from backend.families import size_multiple
 from backend.inputs import InputStore, remove_stale
 from backend.models import ModelManager, available_devices
@@ -120,6 +121,7 @@ class Worker:
         self.emit = emit
         self.peer = Peer(emit)  # the stdio client, the CLI, tests
         self.models = ModelManager()
+        self.estimators = Estimators()  # the Marigold models, warm next to the generator
         self.inputs = inputs or InputStore()
         self.closing = False
         self._lock = threading.Lock()
@@ -304,6 +306,7 @@ class Worker:
                 peer.inputs or self.inputs,
                 emit=lambda kind, data: self._emit_event(job, kind, data),
                 is_cancelled=lambda: job.cancel_requested,
+                estimators=self.estimators,
             )
             if work.method == protocol.LOAD_MODEL:
                 result = self.load_model(ctx, work.params)
@@ -377,6 +380,7 @@ class Worker:
             del self._jobs[key]
 
     def free_memory(self) -> None:
+        self.estimators.release()  # out of memory: the estimators go first (the generator stays warm)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

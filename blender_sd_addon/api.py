@@ -12,6 +12,7 @@
                           frames=24, loop=True, seamless="xy")
     statue = project_texture([bpy.data.objects["Statue"]], "bronze statue",
                              controlnet="lllyasviel/control_v11f1p_sd15_depth", views_per_ring=8)
+    exported = export_for_engines(bpy.context.selected_objects, "/exports/crate", engine="unreal", size=2048)
     anything = run_task("img2img", {"image": "/textures/wall.png", "prompt": "ivy"}, [bpy.data.objects["Wall"]],
                         material=ApplyOptions(slot="REPLACE", projection="BOX"))
 
@@ -44,21 +45,24 @@ from __future__ import annotations
 
 import bpy
 
-from .blender import projecting, session, tasks
+from .blender import export, projecting, session, tasks
 from .blender.materials import ApplyOptions
 from .blender.projecting import ProjectedTexture
 from .blender.results import TextureResult, finish
 from .client import BackendError, SDTexError
 from .contract import protocol
+from .engine_export import ExportResult
 
 __all__ = [
     "ApplyOptions",
     "BackendError",
+    "ExportResult",
     "ProjectedTexture",
     "SDTexError",
     "TextureResult",
     "configure_remote",
     "derive_pbr_maps",
+    "export_for_engines",
     "generate_texture",
     "image_task",
     "img2img",
@@ -145,6 +149,9 @@ def derive_pbr_maps(image, objects=None, **options) -> TextureResult:
     image: a bpy.types.Image (file, packed, generated or painted and unsaved: it is read, never changed) or
     the path of an image file. seamless: the axes on which the image tiles ("none", "x", "y", "xy"); the
     maps then tile too. The maps are new images (result.maps[0]).
+    normal_method, height_method, roughness_method: "classical" (filters) or "model" (a Marigold estimate);
+    metallic_method "model" adds a metallic map; delight=True adds a delit albedo (maps["albedo"]), the material's
+    base colour. The estimator models default to the preferences' (normals_model, depth_model, intrinsics_model).
     """
     return run_task("pbr", {"image": image}, objects, **options)
 
@@ -254,6 +261,23 @@ def load_model(model: str | None = None, timeout: float | None = None) -> dict:
     if model:
         params["model"] = bpy.path.abspath(model)
     return session.get_client().request(protocol.LOAD_MODEL, params, timeout=timeout)
+
+
+def export_for_engines(
+    objects, folder: str, *, engine: str = "gltf", size: int = 0, glb: bool = True, name: str = "scene"
+) -> ExportResult:
+    """Export the generated materials on the mesh `objects` for a game engine: one texture set per material (not per
+    object) in `folder`, `<material>_BaseColor.png` (sRGB), `_Normal.png`, `_ORM.png` (R ambient occlusion, 1 without
+    an AO map; G roughness; B metallic, the BSDF's values without maps) and `_Height.png` (16-bit, when there is a
+    height map), and (glb=True) `<folder>/<name>.glb` of the objects with those maps.
+
+    engine: "gltf", "unity", "godot" (OpenGL normal maps, green up) or "unreal" (DirectX, green down); the GLB's
+    normal map is OpenGL whatever the engine, as glTF says. size: 0 keeps each map's size, else 512, 1024, 2048 or
+    4096 for the longest side. The user's materials, images and files are left as they were. Returns an
+    ExportResult (glb, texture_sets[i].files by kind, objects; message() says what was written). Problems raise
+    SDTexError naming the parameter before anything is written.
+    """
+    return export.export_for_engines(objects, folder, engine=engine, size=size, glb=glb, name=name)
 
 
 def _document(function, task: str) -> None:

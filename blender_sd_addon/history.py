@@ -31,13 +31,22 @@ SETTINGS = (
     "normal_format",
     *PBR_CONTROLS,
 )
-PBR_SETTINGS = ("seamless", "normal_format", *PBR_CONTROLS)
+# Each map's method (classical or a Marigold model), the delight switch and how the estimators sample: kept in a
+# record's params (every task with maps has them), restored by "Use these settings". The estimator models are the
+# preferences' (like the generator's model): sent with every request, never restored from a record.
+PBR_METHODS = ("normal_method", "height_method", "roughness_method", "metallic_method", "delight")
+PBR_METHOD_SETTINGS = (*PBR_METHODS, *(p.name for p in protocol.ESTIMATE_SAMPLING))
+ESTIMATOR_MODELS = tuple(p.name for p in protocol.ESTIMATOR_MODELS)  # depth_model, normals_model, intrinsics_model
+PBR_FIELDS = ("seamless", "normal_format", *PBR_CONTROLS)  # the pbr task's settings a record holds as fields
+PBR_SETTINGS = (*PBR_FIELDS, *PBR_METHOD_SETTINGS)
+# Tasks that make maps of a given image rather than a new image: the Image Editor's PBR panel runs them.
+MAP_TASKS = ("pbr", "estimate")
 # Tasks that repaint a given image with a model (img2img, inpaint, make_seamless, upscale): their records
 # keep every parameter of the job but its image inputs, so "Use these settings" restores the task's own.
 IMAGE_TASKS = tuple(
     task
     for task, table in protocol.TASK_PARAMS.items()
-    if task != "pbr" and any(p.kind is protocol.ImageInput for p in table)
+    if task not in MAP_TASKS and any(p.kind is protocol.ImageInput for p in table)
 )
 TASK_TITLES = {"img2img": "Variation of", "inpaint": "Inpainted", "make_seamless": "Seamless", "upscale": "Upscaled"}
 
@@ -55,7 +64,7 @@ class HistoryRecord:
     seamless: str
     pbr: bool
     model: str
-    files: list[dict] = field(default_factory=list)  # one ImageRecord dict per image: path, seed, maps
+    files: list[dict] = field(default_factory=list)  # one ImageRecord dict per image: path, seed, maps, map_sources
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S"))
     normal_format: str = "opengl"  # how to read the normal map when applying again
     normal_strength: float = protocol.param("normal_strength").default
@@ -65,7 +74,7 @@ class HistoryRecord:
     task: str = "txt2img"  # or "pbr": maps derived from `source`, files[0]["path"] its file ("" when uploaded)
     source: str = ""  # the source image of a pbr or image task, by its name in the .blend
     mask: str = ""  # the mask image of an inpaint job, by its name in the .blend ("" when none)
-    params: dict = field(default_factory=dict)  # the job's parameters, its image inputs left out (not pbr)
+    params: dict = field(default_factory=dict)  # the job's parameters, its image inputs left out
 
     @classmethod
     def from_result(cls, result: GenerateResult, source: str = "", mask: str = "") -> HistoryRecord:
@@ -74,10 +83,10 @@ class HistoryRecord:
         settings = {name: result.params.get(name, protocol.param(name).default) for name in SETTINGS}
         settings.update(width=result.width, height=result.height, pbr=any(i.maps for i in result.images))
         files = [asdict(i) for i in result.images]
-        params = {}
-        if result.task != "pbr":  # every parameter but the images: "Use these settings" restores them all
-            images = {p.name for p in protocol.TASK_PARAMS[result.task] if p.kind is protocol.ImageInput}
-            params = {name: value for name, value in result.params.items() if name not in images}
+        # Every parameter but the images: "Use these settings" restores them (a pbr record: its map methods).
+        table = protocol.TASK_PARAMS.get(result.task, ())
+        images = {p.name for p in table if p.kind is protocol.ImageInput}
+        params = {name: value for name, value in result.params.items() if name not in images}
         return cls(
             **settings,
             seed=result.seed,
@@ -104,8 +113,9 @@ class HistoryRecord:
 
         An image task's are its job's own parameters, with the seed the job used (its `seed` parameter may
         have been unset) and the size it asked for (the record's width and height are the result's)."""
-        if self.task == "pbr":
-            return {name: getattr(self, name) for name in PBR_SETTINGS}
+        if self.task == "pbr":  # records from before the methods were kept restore the fields only
+            methods = {name: self.params[name] for name in PBR_METHOD_SETTINGS if name in self.params}
+            return {name: getattr(self, name) for name in PBR_FIELDS} | methods
         if self.task in IMAGE_TASKS:
             return self.params | {"seed": self.seed}
         fields_ = {name: getattr(self, name) for name in SETTINGS}  # records from before params were kept
@@ -113,6 +123,11 @@ class HistoryRecord:
 
     def images(self) -> list[ImageRecord]:
         return [ImageRecord(**f) for f in self.files]
+
+    def delit_albedo(self) -> str:
+        """The first image's delit albedo file ("" when the job did not delight)."""
+        files = self.images()
+        return files[0].maps.get("albedo", "") if files else ""
 
     def to_dict(self) -> dict:
         return asdict(self)

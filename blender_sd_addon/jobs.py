@@ -26,6 +26,7 @@ class Job:
     client: BackendClient
     request_id: str
     task: str
+    params: dict = field(default_factory=dict)  # what it was asked (a download's model)
     state: str = QUEUED  # one of protocol.JOB_STATES
     stage: str = ""  # the worker's latest status stage, e.g. "loading_model", "denoising"
     step: int = 0
@@ -46,7 +47,7 @@ class Job:
     @classmethod
     def submit(cls, client: BackendClient, task: str, params: dict) -> Job:
         """Start a job of `task` (a protocol.TASKS name) on `client`; returns at once, even while it starts."""
-        return cls(client, client.submit(protocol.RUN, {**params, "task": task}), task)
+        return cls(client, client.submit(protocol.RUN, {**params, "task": task}), task, params)
 
     @property
     def finished(self) -> bool:

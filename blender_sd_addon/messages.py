@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .contract import protocol
+from .contract import model_catalog, protocol
 
 # Panel labels of parameters whose name is not their label once title-cased.
 LABELS = {
@@ -72,3 +72,20 @@ def parameter_of(message: str) -> str:
     """The parameter a "<name> must be ..." error is about ("" for any other message)."""
     match = _PARAM_ERROR.match(message.partition("\n")[0])
     return match["name"] if match and not match["index"] and _spec(match["name"]) else ""
+
+
+def source_label(source: str) -> str:
+    """Where a map came from, in a node's label: "classical" -> "derived" (filters on the albedo);
+    "model:prs-eth/marigold-normals-v1-1" -> "Marigold"; another model by its short name."""
+    if source == "classical":
+        return "derived"
+    if not source.startswith("model:"):
+        return source
+    model = source.removeprefix("model:")
+    return "Marigold" if "marigold" in model.lower() else model_catalog.short_name(model)
+
+
+def map_sources_line(sources: dict[str, str]) -> str:
+    """A record's map sources on one line: "Normal: Marigold · Roughness: derived" (albedo: "Albedo: delit ...")."""
+    names = {"ao": "AO", "albedo": "Albedo (delit)"}
+    return " · ".join(f"{names.get(kind, kind.title())}: {source_label(src)}" for kind, src in sources.items())

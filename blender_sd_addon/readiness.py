@@ -22,6 +22,8 @@ TEST_REMOTE = ("sdtex.test_connection", "Test Connection")
 CANCEL_INSTALL = ("sdtex.install_backend_cancel", "Cancel Install")
 OPEN_LOG = ("sdtex.open_install_log", "Open Log")
 REINSTALL = ("sdtex.install_backend", "Reinstall Backend")  # installs the lock's versions, which work together
+SET_ESTIMATORS = ("sdtex.open_preferences", "Set Estimator Models")  # Preferences > PBR Estimator Models
+DOWNLOAD_ESTIMATOR = ("sdtex.download_estimator", "Download Estimator")
 INSTALLED, SET = "installed", "set"  # Facts.interpreter_source: Install Backend's venv, Preferences > Interpreter
 FEATURES = {"train_lora": "Training"}  # task -> its name in the panels
 
@@ -86,24 +88,33 @@ class Facts:
     downloading: bool = False
     download_progress: float = 0.0
     download_text: str = ""  # the download job's status: "Downloading 312 MB of 2.1 GB · 14 MB/s"
+    download_model: str = ""  # what it downloads ("": the model setting's): the generator's or an estimator's
+    # The estimators the maps' Model methods need: (what uses it, e.g. "Normal", its model setting, local_status
+    # or "remote"); empty when every map is classical or no maps are made.
+    estimators: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class Readiness:
     backend: Line
     model: Line
+    estimators: Line | None = None  # only when a map's Model method needs an estimator that is not there
+
+    @property
+    def lines(self) -> tuple[Line, ...]:
+        return (self.backend, self.model) + ((self.estimators,) if self.estimators else ())
 
     @property
     def blocker(self) -> str:
         """Why Generate is off ("" when it can run): the first line that is not ready."""
-        for line in (self.backend, self.model):
+        for line in self.lines:
             if not line.ready:
                 return line.text
         return ""
 
 
 def check(facts: Facts) -> Readiness:
-    return Readiness(backend_line(facts), model_line(facts))
+    return Readiness(backend_line(facts), model_line(facts), estimator_line(facts.estimators, facts))
 
 
 def backend_line(f: Facts) -> Line:
@@ -141,7 +152,7 @@ def remote_line(f: Facts) -> Line:
 
 def model_line(f: Facts) -> Line:
     name = model_catalog.short_name(f.model) if f.model.strip() else ""
-    if f.downloading:
+    if f.downloading and f.download_model in ("", f.model):
         return Line(f"{name}: {f.download_text}", False, progress=f.download_progress)
     state = f.model_state
     if state == "remote":  # on the server's disk: it answers for it
@@ -157,6 +168,59 @@ def model_line(f: Facts) -> Line:
     if state == "missing":
         return Line(f"Model not found: {f.model}", False, (ON_DISK, CHOOSE))
     return Line(f"Not a model (no model_index.json, not a .safetensors file): {name}", False, (ON_DISK, CHOOSE))
+
+
+# Which estimator each map method or switch needs when set to use a model (the contract's ESTIMATORS).
+METHOD_ESTIMATORS = {
+    "normal_method": ("Normal", "normals"),
+    "height_method": ("Height", "depth"),
+    "roughness_method": ("Roughness", "intrinsics"),
+    "metallic_method": ("Metallic", "intrinsics"),
+    "delight": ("Delight", "intrinsics"),
+}
+
+
+def estimators_needed(methods: dict) -> dict[str, list[str]]:
+    """Estimator kind -> the maps that need it, for the methods set to "model" (delight: on)."""
+    needed: dict[str, list[str]] = {}
+    for name, (user, kind) in METHOD_ESTIMATORS.items():
+        if methods.get(name) in ("model", True):
+            needed.setdefault(kind, []).append(user)
+    return needed
+
+
+ESTIMATOR_STATES = {"missing": "not on disk", "partial": "download incomplete"}  # model_catalog.local_status
+
+
+def missing_estimators(estimators: tuple[tuple[str, str, str], ...]) -> dict[str, tuple[list[str], str]]:
+    """Estimator model -> (the maps that need it, its local_status) for those not there; the server answers for a
+    remote one."""
+    missing: dict[str, tuple[list[str], str]] = {}
+    for user, model, state in estimators:
+        if state not in ("remote", "folder", "cached"):
+            missing.setdefault(model, ([], state))[0].append(user)
+    return missing
+
+
+def estimator_line(estimators: tuple[tuple[str, str, str], ...], f: Facts | None = None) -> Line | None:
+    """The estimator models a Model method needs and that are not there, each named with the maps it is for, before
+    the job runs (as the generator's "not on disk"), or the download of one (`f`'s download facts); None when all
+    are there (or none is needed)."""
+    missing = missing_estimators(estimators)
+    if not missing:
+        return None
+    if f and f.downloading and f.download_model in missing:
+        name = model_catalog.short_name(f.download_model)
+        return Line(f"{name}: {f.download_text}", False, progress=f.download_progress)
+    named = "; ".join(
+        f"{model_catalog.short_name(model) if model.strip() else '(none set)'} for {', '.join(users)} "
+        f"({ESTIMATOR_STATES.get(state, 'not a diffusers folder')})"
+        for model, (users, state) in missing.items()
+    )
+    hub = any(protocol.HUB_ID.match(model.strip()) for model in missing)
+    fixes = ((DOWNLOAD_ESTIMATOR,) if hub else ()) + (SET_ESTIMATORS,)
+    plural = "s" if len(missing) > 1 else ""
+    return Line(f"Estimator model{plural} not ready: {named}", False, fixes)
 
 
 def feature_line(unavailable: dict[str, str], task: str, remote: bool = False) -> Line | None:

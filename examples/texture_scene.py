@@ -9,14 +9,18 @@ Four objects get generated textures; a fifth (the Statue) is textured by project
 baked into its UV map). Without a usable model (no weights in the local Hugging Face cache and no hub
 access) it falls back to a tiny random model and a tiny ControlNet built offline, says so plainly, and
 still runs the real pipeline end to end: the textures are then noise, but every step (backend, materials,
-PBR maps, projection, render, save) is real.
+PBR maps, projection, render, export, save) is real. The textured objects are exported for game engines
+too: demo_output/scene.glb and a texture set per material (<material>_BaseColor/_Normal/_ORM/_Height.png),
+checked by the Khronos glTF validator when Node.js is there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +135,27 @@ def render(out: Path) -> Path:
     return Path(scene.render.filepath)
 
 
+def export_for_engines(objects: dict, out: Path) -> None:
+    """The textured objects as demo_output/scene.glb with a texture set per material, checked by the Khronos glTF
+    validator when Node.js and tools/gltf (npm ci --prefix tools/gltf; make demo installs it) are there."""
+    result = api.export_for_engines(list(objects.values()), str(out))
+    print(f"[demo] {result.message()}")
+    validator = REPO / "tools" / "gltf"
+    if shutil.which("node") is None or not (validator / "node_modules" / "gltf-validator").is_dir():
+        print("[demo] glTF validator not run: needs node and `npm ci --prefix tools/gltf`")
+        return
+    done = subprocess.run(["node", str(validator / "validate.mjs"), result.glb], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"[demo] glTF validator failed: {done.stderr.strip()}")
+        return
+    issues = json.loads(done.stdout)["issues"]
+    counts = ", ".join(f"{issues[key]} {word}" for key, word in
+                       (("numErrors", "errors"), ("numWarnings", "warnings"), ("numInfos", "infos")))  # fmt: skip
+    print(f"[demo] glTF validator: {counts}")
+    for message in issues["messages"][:10]:
+        print(f"[demo]   {message['code']} at {message['pointer']}: {message['message']}")
+
+
 def main() -> None:
     args = parse_args()
     out = Path(args.out).resolve()
@@ -162,6 +187,7 @@ def main() -> None:
         files = texture(objects, model, out, steps, size)
         files += project(objects, model, controlnet, out, steps, size)
         image = render(out)
+        export_for_engines(objects, out)
         blend = out / "scene.blend"
         bpy.ops.wm.save_as_mainfile(filepath=str(blend))
         print(f"[demo] {len(files)} files in {out / 'textures'}\n[demo] render: {image}\n[demo] scene: {blend}")

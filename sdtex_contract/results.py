@@ -38,7 +38,12 @@ class Artifact:
 class ImageRecord:
     path: str  # absolute path of the PNG (albedo; for the pbr task, the source image's path or "")
     seed: int | None
-    maps: dict[str, str] = field(default_factory=dict)  # "height" | "normal" | "roughness" | "ao" -> path
+    maps: dict[str, str] = field(default_factory=dict)  # "height" | "normal" | "roughness" | "ao" | ... -> path
+    # How each map was made: "classical" (filters on the albedo) or "model:<estimator model>"; {} from old workers.
+    map_sources: dict[str, str] = field(default_factory=dict)
+
+
+IMAGE_FIELDS = ("path", "seed", "maps", "map_sources")
 
 
 @dataclass
@@ -58,7 +63,7 @@ class GenerateResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerateResult:
-        images = [ImageRecord(**{k: v for k, v in i.items() if k in ("path", "seed", "maps")}) for i in data["images"]]
+        images = [ImageRecord(**{k: v for k, v in i.items() if k in IMAGE_FIELDS}) for i in data["images"]]
         known = {f.name for f in fields(cls)} - {"images"}
         return cls(images=images, **{k: v for k, v in data.items() if k in known})
 

@@ -26,22 +26,37 @@ from .params import (
 )
 
 # Shared groups: tasks combine these with their own parameters.
-MODEL_PARAMS: tuple[Param, ...] = (
-    Param(
-        "model", str, "", "Hub id, local diffusers folder, or single-file .safetensors checkpoint.",
-        required=True, max_length=PATH_MAX, path=READS_OR_HUB,
-    ),
+DEVICE_PARAMS: tuple[Param, ...] = (
     Param("device", str, "auto", "Where to run.", choices=DEVICES),
     Param("dtype", str, "auto", "Precision (auto: fp16 on GPU, fp32 on CPU).", choices=DTYPES),
+)
+MODEL_PARAMS: tuple[Param, ...] = (
+    Param(
+        "model",
+        str,
+        "",
+        "Hub id, local diffusers folder, or single-file .safetensors checkpoint.",
+        required=True,
+        max_length=PATH_MAX,
+        path=READS_OR_HUB,
+    ),
+    *DEVICE_PARAMS,
     Param("cpu_offload", bool, False, "Keep weights on the CPU until needed (less VRAM, slower)."),
     Param("attention_slicing", bool, False, "Compute attention in slices (less memory, slower)."),
     Param("allow_pickle", bool, False, "Allow pickle checkpoints (.ckpt/.pt/.bin): they can run code."),
     Param(
-        "loras", list, (),
+        "loras",
+        list,
+        (),
         "LoRAs to apply, each a .safetensors file, a folder holding one, or a hub id, with a weight.",
         items=(
             Param(
-                "model", str, "", "LoRA file, folder or hub id.", required=True, max_length=PATH_MAX,
+                "model",
+                str,
+                "",
+                "LoRA file, folder or hub id.",
+                required=True,
+                max_length=PATH_MAX,
                 path=READS_OR_HUB,
             ),
             Param("weight", float, 1.0, "Strength (negative: the opposite).", Range(-4.0, 4.0)),
@@ -53,12 +68,18 @@ SAMPLING_PARAMS: tuple[Param, ...] = (
     Param("prompt", str, "", "What to paint.", required=True),
     Param("negative_prompt", str, "", "What the picture should not show (e.g. text, blur)."),
     Param(
-        "seed", int, None, "The same seed with the same settings makes the same picture; unset picks one.",
-        Range(0, SEED_MAX), optional=True,
+        "seed",
+        int,
+        None,
+        "The same seed with the same settings makes the same picture; unset picks one.",
+        Range(0, SEED_MAX),
+        optional=True,
     ),
     Param("steps", int, 25, "More steps add detail and take longer (20 to 30 suit most models).", Range(1, 150)),
     Param(
-        "guidance_scale", float, 7.5,
+        "guidance_scale",
+        float,
+        7.5,
         "How closely to follow the prompt: about 7 suits most models, higher is stricter but harsher (1 or less: off).",
         Range(0.0, 30.0),
     ),
@@ -66,15 +87,82 @@ SAMPLING_PARAMS: tuple[Param, ...] = (
     Param("height", int, 512, "Image height in pixels.", Range(SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE)),
     Param("batch_size", int, 1, "How many pictures to make at once, each with its own seed.", Range(1, 8)),
     Param(
-        "scheduler", str, "euler_a", "The sampling method: Euler Ancestral suits most models; LCM only LCM models.",
+        "scheduler",
+        str,
+        "euler_a",
+        "The sampling method: Euler Ancestral suits most models; LCM only LCM models.",
         choices=SCHEDULERS,
     ),
     Param("seamless", str, "none", "Make the texture repeat without seams across X, Y or both.", choices=SEAMLESS_AXES),
     Param("preview_every", int, 0, "Send a preview every N steps (0 = never).", Range(0, 150)),
     Param("vae_tiling", bool, False, "Decode in tiles (large images on small GPUs; off while seamless)."),
 )
+NORMAL_FORMAT = Param(
+    "normal_format", str, "opengl", "Normal map convention (opengl = green up).", choices=NORMAL_FORMATS
+)
+# Each map's method: filters on the albedo (classical, instant, tiles exactly) or a Marigold model's estimate.
+PBR_METHODS = ("classical", "model")
+METALLIC_METHODS = ("none", "model")  # no filter can tell metal from paint: without a model there is no map
+ESTIMATORS = ("depth", "normals", "intrinsics")  # the Marigold pipelines (intrinsics: albedo, roughness, metallic)
+ESTIMATOR_DEFAULTS = {
+    "depth": "prs-eth/marigold-depth-v1-1",
+    "normals": "prs-eth/marigold-normals-v1-1",
+    "intrinsics": "prs-eth/marigold-iid-appearance-v1-1",
+}
+# How an estimator runs (the estimate task, and every task's maps when a method is "model").
+ESTIMATE_SAMPLING: tuple[Param, ...] = (
+    Param(
+        "estimate_steps", int, 0, "Denoising steps of each estimate (0: the model's own default, 1-4 for v1-1).",
+        Range(0, 50),
+    ),
+    Param("ensemble_size", int, 1, "Estimates averaged per map: steadier maps, that many times slower.", Range(1, 10)),
+    Param(
+        "processing_resolution", int, 768,
+        "Longer side the estimator works at (0: the image's own size); maps come back at the image's size.",
+        Range(0, 2048, SIZE_MULTIPLE),
+    ),
+)  # fmt: skip
+ESTIMATOR_MODELS: tuple[Param, ...] = tuple(
+    Param(
+        f"{kind}_model", str, model, f"Marigold {kind} model: hub id or local diffusers folder.", max_length=PATH_MAX,
+        path=READS_OR_HUB,
+    )
+    for kind, model in ESTIMATOR_DEFAULTS.items()
+)  # fmt: skip
 PBR_MAP_PARAMS: tuple[Param, ...] = (
-    Param("normal_format", str, "opengl", "Normal map convention (opengl = green up).", choices=NORMAL_FORMATS),
+    Param(
+        "normal_method",
+        str,
+        "classical",
+        "Normal map from the albedo's filters, or a normals model's estimate.",
+        choices=PBR_METHODS,
+    ),
+    Param(
+        "height_method",
+        str,
+        "classical",
+        "Height from the albedo's brightness, or a depth model's estimate.",
+        choices=PBR_METHODS,
+    ),
+    Param(
+        "roughness_method",
+        str,
+        "classical",
+        "Roughness from the albedo's brightness, or an intrinsics model's.",
+        choices=PBR_METHODS,
+    ),
+    Param(
+        "metallic_method", str, "none", "No metallic map, or an intrinsics model's estimate.", choices=METALLIC_METHODS
+    ),
+    Param(
+        "delight",
+        bool,
+        False,
+        "Take the light and shade painted into the albedo out (an intrinsics model's albedo); the original stays.",
+    ),
+    *ESTIMATOR_MODELS,
+    *ESTIMATE_SAMPLING,
+    NORMAL_FORMAT,
     Param("normal_strength", float, 1.0, "Relief of the derived normal map (0 = flat).", Range(0.0, 10.0)),
     Param("height_contrast", float, 1.0, "Contrast of the derived height map.", Range(0.0, 4.0)),
     Param("roughness_contrast", float, 1.0, "Contrast of the derived roughness map (0 = uniform).", Range(0.0, 4.0)),
@@ -82,7 +170,12 @@ PBR_MAP_PARAMS: tuple[Param, ...] = (
 )
 OUTPUT_PARAMS: tuple[Param, ...] = (
     Param(
-        "output_dir", str, "", "Absolute folder the files are written to.", required=True, max_length=PATH_MAX,
+        "output_dir",
+        str,
+        "",
+        "Absolute folder the files are written to.",
+        required=True,
+        max_length=PATH_MAX,
         path=WRITES,
     ),
     Param("filename_prefix", str, "sdtex", "Start of each file name (sanitised).", max_length=200),

@@ -9,12 +9,16 @@ from .errors import INVALID_REQUEST, ProtocolError, invalid
 from .params import PATH_MAX, READS_OR_HUB, SEAMLESS_AXES, ImageInput, Param
 from .results import DownloadResult, GenerateResult, ModelList, ProjectResult, TrainResult
 from .tables import (
+    DEVICE_PARAMS,
     DOWNLOAD_MODEL_PARAMS,
+    ESTIMATE_SAMPLING,
+    ESTIMATORS,
     IMG2IMG_STRENGTH,
     INPAINT_PARAMS,
     LIST_MODELS_PARAMS,
     MAKE_SEAMLESS_PARAMS,
     MODEL_PARAMS,
+    NORMAL_FORMAT,
     OUTPUT_PARAMS,
     PBR_MAP_PARAMS,
     PROJECT_PARAMS,
@@ -70,18 +74,51 @@ SPECS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             "pbr",
-            "PBR maps (height, normal, roughness, AO) derived from a given image.",
+            "PBR maps (height, normal, roughness, AO; metallic and a delit albedo from a model) of a given image.",
             (
                 Param("image", ImageInput, None, "The albedo to derive maps from.", required=True),
                 Param(
                     "seamless", str, "none", "Axes on which the image tiles (the maps will too).", choices=SEAMLESS_AXES
                 ),
                 *PBR_MAP_PARAMS,
+                *DEVICE_PARAMS,
                 *OUTPUT_PARAMS,
             ),
             GenerateResult,
             command="pbr",
             command_help="Derive PBR maps of an image.",
+        ),
+        TaskSpec(
+            "estimate",
+            "A Marigold model's estimate of an image: depth (near = bright), normals, or albedo, roughness, metallic.",
+            (
+                Param("image", ImageInput, None, "The image to estimate maps of.", required=True),
+                Param(
+                    "estimator",
+                    str,
+                    "normals",
+                    "Which estimate: depth, normals, or intrinsics (albedo, roughness, metallic).",
+                    choices=ESTIMATORS,
+                ),
+                Param(
+                    "model",
+                    str,
+                    "",
+                    "Marigold model: hub id or local diffusers folder (empty: the estimator's own).",
+                    max_length=PATH_MAX,
+                    path=READS_OR_HUB,
+                ),
+                Param(
+                    "seamless", str, "none", "Axes on which the image tiles (the maps will too).", choices=SEAMLESS_AXES
+                ),
+                *ESTIMATE_SAMPLING,
+                NORMAL_FORMAT,
+                *DEVICE_PARAMS,
+                *OUTPUT_PARAMS,
+            ),
+            GenerateResult,
+            command="estimate",
+            command_help="Estimate depth, normals or intrinsics of an image with a Marigold model.",
         ),
         TaskSpec(
             "inpaint",

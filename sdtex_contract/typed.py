@@ -40,6 +40,17 @@ class Txt2ImgParams(TaskParams):
     preview_every: int = 0
     vae_tiling: bool = False
     pbr: bool = False
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
@@ -51,17 +62,50 @@ class Txt2ImgParams(TaskParams):
 
 @dataclass
 class PbrParams(TaskParams):
-    """PBR maps (height, normal, roughness, AO) derived from a given image."""
+    """PBR maps (height, normal, roughness, AO; metallic and a delit albedo from a model) of a given image."""
 
     TABLE: ClassVar[tuple[Param, ...]] = SPECS["pbr"].table
     task: str = "pbr"
     image: dict | None = None
     seamless: str = "none"
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
     roughness_contrast: float = 1.0
     ao_strength: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"
+    output_dir: str = ""
+    filename_prefix: str = "sdtex"
+
+
+@dataclass
+class EstimateParams(TaskParams):
+    """A Marigold model's estimate of an image: depth (near = bright), normals, or albedo, roughness, metallic."""
+
+    TABLE: ClassVar[tuple[Param, ...]] = SPECS["estimate"].table
+    task: str = "estimate"
+    image: dict | None = None
+    estimator: str = "normals"
+    model: str = ""
+    seamless: str = "none"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
+    normal_format: str = "opengl"
+    device: str = "auto"
+    dtype: str = "auto"
     output_dir: str = ""
     filename_prefix: str = "sdtex"
 
@@ -107,6 +151,17 @@ class InpaintParams(TaskParams):
     extend_bottom: int = 0
     outpaint_fill: str = "edge"
     pbr: bool = False
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
@@ -147,6 +202,17 @@ class MakeSeamlessParams(TaskParams):
     mask_blur: int = 4
     strength: float = 1.0
     pbr: bool = False
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
@@ -185,6 +251,17 @@ class Img2ImgParams(TaskParams):
     resize: str = "fit"
     strength: float = 0.6
     pbr: bool = False
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
@@ -223,6 +300,17 @@ class UpscaleParams(TaskParams):
     seamless: str = "none"
     preview_every: int = 0
     pbr: bool = False
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
@@ -316,6 +404,17 @@ class TravelParams(TaskParams):
     export: str = "none"
     fps: int = 24
     pbr: bool = False
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
@@ -362,6 +461,17 @@ class ProjectParams(TaskParams):
     allow_uv_overlap: bool = False
     apply_unseen: bool = False
     pbr: bool = False
+    normal_method: str = "classical"
+    height_method: str = "classical"
+    roughness_method: str = "classical"
+    metallic_method: str = "none"
+    delight: bool = False
+    depth_model: str = "prs-eth/marigold-depth-v1-1"
+    normals_model: str = "prs-eth/marigold-normals-v1-1"
+    intrinsics_model: str = "prs-eth/marigold-iid-appearance-v1-1"
+    estimate_steps: int = 0
+    ensemble_size: int = 1
+    processing_resolution: int = 768
     normal_format: str = "opengl"
     normal_strength: float = 1.0
     height_contrast: float = 1.0
@@ -374,6 +484,7 @@ class ProjectParams(TaskParams):
 PARAMS_CLASSES: dict[str, type[TaskParams]] = {
     "txt2img": Txt2ImgParams,
     "pbr": PbrParams,
+    "estimate": EstimateParams,
     "inpaint": InpaintParams,
     "make_seamless": MakeSeamlessParams,
     "img2img": Img2ImgParams,

@@ -42,7 +42,8 @@ METHODS = (HANDSHAKE, RUN, LOAD_MODEL, UPLOAD, FETCH, JOBS, JOB, CANCEL, SHUTDOW
 
 # Events streamed before the terminal reply.
 EVENT_STATE = "state"  # data: {"state": "running"} when a queued job starts
-EVENT_STATUS = "status"  # data: {"stage": "loading_model" | "encoding" | "denoising" | "decoding" | "saving"}
+# data: {"stage": "loading_model" | "encoding" | "denoising" | "decoding" | "estimating_maps" | "saving"}
+EVENT_STATUS = "status"
 EVENT_PROGRESS = "progress"  # data: ProgressEvent
 EVENT_PREVIEW = "preview"  # data: PreviewEvent
 EVENT_ARTIFACT = "artifact"  # data: Artifact; the file is complete under its final name
@@ -52,7 +53,6 @@ EVENT_DOWNLOAD = "download"  # data: DownloadProgress (download_model; `progress
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINISHED_STATES = (DONE, FAILED, CANCELLED)
-
 
 
 def encode(message: dict) -> bytes:

@@ -33,6 +33,7 @@ from diffusers import DiffusionPipeline
 from backend import controlnets, masks
 from backend import projection as geometry
 from backend.context import Cancelled, JobContext
+from backend.estimated_maps import check_estimators
 from backend.families import size_multiple
 from backend.inputs import InputStore, open_array
 from backend.jobshell import JobProgress
@@ -267,10 +268,9 @@ class _Writer:
             size = bake.texels.size
             texture, known = bake.texture(torch.full((size, size, 3), BACKGROUND))  # stays where no view saw any
             filled = geometry.fill(texture, known, self.params.margin)
-            records.append(
-                save_image_set(to_image(filled), _AsSaved(self.params), self.folder, f"{self.stem}_object{index}",
-                               index=index, seed=self.seed, announce=self.ctx.artifact)  # fmt: skip
-            )
+            where = dict(index=index, seed=self.seed, announce=self.ctx.artifact, ctx=self.ctx)
+            stem = f"{self.stem}_object{index}"
+            records.append(save_image_set(to_image(filled), _AsSaved(self.params), self.folder, stem, **where))
         return records
 
 
@@ -340,8 +340,9 @@ class _Painter:
 def run(ctx: JobContext, params: ProjectParams) -> ProjectResult:
     """The project job: check the geometry, load the model and ControlNet, paint the views, bake, fill, save."""
     timings = {"render": 0.0, "generate": 0.0, "bake": 0.0}
-    # 1. Check inputs that need no model: output folder, arrays, cameras, UV overlap
+    # 1. Check inputs that need no model: output folder, the maps' estimator models, arrays, cameras, UV overlap
     output_folder(params)
+    check_estimators(params)
     scene = prepare(ctx.inputs, params)
     seed = params.seed if params.seed is not None else secrets.randbelow(SEED_MAX + 1)
     writer = _Writer(ctx, params, seed)

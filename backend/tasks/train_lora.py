@@ -141,9 +141,12 @@ def settings_of(params: TrainLoraParams, photos: training.Photos) -> training.Tr
 
 
 def load_for_training(ctx: JobContext, params: TrainLoraParams):
-    """The serving model released first (training never shares memory with it), then the model to train."""
+    """The serving model and estimators released first (training never shares memory with them), then the model to
+    train."""
     ctx.stage("loading_model")
     ctx.models.release()
+    if ctx.estimators is not None:
+        ctx.estimators.release()
     device = pick_device(params.device)
     dtype = pick_dtype(params.dtype, device)
     pipe = load_pipeline(locate(params.model, params.allow_pickle), device, dtype, cpu_offload=False)

@@ -30,9 +30,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from backend.context import JobContext
+from backend.estimated_maps import check_estimators, map_names, map_sources
 from backend.jobshell import JobProgress
-from backend.outputs import TEMP_PREFIX, _output_failed, output_folder, sanitise_prefix, write_png
-from backend.pbr import maps_for
+from backend.outputs import PNG_ROLES, TEMP_PREFIX, _output_failed, job_maps, output_folder, sanitise_prefix, write_png
 from backend.previews import preview_event
 from backend.registry import runs
 from backend.schedulers import make_scheduler
@@ -68,7 +68,8 @@ from sdtex_contract.protocol import (
 # Settings that never change a frame's pixels: left out of the folder's digest, so changing them re-uses frames.
 NOT_IN_DIGEST = ("output_dir", "filename_prefix", "preview_every", "export", "fps", "allow_pickle")
 DIGEST_LENGTH = 10
-MAP_BYTES = {"height": 2, "normal": 3, "roughness": 1, "ao": 1}  # per pixel, as backend.pbr writes them
+# Per pixel, as backend.pbr writes them; metallic and the delit albedo come only from a model.
+MAP_BYTES = {"height": 2, "normal": 3, "roughness": 1, "ao": 1, "metallic": 1, "albedo": 3}
 PNG_OVERHEAD = 4096  # bytes per file beyond the pixels (chunks, metadata); incompressible pixels may not shrink
 EXPORT_SUFFIXES = {"mp4": ".mp4", "webp": ".webp", "gif": ".gif"}
 
@@ -101,15 +102,17 @@ class Sequence:
     def digits(self) -> int:
         return max(4, len(str(self.length)))
 
-    def stem(self, index: int, role: str = "albedo") -> str:
-        return f"{self.prefix}_{index + 1:0{self.digits}d}" + ("" if role == "albedo" else f"_{role}")
+    def stem(self, index: int, map_name: str = "") -> str:
+        """The frame's own file stem, or one of its maps' ("normal", "albedo" (delit)...)."""
+        return f"{self.prefix}_{index + 1:0{self.digits}d}" + (f"_{map_name}" if map_name else "")
 
-    def path(self, index: int, role: str = "albedo") -> Path:
-        return self.folder / f"{self.stem(index, role)}.png"
+    def path(self, index: int, map_name: str = "") -> Path:
+        return self.folder / f"{self.stem(index, map_name)}.png"
 
-    def roles(self, pbr: bool) -> tuple[str, ...]:
-        """A frame's files; the albedo last: its file on disk says the whole frame is."""
-        return (*MAP_BYTES, "albedo") if pbr else ("albedo",)
+    def files(self, params: TravelParams) -> tuple[str, ...]:
+        """A frame's files: its maps' names, then "" for the frame itself, last: its file on disk says the whole
+        frame is."""
+        return (*map_names(params), "")
 
     def done(self, index: int) -> bool:
         return self.path(index).is_file()
@@ -161,7 +164,8 @@ def sequence_of(params: TravelParams, folder: Path, length: int) -> Sequence:
 def check_disk_space(params: TravelParams, sequence: Sequence, todo: int) -> None:
     """Refuse a travel whose frames (and export) cannot fit on the disk left, before any work."""
     pixels = params.width * params.height
-    per_frame = 3 * pixels + PNG_OVERHEAD + (sum(MAP_BYTES.values()) * pixels + 4 * PNG_OVERHEAD if params.pbr else 0)
+    maps = map_names(params)
+    per_frame = 3 * pixels + PNG_OVERHEAD + sum(MAP_BYTES[name] * pixels + PNG_OVERHEAD for name in maps)
     needed = todo * per_frame + (sequence.length * pixels if params.export != "none" else 0)
     free = shutil.disk_usage(sequence.folder.parent).free  # output_dir: made and proven writable
     if needed > free:
@@ -235,9 +239,10 @@ class FrameProgress(JobProgress):
 # --- 3. files --------------------------------------------------------------------------------------------
 
 
-def announce_file(ctx: JobContext, path: Path, index: int, role: str) -> None:
+def announce_file(ctx: JobContext, path: Path, index: int, map_name: str) -> None:
+    """Announce the frame (map_name "": kind "frame", role "albedo") or one of its maps (kind "map")."""
     data = path.read_bytes()
-    kind = "frame" if role == "albedo" else "map"
+    kind, role = ("map", map_name) if map_name else ("frame", "albedo")
     ctx.artifact(Artifact(str(path), kind, len(data), hashlib.sha256(data).hexdigest(), index=index, role=role))
 
 
@@ -254,20 +259,20 @@ def save_frame(
     complete; files an interrupted run already finished are kept and announced. frame: the keyframes it blends
     (its A1111 metadata names them)."""
     context = {"frame": frame}
-    maps = maps_for(image, params) if params.pbr else {}
+    maps = job_maps(image, params, ctx)[0] if params.pbr else {}
     albedo = str(sequence.path(index))
-    for role, picture in (*maps.items(), ("albedo", image)):
-        path = sequence.path(index, role)
+    for name, picture in (*maps.items(), ("", image)):
+        path = sequence.path(index, name)
         if not path.is_file():
-            source = albedo if role != "albedo" else ""
-            stem = sequence.stem(index, role)
+            role, source = (PNG_ROLES.get(name, name), albedo) if name else ("albedo", "")
+            stem = sequence.stem(index, name)
             path = write_png(picture, sequence.folder, stem, params, seed, role, source=source, context=context)[0]
-        announce_file(ctx, path, index, role)
+        announce_file(ctx, path, index, name)
 
 
-def record_of(sequence: Sequence, index: int, pbr: bool, seed: int | None) -> ImageRecord:
-    maps = {role: str(sequence.path(index, role)) for role in MAP_BYTES} if pbr else {}
-    return ImageRecord(path=str(sequence.path(index)), seed=seed, maps=maps)
+def record_of(sequence: Sequence, index: int, params: TravelParams, seed: int | None) -> ImageRecord:
+    maps = {name: str(sequence.path(index, name)) for name in map_names(params)}
+    return ImageRecord(path=str(sequence.path(index)), seed=seed, maps=maps, map_sources=map_sources(params))
 
 
 def export_animation(sequence: Sequence, params: TravelParams) -> Path:
@@ -325,9 +330,11 @@ class TravelPlan:
 
 
 def plan_travel(params: TravelParams) -> TravelPlan:
-    """Check everything that needs no model, before any work: keyframes, export, output folder, disk space."""
+    """Check everything that needs no model, before any work: keyframes, export, the maps' estimator models,
+    output folder, disk space."""
     check_keyframes(params)
     check_export(params)
+    check_estimators(params)
     folder = output_folder(params)
     params = resolve_seeds(params)
     plan = frame_plan(len(params.keyframes), params.frames, params.loop, params.easing)
@@ -345,8 +352,8 @@ def announce_finished(ctx: JobContext, travel: TravelPlan) -> None:
     """The files of the frames a run before this one finished: announced, not made again."""
     for index in range(len(travel.frames)):
         if index not in travel.todo:
-            for role in travel.sequence.roles(travel.params.pbr):
-                announce_file(ctx, travel.sequence.path(index, role), index, role)
+            for name in travel.sequence.files(travel.params):
+                announce_file(ctx, travel.sequence.path(index, name), index, name)
 
 
 def render_frames(ctx: JobContext, travel: TravelPlan, timings: dict[str, float]) -> None:
@@ -415,7 +422,7 @@ def run(ctx: JobContext, params: TravelParams) -> GenerateResult:
     timings["total"] = time.perf_counter() - ctx.started
 
     return GenerateResult(
-        images=[record_of(travel.sequence, i, params.pbr, travel.frame_seeds[i]) for i in range(len(travel.frames))],
+        images=[record_of(travel.sequence, i, params, travel.frame_seeds[i]) for i in range(len(travel.frames))],
         seed=params.keyframes[0]["seed"],
         width=params.width,
         height=params.height,

@@ -15,6 +15,8 @@ import bpy
 from . import (
     backend_ops,
     batch,
+    delight_ops,
+    export_panel,
     history_ops,
     history_store,
     install_ops,
@@ -41,6 +43,7 @@ classes = (
     *preferences.classes,
     *job_operators.classes,
     *history_ops.classes,
+    *delight_ops.classes,
     *backend_ops.classes,
     *install_ops.classes,
     *panels.classes,
@@ -49,6 +52,7 @@ classes = (
     *remote.classes,
     *batch.classes,
     *project.classes,
+    *export_panel.classes,
 )
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
+from .. import readiness
 from ..client import SDTexError
 from ..contract import model_catalog, protocol
-from . import session, status, ui_jobs
+from . import session, status, tasks, ui_jobs
 from .operator_base import SDTexOperator
 from .panels import message_lines
 from .ui_jobs import solid_viewports
@@ -94,13 +95,37 @@ repository has them); progress shows in the panel and Cancel stops it"""
         return STATE.download_job() is None
 
     def run(self, context, props: dict) -> str:
-        model = status.scene_model(context).strip()
-        if not protocol.HUB_ID.match(model):
-            raise SDTexError(f"Only hub models (like owner/name) can be downloaded; {model!r} is a path")
-        job = ui_jobs.submit(session.get_client(), "download_model", {"model": model}, Target((), None, False))
-        ui_jobs.follow()
-        STATE.readiness = None
-        return f"Downloading {model} (job {job.request_id})"
+        return download(status.scene_model(context).strip())
+
+
+def download(model: str) -> str:
+    """Start the download job of a hub model; its progress shows on the model's readiness line."""
+    if not protocol.HUB_ID.match(model):
+        raise SDTexError(f"Only hub models (like owner/name) can be downloaded; {model!r} is a path")
+    job = ui_jobs.submit(session.get_client(), "download_model", {"model": model}, Target((), None, False))
+    ui_jobs.follow()
+    STATE.readiness = None
+    return f"Downloading {model} (job {job.request_id})"
+
+
+class SDTEX_OT_download_estimator(SDTexOperator, bpy.types.Operator):
+    """Download the estimator model (Marigold) that a map's Model method needs and that is not on disk yet"""
+
+    bl_idname = "sdtex.download_estimator"
+    bl_label = "Download Estimator"
+    say_errors = True
+
+    @classmethod
+    def poll(cls, context):
+        return STATE.download_job() is None
+
+    def run(self, context, props: dict) -> str:
+        remote = session.remote_settings() is not None
+        missing = readiness.missing_estimators(tasks.estimator_facts(context.scene.sdtex, remote))
+        hub = [model for model in missing if protocol.HUB_ID.match(model)]
+        if not hub:
+            raise SDTexError("No estimator model to download: set a hub id (owner/name) in Preferences, or a folder")
+        return download(hub[0])
 
 
 class SDTEX_OT_show_message(bpy.types.Operator):
@@ -205,6 +230,7 @@ classes = (
     SDTEX_OT_browse_model,
     SDTEX_OT_pick_model,
     SDTEX_OT_download_model,
+    SDTEX_OT_download_estimator,
     SDTEX_OT_show_message,
     SDTEX_OT_open_preferences,
     SDTEX_OT_open_folder,

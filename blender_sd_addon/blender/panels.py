@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import bpy
 
-from .. import readiness
+from .. import messages, readiness
 from ..contract import protocol
 from ..history import PBR_CONTROLS, HistoryRecord
 from ..jobs import Job
-from . import own_message, preview, session, size_hint, status
+from . import delight_ops, own_message, preview, session, size_hint, status, tasks
 from .properties import IMAGE_MODES, shown_params
 from .ui_jobs import SOLID_HINT, solid_viewports
 from .ui_state import STATE, Target
@@ -126,7 +126,7 @@ def draw_readiness(layout, ready: readiness.Readiness, width: int) -> None:
     """The backend and model lines; a line that is not ready gets its fixes as buttons, one per row (side by
     side they are cut off at the default sidebar width)."""
     box = layout.box()
-    for line in (ready.backend, ready.model):
+    for line in ready.lines:
         draw_line(box, line, width)
 
 
@@ -197,12 +197,39 @@ class PbrPanel(SidebarPanel):
 
     def draw(self, context):
         settings = context.scene.sdtex
-        col = self.layout.column(align=True)
-        col.enabled = settings.pbr
+        layout = self.layout.column()
+        layout.enabled = settings.pbr
+        draw_pbr_methods(layout, settings)
+        col = layout.column(align=True)
         col.label(text="Normal Map")
         col.prop(settings, "normal_format", text="")
         for name in PBR_CONTROLS:
             col.prop(settings, name)
+
+
+MAP_METHODS = ("normal_method", "height_method", "roughness_method", "metallic_method")
+ESTIMATE_SETTINGS = ("estimate_steps", "ensemble_size", "processing_resolution")
+
+
+def draw_pbr_methods(layout, settings) -> None:
+    """Per map its method (Classical or Model; Metallic: None or Model), Delight, and, only while a method uses a
+    model, the estimators' sampling and the models they need (the preferences')."""
+    col = layout.column(align=True)
+    col.label(text="Maps From")
+    for name in MAP_METHODS:
+        labelled(col, settings, name)
+    layout.prop(settings, "delight")
+    needed = readiness.estimators_needed({name: getattr(settings, name) for name in readiness.METHOD_ESTIMATORS})
+    if not needed:
+        return
+    box = layout.box()
+    col = box.column(align=True)
+    col.label(text="Estimators (Marigold)", icon="NODE_MATERIAL")
+    for name in ESTIMATE_SETTINGS:
+        col.prop(settings, name)
+    prefs = session.preferences()
+    for kind in needed:
+        box.prop(prefs, f"{kind}_model", text=kind.title())
 
 
 def message_lines(text: str, width: int, ui_scale: float = 1.0) -> list[str]:
@@ -297,13 +324,19 @@ class SDTEX_PT_pbr_image_editor(SidebarPanel, bpy.types.Panel):
         row = layout.row()
         row.label(text="Tiles")
         row.prop(settings, "pbr_seamless", expand=True)
+        draw_pbr_methods(layout, settings)
         col = layout.column(align=True)
         col.prop(settings, "normal_format", text="Normals")
         for name in PBR_CONTROLS:
             col.prop(settings, name)
+        # The pbr task always makes maps: a missing estimator is named here even while Generate's maps are off.
+        remote = session.remote_settings() is not None
+        if missing := readiness.estimator_line(tasks.estimator_facts(settings, remote)):
+            draw_line(layout.box(), missing, context.region.width)
         row = layout.row()
         row.enabled = image is not None
         row.operator("sdtex.derive_pbr_maps", icon="NODE_MATERIAL").apply = settings.apply
+        delight_ops.draw_toggle(layout, context)
 
 
 class SDTEX_PT_image_tasks(SidebarPanel, bpy.types.Panel):
@@ -359,10 +392,20 @@ class HistoryPanel(SidebarPanel):
         layout = self.layout
         settings = context.scene.sdtex
         layout.template_list("SDTEX_UL_history", "", settings, "history", settings, "history_index", rows=4)
+        draw_map_sources(layout, settings, context.region.width)
         row = layout.row(align=True)
         row.operator("sdtex.apply_history", icon="MATERIAL")
         row.operator("sdtex.use_history_settings", icon="PASTEDOWN")
         layout.operator("sdtex.tile_preview", icon="IMGDISPLAY")
+
+
+def draw_map_sources(layout, settings, width: int) -> None:
+    """Which method made each map of the selected entry ("Normal: Marigold · Roughness: derived")."""
+    if not 0 <= settings.history_index < len(settings.history):
+        return
+    images = HistoryRecord.from_fields(settings.history[settings.history_index]).images()
+    if images and images[0].map_sources:
+        draw_message(layout, messages.map_sources_line(images[0].map_sources), False, width)
 
 
 def panel_order(name: str) -> int:

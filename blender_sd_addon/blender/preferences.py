@@ -6,6 +6,7 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from .. import installer, readiness
+from ..history import ESTIMATOR_MODELS
 from .panels import draw_progress, message_lines
 from .properties import param_property
 from .remote import RemotePreferences, draw_preferences
@@ -49,6 +50,12 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
     attention_slicing: param_property("attention_slicing")
     vae_tiling: param_property("vae_tiling", name="VAE Tiling")
     allow_pickle: param_property("allow_pickle", name="Allow Pickle Checkpoints")
+    # The Marigold estimators of the "Model" map methods: hub ids (Download) or local diffusers folders.
+    depth_model: param_property("depth_model", name="Depth (Height)", subtype="DIR_PATH")
+    normals_model: param_property("normals_model", name="Normals", subtype="DIR_PATH")
+    intrinsics_model: param_property(
+        "intrinsics_model", name="Intrinsics (Albedo, Roughness, Metallic)", subtype="DIR_PATH"
+    )
     output_folder: StringProperty(
         name="Output Folder",
         description="Where images are written; // means beside the saved .blend",
@@ -86,7 +93,16 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
             box.label(
                 text="Pickle checkpoints (.ckpt/.pt/.bin) can run any code: load only files you trust", icon="ERROR"
             )
+        draw_estimators(self, layout.box())
         layout.prop(self, "output_folder")
+
+
+def draw_estimators(prefs, box) -> None:
+    """The estimator models (Marigold): used by the map methods set to Model in the PBR panels."""
+    box.label(text="PBR Estimator Models", icon="NODE_MATERIAL")
+    column = box.column(align=True)
+    for name in ESTIMATOR_MODELS:
+        column.prop(prefs, name)
 
 
 def draw_local_backend(prefs, box, context) -> None:

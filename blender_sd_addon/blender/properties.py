@@ -21,7 +21,7 @@ from bpy.props import (
 )
 
 from ..contract import protocol
-from ..history import IMAGE_TASKS, PBR_SETTINGS, HistoryRecord
+from ..history import ESTIMATOR_MODELS, IMAGE_TASKS, PBR_METHOD_SETTINGS, PBR_SETTINGS, HistoryRecord
 from ..history import SETTINGS as HISTORY_SETTINGS
 from . import materials
 
@@ -58,6 +58,8 @@ LABELS = {
     "BUMP": "Bump",
     "DISPLACEMENT": "Displacement",
     "rect": "Rectangle",
+    "classical": "Classical",
+    "model": "Model",
 }
 SLOT_HELP = {
     "REUSE": "Replace the texture in the slot the add-on filled before (a new slot the first time): trying again "
@@ -94,12 +96,15 @@ def param_property(param_name: str, task: str = "txt2img", **extra):
 # --- image tasks: one PropertyGroup per task, from its table -------------------------------------------
 
 # Parameters no image task control shows: the task, the preferences' model, device and memory options,
-# the image the Image Editor shows, where files go and the live preview.
-UI_FILLED = frozenset(("task", "image", "vae_tiling", "preview_every", "output_dir", "filename_prefix")) | {
-    p.name for p in protocol.MODEL_PARAMS
-}
-# The txt2img parameters the scene holds: the main panel's controls (the seed with its Random toggle).
-SCENE_PARAMS = (*HISTORY_SETTINGS, "batch_size", "seed")
+# the image the Image Editor shows, where files go, the live preview and the preferences' estimator models.
+UI_FILLED = (
+    frozenset(("task", "image", "vae_tiling", "preview_every", "output_dir", "filename_prefix"))
+    | {p.name for p in protocol.MODEL_PARAMS}
+    | set(ESTIMATOR_MODELS)
+)
+# The txt2img parameters the scene holds: the main panel's controls (the seed with its Random toggle), the maps'
+# methods among them.
+SCENE_PARAMS = (*HISTORY_SETTINGS, *PBR_METHOD_SETTINGS, "batch_size", "seed")
 
 
 def scene_params(task: str) -> tuple[str, ...]:
@@ -250,6 +255,15 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
     height_contrast: param_property("height_contrast")
     roughness_contrast: param_property("roughness_contrast")
     ao_strength: param_property("ao_strength", name="AO Strength")
+    # Each map's method, the delight switch and the estimators' sampling (their models are the preferences').
+    normal_method: param_property("normal_method", name="Normal")
+    height_method: param_property("height_method", name="Height")
+    roughness_method: param_property("roughness_method", name="Roughness")
+    metallic_method: param_property("metallic_method", name="Metallic")
+    delight: param_property("delight", name="Delight Albedo")
+    estimate_steps: param_property("estimate_steps", name="Estimator Steps")
+    ensemble_size: param_property("ensemble_size")
+    processing_resolution: param_property("processing_resolution")
     model: StringProperty(name="Model", description="Model for this scene; empty uses the add-on preferences")
     # The pbr task's own choice: whether the image given tiles is not whether the next generation should.
     pbr_seamless: param_property("seamless", task="pbr", name="Image Tiles")
@@ -298,7 +312,8 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
 
     def generate_settings(self, seed: int | None) -> dict:
         """The panel's generate parameters, as tasks.generate_params takes them."""
-        return {name: getattr(self, name) for name in (*HISTORY_SETTINGS, "batch_size")} | {"seed": seed}
+        names = (*HISTORY_SETTINGS, *PBR_METHOD_SETTINGS, "batch_size")
+        return {name: getattr(self, name) for name in names} | {"seed": seed}
 
     def pbr_settings(self) -> dict:
         """The panel's pbr task parameters (all but the image), as tasks.pbr_params takes them."""

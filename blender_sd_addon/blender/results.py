@@ -23,7 +23,7 @@ from .materials import ApplyOptions
 @dataclass
 class TextureResult:
     images: list  # bpy.types.Image, one per image (albedo): generated, or the pbr task's source image
-    maps: list[dict]  # per image: "height" | "normal" | "roughness" | "ao" -> bpy.types.Image (empty without maps)
+    maps: list[dict]  # per image: "height" | "normal" | "roughness" | "ao" | ... -> bpy.types.Image (empty: no maps)
     materials: list  # bpy.types.Material made by applying the first image (empty when not applied)
     files: list[str]  # every file written: albedo images and PBR maps
     seed: int | None  # None for the pbr task
@@ -94,8 +94,10 @@ def apply_record(record: HistoryRecord, meshes: list, options: ApplyOptions) -> 
             raise SDTexError(f"The image {record.source!r} these maps were made from is no longer in this file")
         albedo, name = source or image.path, record.source
     options = dataclasses.replace(options, normal_directx=record.normal_format == "directx")
+    # A delit albedo (maps["albedo"]) is the base colour; the record's path keeps the lit original.
+    maps = {"albedo": albedo, **image.maps}
     try:
-        return materials.apply_images(meshes, {"albedo": albedo, **image.maps}, options, material_name(name))
+        return materials.apply_images(meshes, maps, options, material_name(name), image.map_sources)
     except ValueError as exc:
         raise SDTexError(str(exc)) from None
 
@@ -124,7 +126,7 @@ def finish_travel(
         name = material_name(f"Travel {result.params['keyframes'][0]['prompt']}")
         loop, start = bool(result.params.get("loop")), bpy.context.scene.frame_start
         try:
-            made = apply_sequences(meshes, images, options, name, len(result.images), loop, start)
+            made = apply_sequences(meshes, images, options, name, len(result.images), loop, start, first.map_sources)
         except ValueError as exc:
             raise SDTexError(str(exc)) from None
     maps = {kind: image for kind, image in images.items() if kind != "albedo"}
@@ -150,10 +152,10 @@ def play_as_sequence(image_user: bpy.types.ImageUser, length: int, start: int, c
 
 def apply_sequences(
     meshes: list, images: dict[str, bpy.types.Image], options: ApplyOptions, name: str, length: int,
-    cyclic: bool, start: int,
+    cyclic: bool, start: int, sources: dict[str, str] | None = None,
 ) -> list[bpy.types.Material]:  # fmt: skip
     """materials.apply_images with every map an image sequence of `length` frames from scene frame `start`."""
-    made = materials.apply_images(meshes, images, options, name)
+    made = materials.apply_images(meshes, images, options, name, sources)
     sequences = set(images.values())
     for material in made:
         for node in material.node_tree.nodes:

@@ -9,7 +9,7 @@ import bpy
 
 from .. import readiness
 from ..contract import model_catalog
-from . import install_ops, session
+from . import install_ops, session, tasks
 from . import remote as remote_ops
 from .ui_state import STATE
 
@@ -47,6 +47,8 @@ def check_readiness(context) -> readiness.Readiness:
         downloading=download is not None,
         download_progress=download.fraction if download else 0.0,
         download_text=download.status_text if download else "",
+        download_model=download.params.get("model", "") if download else "",
+        estimators=tasks.estimator_facts(context.scene.sdtex, remote is not None) if context.scene.sdtex.pbr else (),
     )
     STATE.readiness = (now, readiness.check(facts))
     return STATE.readiness[1]

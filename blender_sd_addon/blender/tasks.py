@@ -11,8 +11,10 @@ import os
 
 import bpy
 
+from .. import readiness
 from ..client import BackendError, SDTexError
-from ..contract import protocol
+from ..contract import model_catalog, protocol
+from ..history import ESTIMATOR_MODELS
 from ..jobs import DONE, Job
 from ..rpc import check_timeout
 from . import images, session
@@ -64,7 +66,10 @@ def task_params(task: str, settings: dict, model: str | None = None, output_dir:
     if unknown:
         raise SDTexError(f"{task} has no parameter {unknown[0]!r}; it takes {', '.join(sorted(known))}")
     prefs = session.preferences()
-    params = {name: getattr(prefs, name) for name in session.BACKEND_SETTINGS if name in known} | settings
+    # The estimator models live in the preferences, like the generator's: sent with every task that makes maps.
+    names = (*session.BACKEND_SETTINGS, *ESTIMATOR_MODELS)
+    params = {name: estimator_path(getattr(prefs, name)) if name in ESTIMATOR_MODELS else getattr(prefs, name)
+              for name in names if name in known} | settings  # fmt: skip
     if "model" in known:
         params["model"] = bpy.path.abspath(model or settings.get("model") or prefs.model)
     if "output_dir" in known:
@@ -76,6 +81,24 @@ def task_params(task: str, settings: dict, model: str | None = None, output_dir:
     except protocol.ProtocolError as exc:
         raise SDTexError(exc.message) from None
     return {name: value for name, value in checked.items() if name not in inputs}
+
+
+def estimator_path(model: str) -> str:
+    """An estimator model setting as sent: a hub id as it is, a folder made absolute (// = beside the .blend)."""
+    model = model.strip()
+    return model if protocol.HUB_ID.match(model) else bpy.path.abspath(model)
+
+
+def estimator_facts(settings, remote: bool) -> tuple[tuple[str, str, str], ...]:
+    """readiness.Facts.estimators for the scene's map methods: (maps, model setting, its local_status) of each
+    estimator a Model method needs ("remote": the server's disk answers for it)."""
+    prefs = session.preferences()
+    needed = readiness.estimators_needed({name: getattr(settings, name) for name in readiness.METHOD_ESTIMATORS})
+    facts = []
+    for kind, users in needed.items():
+        model = estimator_path(getattr(prefs, f"{kind}_model"))
+        facts.append((", ".join(users), model, "remote" if remote else model_catalog.local_status(model)))
+    return tuple(facts)
 
 
 def generate_params(settings: dict, model: str | None = None, output_dir: str | None = None) -> dict:

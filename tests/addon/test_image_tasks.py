@@ -65,7 +65,7 @@ def painted(name: str, rgba: np.ndarray):
 
 
 def albedo_of(material):
-    return next(n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE" and n.label == "Albedo")
+    return next(n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE" and n.name == "Albedo")
 
 
 def test_img2img_of_an_unsaved_painted_image_makes_new_images_and_a_material(scene):
@@ -270,7 +270,7 @@ class RecordingLayout:
     def row(self, **kwargs):
         return self
 
-    column = row
+    column = box = split = row
 
 
 @pytest.mark.parametrize(

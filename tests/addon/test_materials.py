@@ -321,8 +321,8 @@ def test_bad_maps_are_refused_by_name(maps):
     cube = add_cube()
     with pytest.raises(ValueError, match="albedo"):
         apply_images([cube], {"height": maps["height"]}, ApplyOptions(), "NoAlbedo")
-    with pytest.raises(ValueError, match="metallic"):
-        apply_images([cube], {**maps, "metallic": maps["height"]}, ApplyOptions(), "Unknown")
+    with pytest.raises(ValueError, match="specular"):
+        apply_images([cube], {**maps, "specular": maps["height"]}, ApplyOptions(), "Unknown")
     with pytest.raises(ValueError, match="roughness map not found"):
         apply_images([cube], {**maps, "roughness": maps["height"] + ".missing"}, ApplyOptions(), "Missing")
     with pytest.raises(ValueError, match="repeat"):

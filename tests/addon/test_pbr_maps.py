@@ -39,7 +39,7 @@ def pixels_of(path: str) -> np.ndarray:
 
 
 def node_images(material) -> dict[str, bpy.types.Image]:
-    return {node.label: node.image for node in material.node_tree.nodes if node.type == "TEX_IMAGE"}
+    return {node.name: node.image for node in material.node_tree.nodes if node.type == "TEX_IMAGE"}
 
 
 def unsaved_copy(image, name: str):

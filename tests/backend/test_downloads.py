@@ -517,3 +517,19 @@ def test_download_progress_over_the_protocol(hub, tmp_path):
         assert [e["model"] for e in reply["result"]["models"]] == [REPO_ID]
     finally:
         process.close()
+
+
+def test_a_marigold_estimator_downloads_like_a_model_and_is_listed_as_one(hub, tmp_path):
+    from backend.tiny_marigold import make_test_estimator
+
+    source = make_test_estimator(tmp_path / "built", "normals")
+    hub.repos["test-org/marigold-normals"] = {
+        p.relative_to(source).as_posix(): p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()
+    }
+    folder = tmp_path / "models" / "normals"
+    params = {"task": "download_model", "model": "test-org/marigold-normals", "local_dir": str(folder)}
+    result = DownloadResult.from_dict(run_task(Worker(Recorder()), "m1", params))
+    assert Path(result.path) == folder and model_catalog.local_status(str(folder)) == "folder"
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    entry = downloads.describe_folder(folder, str(folder), "folder", "normals", 0)
+    assert not entry.usable and "estimator for PBR maps" in entry.problem  # not offered as a generator
