@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks import batch, cold, footprint, img2img, overhead, project, remote, speed, train, travel
+from benchmarks import batch, cold, estimate, footprint, img2img, overhead, project, remote, speed, train, travel
 from benchmarks.common import CACHE, REPO, RESULTS, RUNS_FACTOR, Scenarios
 
 # name -> (module, architecture); the order is the order of the table.
@@ -41,6 +41,8 @@ MEASUREMENTS = {
     "remote_tiny": (remote, "tiny"),
     "remote_sd15": (remote, "sd15"),
     "batch_tiny": (batch, "tiny"),
+    "estimate_tiny": (estimate, "tiny"),
+    "estimate_sd2": (estimate, "sd2"),
 }
 QUICK = ("warm_tiny", "cold_tiny", "footprint", "img2img_tiny")
 COLUMNS = ("bare", "backend", "addon", "ratio")

@@ -14,12 +14,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 RATIO_TARGET = 1.02
+
+
+# The suite's settings (`python -m benchmarks --only estimate_sd2`): the issue's 1024 x 1024 on SD 2's sizes.
+SUITE = {"tiny": {"size": 256, "repeats": 10}, "sd2": {"size": 1024, "repeats": 2}}
+
+
+def measure(scenarios, architecture: str) -> dict:
+    """The suite's entry (benchmarks/__main__.py): this module's command in a fresh process, its JSON as table rows."""
+    from benchmarks.common import PYTHON, REPO, target
+
+    settings, out = SUITE[architecture], scenarios.scratch / f"estimate-{architecture}.json"
+    command = [PYTHON, "-m", "benchmarks.estimate", "--architecture", architecture, "--out", str(out),
+               "--size", str(settings["size"]), "--repeats", str(settings["repeats"])]  # fmt: skip
+    print(f"starting estimate_{architecture} ...", file=sys.stderr, flush=True)
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    result["targets"] = [target(f"Marigold estimate vs diffusers' <= {RATIO_TARGET}", result["ratio"], RATIO_TARGET)]
+    result["rows"] = [
+        {"metric": f"normals {result['size']} px estimate, min s", "bare": result["bare_s"],
+         "backend": result["ours_s"], "ratio": result["ratio"]},
+        {"metric": "  CPU time ratio; same maps", "backend": str(result["same_maps"]), "ratio": result["cpu_ratio"]},
+    ]  # fmt: skip
+    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +98,7 @@ def same_maps(ours, bare) -> bool:
     return all(np.array_equal(getattr(ours, f), getattr(bare, f)) for f in fields if getattr(bare, f) is not None)
 
 
-def measure(args: argparse.Namespace, folder: str) -> dict:
+def time_sides(args: argparse.Namespace, folder: str) -> dict:
     import torch
 
     from backend.estimators import PIPELINES, EstimateSettings, Estimators, to_estimate
@@ -143,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             folder = str(make_test_estimator(Path(scratch) / "model", args.kind, architecture=args.architecture))
             print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        result = measure(args, folder)
+        result = time_sides(args, folder)
     print(
         f"estimate {result['kind']} {result['architecture']} {result['size']} px "
         f"(processing {result['processing_resolution']}, steps 1, ensemble 1) on {result['device']}:\n"
