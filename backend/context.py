@@ -34,6 +34,8 @@ class JobContext:
     # The worker's backend.estimators.Estimators (Marigold models, warm between jobs); None: the job makes its own
     # when it needs one (estimated_maps.job_estimators). Not imported here: the estimators import this module.
     estimators: Any = None
+    # The worker's backend.preview_decoder.PreviewDecoders (the warm TAESD); None: the job makes its own.
+    preview_decoders: Any = None
 
     def stage(self, name: str) -> None:
         self.emit(EVENT_STATUS, {"stage": name})

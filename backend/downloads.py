@@ -112,6 +112,18 @@ def is_estimator(class_name: object) -> bool:
     return class_name in {pipeline.__name__ for pipeline in ESTIMATOR_PIPELINES.values()}
 
 
+def decoder_files(tree: dict[str, int], repo_id: str) -> list[str]:
+    """A preview decoder's repository (AutoencoderTiny: TAESD) needs its config and its safetensors weights only
+    (madebyollin/taesd also holds .bin and the original .pth files)."""
+    if model_catalog.PREVIEW_DECODER_WEIGHTS not in tree:
+        raise ProtocolError(
+            DOWNLOAD_FAILED,
+            f"{repo_id} has no {model_catalog.PREVIEW_DECODER_WEIGHTS}; pickle weights are never downloaded",
+            {"param": "model", "value": repo_id},
+        )
+    return ["config.json", model_catalog.PREVIEW_DECODER_WEIGHTS]
+
+
 def check_free_space(folder: Path, needed: int) -> None:
     """ProtocolError(NOT_ENOUGH_SPACE) naming the folder when it lacks `needed` bytes and a margin."""
     probe = Path(folder)
@@ -226,6 +238,15 @@ class Plan:
         return sum(self.files.values())
 
 
+def _not_a_pipeline(repo_id: str) -> ProtocolError:
+    return ProtocolError(
+        DOWNLOAD_FAILED,
+        f"{repo_id} is not a diffusers pipeline (no model_index.json): download one .safetensors checkpoint "
+        "from it yourself and pick the file instead",
+        {"param": "model", "value": repo_id},
+    )
+
+
 def _hub_error(repo_id: str, exc: Exception) -> ProtocolError:
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -276,30 +297,28 @@ def plan_download(
             for f in api.list_repo_tree(repo_id, recursive=True, revision=commit)
             if isinstance(f, RepoFile)
         }
-        if "model_index.json" not in tree:
-            raise ProtocolError(
-                DOWNLOAD_FAILED,
-                f"{repo_id} is not a diffusers pipeline (no model_index.json): download one .safetensors checkpoint "
-                "from it yourself and pick the file instead",
-                {"param": "model", "value": repo_id},
-            )
-        index_path = hf_hub_download(
-            repo_id, "model_index.json", revision=commit, local_dir=local_dir, endpoint=endpoint
-        )
+        index_name = "model_index.json" if "model_index.json" in tree else "config.json"  # config: a decoder's
+        if index_name not in tree:
+            raise _not_a_pipeline(repo_id)
+        index_path = hf_hub_download(repo_id, index_name, revision=commit, local_dir=local_dir, endpoint=endpoint)
     except ProtocolError:
         raise
     except Exception as exc:
         raise _hub_error(repo_id, exc) from None
     model_index = json.loads(Path(index_path).read_text(encoding="utf-8"))
     name = model_index.get("_class_name")
-    if family_of_class_name(name) is None and not is_estimator(name):
+    decoder = name == model_catalog.PREVIEW_DECODER_CLASS and index_name == "config.json"
+    if index_name == "config.json" and not decoder:
+        raise _not_a_pipeline(repo_id)
+    if family_of_class_name(name) is None and not is_estimator(name) and not decoder:
         raise ProtocolError(
             DOWNLOAD_FAILED,
-            f"{repo_id} is a {name}: this add-on runs Stable Diffusion 1.x/2.x and SDXL pipelines, and Marigold "
-            "estimators for PBR maps",
+            f"{repo_id} is a {name}: this add-on runs Stable Diffusion 1.x/2.x and SDXL pipelines, Marigold "
+            "estimators for PBR maps and AutoencoderTiny preview decoders",
             {"param": "model", "value": repo_id},
         )
-    files = {path: tree[path] for path in select_files(tree, model_index, variant)}
+    chosen = decoder_files(tree, repo_id) if decoder else select_files(tree, model_index, variant)
+    files = {path: tree[path] for path in chosen}
     missing = {}
     for path, size in files.items():
         if local_dir is not None:
@@ -372,7 +391,7 @@ def _folder_size(folder: Path) -> int:
 
 def describe_folder(folder: Path, model: str, kind: str, name: str, size: int) -> ModelEntry:
     """A diffusers folder (or cache snapshot) as a list entry: family, architecture, training size, problems."""
-    index = _json(folder / "model_index.json")
+    index = _json(folder / "model_index.json") or _json(folder / "config.json")
     entry = ModelEntry(model=model, kind=kind, name=name, path=str(folder), size=size)
     class_name = index.get("_class_name")
     family = family_of_class_name(class_name if isinstance(class_name, str) else None)
@@ -380,6 +399,8 @@ def describe_folder(folder: Path, model: str, kind: str, name: str, size: int) -
         problem = f"a {class_name or 'folder without a pipeline class'}, not SD 1.x/2.x or SDXL"
         if is_estimator(class_name):
             problem = f"a {class_name}: an estimator for PBR maps (Preferences > PBR Estimator Models), not a generator"
+        elif model_catalog.is_preview_decoder(folder):
+            problem = f"a {class_name}: a preview decoder (Preferences > Preview Decoder), not a generator"
         entry.usable, entry.problem = False, problem
         return entry
     unet, vae = _json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json")
@@ -429,7 +450,7 @@ def cached_models(cache_dir: Path | None = None) -> list[ModelEntry]:
     for repo in sorted(info.repos, key=lambda r: r.repo_id.lower()):
         if repo.repo_type != "model":
             continue
-        revisions = [r for r in repo.revisions if (r.snapshot_path / "model_index.json").is_file()]
+        revisions = [r for r in repo.revisions if _is_model_folder(r.snapshot_path)]
         if not revisions:
             continue
         # The revision `main` points to (what loading by id uses), else the newest.
@@ -440,18 +461,23 @@ def cached_models(cache_dir: Path | None = None) -> list[ModelEntry]:
     return entries
 
 
+def _is_model_folder(folder: Path) -> bool:
+    """A pipeline's folder (model_index.json) or a preview decoder's."""
+    return (folder / "model_index.json").is_file() or model_catalog.is_preview_decoder(folder)
+
+
 def folder_models(models_dir: Path) -> list[ModelEntry]:
     """A models folder's diffusers folders and checkpoint files (its own entries, and one level down)."""
     entries = []
     candidates = sorted(models_dir.iterdir(), key=lambda p: p.name.lower())
     for path in candidates:
         try:
-            if path.is_dir() and (path / "model_index.json").is_file():
+            if path.is_dir() and _is_model_folder(path):
                 entries.append(describe_folder(path, str(path), "folder", path.name, _folder_size(path)))
             elif path.is_dir() and not path.name.startswith("."):
                 candidates_below = sorted(path.iterdir(), key=lambda p: p.name.lower())
                 for sub in candidates_below:
-                    if sub.is_dir() and (sub / "model_index.json").is_file():
+                    if sub.is_dir() and _is_model_folder(sub):
                         entries.append(
                             describe_folder(sub, str(sub), "folder", f"{path.name}/{sub.name}", _folder_size(sub))
                         )

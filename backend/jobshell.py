@@ -25,7 +25,8 @@ from backend.context import JobContext
 from backend.estimated_maps import check_estimators
 from backend.families import Factors
 from backend.outputs import save_images
-from backend.previews import preview_event
+from backend.preview_decoder import job_previewer
+from backend.previews import Previewer
 from backend.steps import PipelineOutput
 from backend.upscaler import upscalers
 from sdtex_contract.protocol import EVENT_PREVIEW, GenerateResult, TaskParams
@@ -33,8 +34,8 @@ from sdtex_contract.protocol import EVENT_PREVIEW, GenerateResult, TaskParams
 
 @dataclass
 class JobProgress:
-    """A pipeline's stages and steps as the job's status, progress and preview events (no previews without
-    preview factors: latents that are no image's, like the x4 upscaler's).
+    """A pipeline's stages and steps as the job's status, progress and preview events (made by `previews`: none
+    without preview factors, for latents that are no image's, like the x4 upscaler's).
 
     Tasks that run several denoising passes for one picture (tiles) set `passes` and `pass_index`: the
     progress then counts every pass's steps (step and total run over all passes) and a repeated
@@ -43,7 +44,7 @@ class JobProgress:
 
     ctx: JobContext
     preview_every: int
-    factors: Factors
+    previews: Previewer
     passes: int = 1
     pass_index: int = 0
     denoise_start: float = field(default_factory=time.perf_counter)
@@ -60,8 +61,11 @@ class JobProgress:
     def step(self, step: int, total: int, latents: torch.Tensor) -> None:
         done, steps = self.pass_index * total + step, self.passes * total
         self.ctx.progress(done, steps, time.perf_counter() - self.denoise_start)
-        if self.preview_every and self.factors and done % self.preview_every == 0:
-            self.ctx.emit(EVENT_PREVIEW, asdict(preview_event(done, latents, self.factors)))
+        self.preview(done, latents)
+
+    def preview(self, step: int, latents: torch.Tensor) -> None:
+        if self.preview_every and self.previews and step % self.preview_every == 0 and self.previews.due():
+            self.ctx.emit(EVENT_PREVIEW, asdict(self.previews.event(step, latents)))
 
 
 class ImageJob:
@@ -82,7 +86,8 @@ class ImageJob:
         loaded, self.load_seconds = get()
         self.ctx.check_cancelled()
         self.model_name, self.device = name, loaded.device
-        self.progress = JobProgress(self.ctx, self.params.preview_every, factors(loaded))
+        previews = job_previewer(self.ctx, self.params, loaded.pipe, factors(loaded), loaded.device)
+        self.progress = JobProgress(self.ctx, self.params.preview_every, previews)
         return loaded
 
     def load(self, variant: str = "", model_params: TaskParams | None = None) -> DiffusionPipeline:

@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline
 
 from backend import loras, single_file
 from backend.families import FAMILIES, Family, family_of, family_of_class_name
+from backend.memory_plan import plan_memory
 from sdtex_contract.protocol import (
     INVALID_PARAMS,
     MODEL_LOAD_FAILED,
@@ -59,6 +60,8 @@ class ModelKey:
     device: str
     dtype: str
     cpu_offload: bool
+    channels_last: bool = False  # resolved: "auto" is on with CUDA
+    compile: bool = False
 
 
 @dataclass
@@ -67,6 +70,7 @@ class LoadedModel:
     key: ModelKey
     device: torch.device  # pipe._execution_device, read once: each read walks every module (ms per request)
     attention_slicing: bool = False  # toggling walks the whole U-Net, so it happens only on a change
+    memory_advice: str = ""  # on CUDA, backend/memory_plan.py's plan for the free VRAM at load (logged)
     _variants: dict[str, DiffusionPipeline] = field(default_factory=dict, repr=False)
 
     @property
@@ -260,7 +264,15 @@ def pick_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def load_pipeline(source: ModelSource, device: str, dtype: str, cpu_offload: bool) -> DiffusionPipeline:
+def load_pipeline(
+    source: ModelSource,
+    device: str,
+    dtype: str,
+    cpu_offload: bool,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> DiffusionPipeline:
     """Load and place a family's txt2img pipeline, with the family's pipeline_kwargs (no safety checker:
     on textures it mostly blacks out harmless images, the top complaint about SD add-ons, and the artist
     is the operator; no SDXL watermark)."""
@@ -294,14 +306,44 @@ def load_pipeline(source: ModelSource, device: str, dtype: str, cpu_offload: boo
             f"could not load {source.location}: {type(exc).__name__}: {exc}",
             {"param": "model", "value": source.location},
         ) from exc
+    place(pipe, device, cpu_offload, channels_last=channels_last, compile=compile)
+    return pipe
+
+
+def place(
+    pipe: DiffusionPipeline, device: str, cpu_offload: bool, *, channels_last: bool = False, compile: bool = False
+) -> None:
+    """Put a loaded pipeline on its device with the GPU options of its ModelKey (the GPU benchmark calls this too).
+    Attention needs nothing here: diffusers' default processor with torch 2 is AttnProcessor2_0 (SDPA)."""
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    if device == "cuda":
+    if channels_last:  # only the layout changes; the U-Net takes and returns the same tensors
         pipe.unet.to(memory_format=torch.channels_last)
+    if compile:
+        # Inductor's compiled kernels go to the worker's cache: a restarted worker reuses them.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+        # In place (the module keeps its class, so family_of, from_pipe and the patches still see a U-Net);
+        # no CUDA graphs: they would pin the memory of every size and sampler seen.
+        pipe.unet.compile(mode="max-autotune-no-cudagraphs")
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+
+def inductor_cache_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "sd-textures" / "inductor"
+
+
+def compile_problem(device: str) -> str | None:
+    """Why `compile` cannot run for this device and torch, or None when it can."""
+    if device != "cuda":
+        return f"compile needs a CUDA device, this request runs on {device}"
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return "compile needs Triton (torch.compile's GPU compiler), which this torch install cannot use"
+    return None
 
 
 def configure(model: LoadedModel, params: GenerateParams) -> None:
@@ -333,7 +375,13 @@ def model_key(model: str, params: GenerateParams) -> ModelKey:
             f"cpu_offload needs a CUDA device, this request runs on {device}",
             {"param": "cpu_offload", "value": True},
         )
-    return ModelKey(source, device, pick_dtype(params.dtype, device), params.cpu_offload)
+    if params.compile and (problem := compile_problem(device)):
+        raise ProtocolError(
+            INVALID_PARAMS, f"{problem}; turn compile off", {"param": "compile", "value": True, "accepted": [False]}
+        )
+    channels_last = params.channels_last == "on" or (params.channels_last == "auto" and device == "cuda")
+    dtype = pick_dtype(params.dtype, device)
+    return ModelKey(source, device, dtype, params.cpu_offload, channels_last, params.compile)
 
 
 class WarmSlot:
@@ -373,8 +421,14 @@ class ModelManager(WarmSlot):
 
         def load() -> LoadedModel:
             log.info("loading %s on %s (%s)", key.source.location, key.device, key.dtype)
-            pipe = load_pipeline(key.source, key.device, key.dtype, key.cpu_offload)
-            return LoadedModel(pipe, key, pipe._execution_device)
+            free = torch.cuda.mem_get_info()[0] if key.device == "cuda" else 0
+            options = {"channels_last": key.channels_last, "compile": key.compile}
+            pipe = load_pipeline(key.source, key.device, key.dtype, key.cpu_offload, **options)
+            loaded = LoadedModel(pipe, key, pipe._execution_device)
+            if free:
+                loaded.memory_advice = memory_advice(pipe, free)
+                log.info("%s", loaded.memory_advice)
+            return loaded
 
         seconds = self._warm(key, load)
         configure(self.loaded, params)
@@ -384,6 +438,17 @@ class ModelManager(WarmSlot):
     @property
     def loaded_name(self) -> str | None:
         return self.loaded.key.source.location if self.loaded else None
+
+
+def memory_advice(pipe: DiffusionPipeline, free_bytes: int) -> str:
+    """backend/memory_plan.py's plan for this pipeline at its family's native size, given the VRAM free before it
+    loaded, as one line of advice."""
+    family = family_of(pipe)
+    weights = 2 * sum(p.numel() for module in pipe.components.values() if isinstance(module, torch.nn.Module)
+                      for p in module.parameters())  # fmt: skip
+    size = family.default_size
+    plan = plan_memory(free_bytes, weights, family.name, size, size, bf16_supported=torch.cuda.is_bf16_supported())
+    return plan.advice()
 
 
 def hf_cache_dir() -> str:

@@ -12,6 +12,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -24,8 +25,10 @@ class SchedulerSpec:
     cls: type[SchedulerMixin]
     display: str  # the sampler name A1111 writes into PNG metadata
     overrides: dict = field(default_factory=dict)
+    call: dict = field(default_factory=dict)  # pipeline call arguments the sampler needs (they reach its step)
 
 
+TRAILING = {"timestep_spacing": "trailing"}  # the last timestep first: a few-step run starts from pure noise
 SCHEDULER_SPECS: dict[str, SchedulerSpec] = {
     "ddpm": SchedulerSpec(DDPMScheduler, "DDPM"),
     "ddim": SchedulerSpec(DDIMScheduler, "DDIM"),
@@ -36,6 +39,10 @@ SCHEDULER_SPECS: dict[str, SchedulerSpec] = {
     "dpmpp_2m_karras": SchedulerSpec(DPMSolverMultistepScheduler, "DPM++ 2M Karras", {"use_karras_sigmas": True}),
     "unipc": SchedulerSpec(UniPCMultistepScheduler, "UniPC"),
     "lcm": SchedulerSpec(LCMScheduler, "LCM"),
+    # TCD's eta (gamma): the pipelines pass eta=0.0 to every step unless told; 0.3 is what its model cards use.
+    "tcd": SchedulerSpec(TCDScheduler, "TCD", call={"eta": 0.3}),
+    "ddim_trailing": SchedulerSpec(DDIMScheduler, "DDIM Trailing", TRAILING),
+    "euler_a_trailing": SchedulerSpec(EulerAncestralDiscreteScheduler, "Euler a Trailing", TRAILING),
 }
 assert tuple(SCHEDULER_SPECS) == SCHEDULERS, "scheduler table out of sync with the protocol"
 
@@ -58,3 +65,9 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
 
 def display_name(name: str) -> str:
     return _spec(name).display
+
+
+def call_arguments(scheduler: SchedulerMixin) -> dict:
+    """The pipeline call arguments a scheduler from make_scheduler needs besides the usual ones (TCD's eta)."""
+    spec = next((s for s in SCHEDULER_SPECS.values() if type(scheduler) is s.cls and s.call), None)
+    return dict(spec.call) if spec else {}

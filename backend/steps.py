@@ -20,7 +20,9 @@ from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from backend.context import Cancelled
+from backend.deepcache import deep_cache
 from backend.families import family_of, size_multiple
+from backend.schedulers import call_arguments
 from backend.seamless import seamless
 from sdtex_contract.protocol import INVALID_PARAMS, SEED_MAX, ProtocolError, TaskParams
 
@@ -192,10 +194,12 @@ def denoise(
     *,
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    speed: str = "off",
     **call,
 ) -> torch.Tensor:
-    """The pipeline's own denoising loop to latents (output_type="latent") with `scheduler` swapped in for
-    this call only. on_step(step, total, latents) runs after every step; when should_cancel() turns true
+    """The pipeline's own denoising loop to latents (output_type="latent") with `scheduler` swapped in and
+    the U-Net caching its deep features as Speed `speed` says (backend/deepcache.py), for this call only.
+    on_step(step, total, latents) runs after every step; when should_cancel() turns true
     the pipeline's interrupt flag skips the remaining steps and Cancelled is raised (nothing is decoded).
     `call`: the pipeline's other arguments (embeddings, image, strength, sizes, generators...)."""
     cancel_requested = should_cancel or (lambda: False)
@@ -211,8 +215,9 @@ def denoise(
             cancelled = pipeline._interrupt = True  # the remaining steps are skipped
         return tensors
 
-    with swapped_scheduler(pipe, scheduler):
+    with swapped_scheduler(pipe, scheduler), deep_cache(pipe.unet, speed):
         latents = pipe(
+            **call_arguments(scheduler),  # what the sampler needs (TCD's eta)
             **call,
             output_type="latent",
             callback_on_step_end=step_end,
@@ -254,8 +259,8 @@ def decode_latents(
 def denoise_and_decode(
     pipe: DiffusionPipeline, scheduler: SchedulerMixin, stages: Stages, *, output_type: str = "pil", **call
 ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
-    """The "denoising" stage (`denoise` with the pipeline's arguments `call`, stages' on_step and
-    should_cancel), then the "decoding" stage."""
+    """The "denoising" stage (`denoise` with the pipeline's arguments and its speed in `call`, stages' on_step
+    and should_cancel), then the "decoding" stage."""
     with stages.timed("denoise", "denoising"):
         latents = denoise(pipe, scheduler, on_step=stages.on_step, should_cancel=stages.should_cancel, **call)
     with stages.timed("decode", "decoding"):

@@ -6,7 +6,8 @@ two text encoders, size conditioning, a VAE with latents mean/std) are small eno
 "tiny-inpaint" is "tiny" with a 9-channel inpainting U-Net (latents + mask + masked-image latents), saved
 as a StableDiffusionInpaintPipeline like real inpainting models; "sd15" is the real SD-1.5 architecture
 (about 1 B parameters) for speed and memory measurements; "tiny-upscaler" is a tiny SD x4 upscaler
-(StableDiffusionUpscalePipeline).
+(StableDiffusionUpscalePipeline); "tiny-taesd" is a tiny AutoencoderTiny (a TAESD preview decoder) for "tiny"
+and "tiny-sdxl" (4 latent channels, upsampling x2 like their VAEs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -31,7 +33,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-ARCHITECTURES = ("tiny", "tiny-sdxl", "tiny-inpaint", "sd15", "tiny-upscaler")
+ARCHITECTURES = ("tiny", "tiny-sdxl", "tiny-inpaint", "sd15", "tiny-upscaler", "tiny-taesd")
 TINY_UNET = dict(
     block_out_channels=(32, 64),
     layers_per_block=2,
@@ -218,10 +220,12 @@ def _tiny_upscaler_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
 def make_test_model(path: str | Path, *, seed: int = 0, architecture: str = "tiny") -> Path:
     """Write a random-weight pipeline folder (safetensors) to `path` and return it: a
     StableDiffusionXLPipeline for "tiny-sdxl", a StableDiffusionInpaintPipeline for "tiny-inpaint", a
-    StableDiffusionUpscalePipeline for "tiny-upscaler", a
+    StableDiffusionUpscalePipeline for "tiny-upscaler", an AutoencoderTiny for "tiny-taesd", a
     StableDiffusionPipeline otherwise."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    if architecture == "tiny-taesd":
+        return make_test_preview_decoder(path, seed=seed)
     path = Path(path).resolve()
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _tokenizer(Path(scratch))
@@ -239,6 +243,19 @@ def make_test_model(path: str | Path, *, seed: int = 0, architecture: str = "tin
                 requires_safety_checker=False,
             )
         pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_test_preview_decoder(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
+    """Write a random-weight AutoencoderTiny folder (safetensors) to `path`: TAESD's layout with fewer, narrower
+    blocks (two levels: upsampling x2, the tiny VAEs' factor)."""
+    torch.manual_seed(seed)
+    path = Path(path).resolve()
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+        num_encoder_blocks=(1, 2), num_decoder_blocks=(2, 1), latent_channels=latent_channels,
+    )  # fmt: skip
+    decoder.save_pretrained(path, safe_serialization=True)
     return path
 
 

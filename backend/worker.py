@@ -39,6 +39,7 @@ from backend.estimators import Estimators
 from backend.families import size_multiple
 from backend.inputs import InputStore, remove_stale
 from backend.models import ModelManager, available_devices
+from backend.preview_decoder import PreviewDecoders
 from backend.tasks import TASKS
 from backend.tasks.txt2img import run_txt2img
 from sdtex_contract import protocol
@@ -122,6 +123,7 @@ class Worker:
         self.peer = Peer(emit)  # the stdio client, the CLI, tests
         self.models = ModelManager()
         self.estimators = Estimators()  # the Marigold models, warm next to the generator
+        self.preview_decoders = PreviewDecoders()  # the step previews' tiny autoencoder, too
         self.inputs = inputs or InputStore()
         self.closing = False
         self._lock = threading.Lock()
@@ -307,6 +309,7 @@ class Worker:
                 emit=lambda kind, data: self._emit_event(job, kind, data),
                 is_cancelled=lambda: job.cancel_requested,
                 estimators=self.estimators,
+                preview_decoders=self.preview_decoders,
             )
             if work.method == protocol.LOAD_MODEL:
                 result = self.load_model(ctx, work.params)
@@ -381,6 +384,7 @@ class Worker:
 
     def free_memory(self) -> None:
         self.estimators.release()  # out of memory: the estimators go first (the generator stays warm)
+        self.preview_decoders.release()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only NAME ...] [--runs N] [--out FILE]`
+"""`python -m benchmarks [--quick] [--only NAME ...] [--runs N] [--out FILE]`, or `python -m benchmarks --gpu ...`
 
 Runs the measurements side by side, prints a table and writes JSON with the date, machine, versions
 and exact command: benchmarks/results/<YYYY-MM-DD>.json for a full run; a --quick run (tiny model only,
@@ -19,7 +19,21 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks import batch, cold, estimate, footprint, img2img, overhead, project, remote, speed, train, travel
+from benchmarks import (
+    batch,
+    cold,
+    deepcache,
+    estimate,
+    footprint,
+    img2img,
+    overhead,
+    previews,
+    project,
+    remote,
+    speed,
+    train,
+    travel,
+)
 from benchmarks.common import CACHE, REPO, RESULTS, RUNS_FACTOR, Scenarios
 
 # name -> (module, architecture); the order is the order of the table.
@@ -43,6 +57,8 @@ MEASUREMENTS = {
     "batch_tiny": (batch, "tiny"),
     "estimate_tiny": (estimate, "tiny"),
     "estimate_sd2": (estimate, "sd2"),
+    "preview_sd15": (previews, "sd15"),
+    "deepcache_sd15": (deepcache, "sd15"),
 }
 QUICK = ("warm_tiny", "cold_tiny", "footprint", "img2img_tiny")
 COLUMNS = ("bare", "backend", "addon", "ratio")
@@ -96,7 +112,14 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--gpu" in argv:  # its own options (benchmarks/gpu.py): --only takes a model there; --gpu below is for --help
+        from benchmarks import gpu
+
+        return gpu.main([arg for arg in argv if arg != "--gpu"])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--gpu", action="store_true", help="the CUDA benchmark instead (benchmarks/gpu.py): "
+                        "python -m benchmarks --gpu [--only sd15|sdxl] [--steps N] [--compile] [--out FILE]")
     parser.add_argument("--quick", action="store_true", help=f"tiny model only ({', '.join(QUICK)}), 2 runs")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS, metavar="NAME",
                         help=f"run only this measurement (repeatable): {', '.join(MEASUREMENTS)}")
@@ -113,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join([python_name(), "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join([python_name(), "-m", "benchmarks", *argv]),
         "quick": args.quick,
         "runs": runs,
         "machine": machine(),

@@ -5,6 +5,8 @@
     result = generate_texture([bpy.data.objects["Cube"]], "rusty metal plate", seamless="xy", steps=20)
     print(result.files, result.materials)
     maps = derive_pbr_maps(bpy.data.images["bricks.png"], [bpy.data.objects["Wall"]], seamless="xy")
+    draft, final = generate_with_draft([bpy.data.objects["Cube"]], "rusty metal plate", draft="lcm",
+                                       draft_lora="latent-consistency/lcm-lora-sdv1-5", steps=25)
     variation = img2img(bpy.data.images["bricks.png"], "mossy bricks", [bpy.data.objects["Wall"]], strength=0.5)
     patched = inpaint("/textures/wall.png", "moss", mask=bpy.data.images["Wall Mask"], steps=20)
     bigger = upscale(variation.images[0], scale=2, seamless="auto")
@@ -45,10 +47,11 @@ from __future__ import annotations
 
 import bpy
 
-from .blender import export, projecting, session, tasks
+from .blender import draft_jobs, export, projecting, session, tasks
 from .blender.materials import ApplyOptions
 from .blender.projecting import ProjectedTexture
 from .blender.results import TextureResult, finish
+from .blender.ui_jobs import JobRequest
 from .client import BackendError, SDTexError
 from .contract import protocol
 from .engine_export import ExportResult
@@ -64,6 +67,7 @@ __all__ = [
     "derive_pbr_maps",
     "export_for_engines",
     "generate_texture",
+    "generate_with_draft",
     "image_task",
     "img2img",
     "inpaint",
@@ -116,9 +120,7 @@ def run_task(
     needs_objects = makes_images and apply and (objects is not None or not inputs)
     meshes = tasks.mesh_objects(objects) if needs_objects else []
     given = {name: values.pop(name) for name in inputs if name in values}
-    if "loras" in values:  # "//" paths are blend-relative
-        values["loras"] = [{**lora, "model": bpy.path.abspath(lora.get("model", ""))} for lora in values["loras"]]
-    checked = tasks.task_params(task, values, model=model, output_dir=output_dir)
+    checked = _checked(task, values, model, output_dir)
 
     # 2. Send the images and run the task (blocks until the files are written)
     sources, checked = tasks.send_images(task, checked, given, timeout)
@@ -130,6 +132,34 @@ def run_task(
     source, mask = sources.get("image"), sources.get("mask")
     names = {"source": source.name if source else "", "mask": mask.name if mask else ""}
     return finish(job.result, meshes, options, apply=bool(meshes), **names)
+
+
+def _checked(task: str, values: dict, model: str | None, output_dir: str | None) -> dict:
+    """The task's checked parameters (tasks.task_params), "//" LoRA paths made blend-relative first."""
+    if "loras" in values:
+        values["loras"] = [{**lora, "model": bpy.path.abspath(lora.get("model", ""))} for lora in values["loras"]]
+    return tasks.task_params(task, values, model=model, output_dir=output_dir)
+
+
+def generate_with_draft(
+    objects, prompt: str, *, draft: str = "steps", draft_lora: str | None = None, apply: bool = True,
+    material: ApplyOptions | None = None, model: str | None = None, output_dir: str | None = None,
+    timeout: float | None = None, **settings,
+) -> tuple[TextureResult, TextureResult]:  # fmt: skip
+    """A few-step draft, then the full generation with the same seed and settings: returns (draft, final).
+
+    The draft is loaded (draft.images) but never applied nor recorded in the history; the final is
+    generate_texture's result. draft: a preset of sdtex_contract.drafts.DRAFT_PRESETS ("steps": 8 steps of any
+    model; "lcm", "tcd", "hyper": 4, 4 and 8 steps with that LoRA, given as draft_lora (file, folder or hub id);
+    "turbo": 1 step of a Turbo model). An unset seed is picked once, here, for both. timeout: for each of the two.
+    The other options are generate_texture's.
+    """
+    values = {"prompt": prompt, **settings}
+    options = tasks.apply_options(material, **tasks.take_apply_keywords(values))
+    meshes = tasks.mesh_objects(objects) if apply else []
+    values["seed"] = draft_jobs.pick_seed(values.get("seed"))
+    final = JobRequest("txt2img", _checked("txt2img", values, model, output_dir), meshes, options, apply)
+    return draft_jobs.run_now(draft_jobs.draft_request(final, draft, draft_lora), final, timeout)
 
 
 def generate_texture(objects, prompt: str, **options) -> TextureResult:

@@ -26,6 +26,7 @@ SETTINGS = (
     "width",
     "height",
     "scheduler",
+    "speed",
     "seamless",
     "pbr",
     "normal_format",
@@ -67,6 +68,7 @@ class HistoryRecord:
     files: list[dict] = field(default_factory=list)  # one ImageRecord dict per image: path, seed, maps, map_sources
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S"))
     normal_format: str = "opengl"  # how to read the normal map when applying again
+    speed: str = "off"  # records from before Speed existed ran without the cache
     normal_strength: float = protocol.param("normal_strength").default
     height_contrast: float = protocol.param("height_contrast").default
     roughness_contrast: float = protocol.param("roughness_contrast").default

@@ -18,7 +18,17 @@ from .contract import protocol
 from .contract.protocol import CANCELLED, DONE, FAILED, FINISHED_STATES, QUEUED, RUNNING
 from .contract.units import transfer_text
 
-__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Job", "JobBoard", "ProcessJob"]
+__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "FollowUp", "Job", "JobBoard", "ProcessJob"]
+
+
+@dataclass(eq=False)
+class FollowUp:
+    """A job the board submits on the same client once another is done (not failed, not cancelled, and no cancel
+    asked): a draft's final. Cancelling the first one therefore stops both."""
+
+    task: str
+    params: dict
+    job: Job | None = None  # once submitted
 
 
 @dataclass(eq=False)
@@ -43,6 +53,7 @@ class Job:
     error: str = ""
     error_code: str = ""  # a protocol error code, or client.BACKEND_STOPPED / BACKEND_START_FAILED
     finished_at: float | None = None  # time.monotonic() when the terminal reply was handled
+    then: FollowUp | None = None  # submitted by the JobBoard when this one is done
 
     @classmethod
     def submit(cls, client: BackendClient, task: str, params: dict) -> Job:
@@ -212,8 +223,10 @@ class JobBoard:
     def active(self) -> list[Job]:
         return [job for job in self._jobs if not job.finished]
 
-    def submit(self, client: BackendClient, task: str, params: dict) -> Job:
+    def submit(self, client: BackendClient, task: str, params: dict, then: FollowUp | None = None) -> Job:
+        """Submit a job; `then`: one to submit on the same client when it is done (its job: then.job)."""
         job = Job.submit(client, task, params)
+        job.then = then
         self._jobs.append(job)
         return job
 
@@ -223,9 +236,14 @@ class JobBoard:
         return job
 
     def poll(self) -> list[Job]:
-        """Drain every unfinished job's messages; return the jobs that finished since the last poll."""
+        """Drain every unfinished job's messages and submit the follow-ups of those done; return the jobs that
+        finished since the last poll."""
         self.changed = [job for job in self._jobs if job.poll()]
         finished = [job for job in self.changed if job.finished]
+        for job in finished:
+            then = job.then
+            if then is not None and then.job is None and job.state == DONE and not job.cancelling:
+                then.job = self.submit(job.client, then.task, then.params)
         now = time.monotonic()
         if finished or now >= self._next_prune:
             self._prune(now)

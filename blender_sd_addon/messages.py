@@ -18,6 +18,7 @@ LABELS = {
     "ao_strength": "AO Strength",
     "dtype": "Precision",
     "cpu_offload": "CPU Offload",
+    "compile": "Compile U-Net",
     "vae_tiling": "VAE Tiling",
     "output_dir": "Output Folder (Preferences)",
     "model": "Model",

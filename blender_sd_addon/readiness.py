@@ -24,6 +24,8 @@ OPEN_LOG = ("sdtex.open_install_log", "Open Log")
 REINSTALL = ("sdtex.install_backend", "Reinstall Backend")  # installs the lock's versions, which work together
 SET_ESTIMATORS = ("sdtex.open_preferences", "Set Estimator Models")  # Preferences > PBR Estimator Models
 DOWNLOAD_ESTIMATOR = ("sdtex.download_estimator", "Download Estimator")
+DOWNLOAD_PREVIEW_DECODER = ("sdtex.download_preview_decoder", "Download Preview Decoder")
+SET_PREVIEW_DECODER = ("sdtex.open_preferences", "Set Preview Decoder")  # Preferences > Model
 INSTALLED, SET = "installed", "set"  # Facts.interpreter_source: Install Backend's venv, Preferences > Interpreter
 FEATURES = {"train_lora": "Training"}  # task -> its name in the panels
 
@@ -92,6 +94,8 @@ class Facts:
     # The estimators the maps' Model methods need: (what uses it, e.g. "Normal", its model setting, local_status
     # or "remote"); empty when every map is classical or no maps are made.
     estimators: tuple[tuple[str, str, str], ...] = ()
+    preview_decoder: str = ""  # Preferences > Preview Decoder ("": the latent approximation)
+    preview_decoder_state: str = ""  # model_catalog.local_status of it, or "remote"
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,11 @@ class Readiness:
     backend: Line
     model: Line
     estimators: Line | None = None  # only when a map's Model method needs an estimator that is not there
+    preview: Line | None = None  # only when a preview decoder is set and not on disk: never blocks Generate
 
     @property
     def lines(self) -> tuple[Line, ...]:
-        return (self.backend, self.model) + ((self.estimators,) if self.estimators else ())
+        return (self.backend, self.model) + tuple(line for line in (self.estimators, self.preview) if line)
 
     @property
     def blocker(self) -> str:
@@ -114,7 +119,8 @@ class Readiness:
 
 
 def check(facts: Facts) -> Readiness:
-    return Readiness(backend_line(facts), model_line(facts), estimator_line(facts.estimators, facts))
+    lines = backend_line(facts), model_line(facts), estimator_line(facts.estimators, facts), preview_line(facts)
+    return Readiness(*lines)
 
 
 def backend_line(f: Facts) -> Line:
@@ -221,6 +227,20 @@ def estimator_line(estimators: tuple[tuple[str, str, str], ...], f: Facts | None
     fixes = ((DOWNLOAD_ESTIMATOR,) if hub else ()) + (SET_ESTIMATORS,)
     plural = "s" if len(missing) > 1 else ""
     return Line(f"Estimator model{plural} not ready: {named}", False, fixes)
+
+
+def preview_line(f: Facts) -> Line | None:
+    """Previews will be approximate: the preview decoder is set and not on disk (or is downloading). Ready (an
+    INFO line): the backend falls back to the approximation, so Generate stays on."""
+    model = f.preview_decoder.strip()
+    if not model or f.preview_decoder_state in ("remote", "folder", "cached"):
+        return None
+    name = model_catalog.short_name(model)
+    if f.downloading and f.download_model == model:
+        return Line(f"{name}: {f.download_text}", True, progress=f.download_progress, kind=INFO)
+    state = ESTIMATOR_STATES.get(f.preview_decoder_state, "not an AutoencoderTiny folder")
+    fixes = ((DOWNLOAD_PREVIEW_DECODER,) if protocol.HUB_ID.match(model) else ()) + (SET_PREVIEW_DECODER,)
+    return Line(f"Previews will be approximate: preview decoder {name} {state}", True, fixes, kind=INFO)
 
 
 def feature_line(unavailable: dict[str, str], task: str, remote: bool = False) -> Line | None:

@@ -5,7 +5,8 @@ Stdlib only and Blender-free, so the panel can answer without the backend runnin
   family (SDXL: 1024 px) and, for distilled models, its name (Turbo: 1-4 steps, guidance 0; LCM: its sampler,
   4-8 steps). The backend's list_models attaches the same dict to each entry.
 - `local_status(model)`: "file" / "folder" / "cached" / "missing" / "invalid", from the file system and the Hugging
-  Face cache's layout, so Generate can say "the model is not on disk" and early start can skip warming it.
+  Face cache's layout, so Generate can say "the model is not on disk" and early start can skip warming it. A
+  preview decoder (TAESD: an AutoencoderTiny folder, config.json and its weights, no model_index.json) counts too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from .params import HUB_ID
 
 BASES = ("sd1", "sd2", "sdxl")
+PREVIEW_DECODER_CLASS = "AutoencoderTiny"  # TAESD's class in diffusers
+PREVIEW_DECODER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,18 @@ def cached_snapshot(repo_id: str, cache_dir: Path | None = None, revision: str =
     except OSError:
         return None
     snapshot = repo / "snapshots" / commit
-    return snapshot if (snapshot / "model_index.json").is_file() else None
+    return snapshot if (snapshot / "model_index.json").is_file() or is_preview_decoder(snapshot) else None
+
+
+def is_preview_decoder(folder: Path) -> bool:
+    """An AutoencoderTiny folder (TAESD): a config.json naming the class, and no pipeline's model_index.json."""
+    if (folder / "model_index.json").is_file():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") == PREVIEW_DECODER_CLASS
 
 
 def local_models(cache_dir: Path | None = None, folders: tuple[Path, ...] = ()) -> list[str]:
@@ -162,6 +176,8 @@ NOT_WEIGHTS = ("Scheduler", "Tokenizer", "TokenizerFast", "Processor", "FeatureE
 def missing_weights(folder: Path) -> list[str]:
     """The components of a diffusers folder (or cache snapshot) that need weights and have none on disk: what an
     interrupted download leaves. The safety checker is never loaded, so it never counts."""
+    if is_preview_decoder(folder):
+        return [] if (folder / PREVIEW_DECODER_WEIGHTS).is_file() else [PREVIEW_DECODER_WEIGHTS]
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -183,7 +199,7 @@ def local_status(model: str, cache_dir: Path | None = None) -> str:
     "file" (a .safetensors/.ckpt file), "folder" (a diffusers folder), "cached" (a hub id in the cache),
     "partial" (a folder or cached model with some weights missing: an interrupted download; download again),
     "missing" (a hub id not downloaded: offer Download, or a path that does not exist), "invalid" (empty, or a
-    folder without model_index.json)."""
+    folder that is neither a pipeline's, with a model_index.json, nor a preview decoder's)."""
     model = model.strip()
     if not model:
         return "invalid"
@@ -192,7 +208,7 @@ def local_status(model: str, cache_dir: Path | None = None) -> str:
         if path.is_file():
             return "file"
         if path.is_dir():
-            if not (path / "model_index.json").is_file():
+            if not (path / "model_index.json").is_file() and not is_preview_decoder(path):
                 return "invalid"
             return "partial" if missing_weights(path) else "folder"
         if HUB_ID.match(model) and not model.lower().endswith((".safetensors", ".ckpt")):

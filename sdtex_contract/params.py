@@ -23,8 +23,12 @@ SCHEDULERS = (
     "dpmpp_2m_karras",
     "unipc",
     "lcm",
+    "tcd",
+    "ddim_trailing",  # trailing timesteps: few-step models (Hyper-SD, Turbo) start from pure noise
+    "euler_a_trailing",
 )
 SEAMLESS_AXES = ("none", "x", "y", "xy")
+SPEEDS = ("off", "fast", "faster")  # cached U-Net steps (backend/deepcache.py)
 SEAMLESS_INPUT_AXES = (*SEAMLESS_AXES, "auto")  # tasks with an input image: "auto" = the axes it already tiles on
 RESIZE_MODES = ("fit", "fill", "stretch", "keep")
 DEVICES = ("auto", "cuda", "mps", "cpu")

@@ -20,6 +20,8 @@ class PreviewEvent:
     width: int
     height: int
     rgb: str  # base64 of width*height*3 uint8 bytes, rows top to bottom
+    decoder: str = ""  # the preview_decoder that decoded it; "": the latent approximation
+    note: str = ""  # once per job: why previews are approximate although a preview_decoder was set
 
 
 @dataclass

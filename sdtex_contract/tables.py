@@ -18,6 +18,7 @@ from .params import (
     SIZE_MAX,
     SIZE_MIN,
     SIZE_MULTIPLE,
+    SPEEDS,
     WRITES,
     ArrayInput,
     ImageInput,
@@ -26,6 +27,7 @@ from .params import (
 )
 
 # Shared groups: tasks combine these with their own parameters.
+CHANNELS_LAST_MODES = ("auto", "on", "off")
 DEVICE_PARAMS: tuple[Param, ...] = (
     Param("device", str, "auto", "Where to run.", choices=DEVICES),
     Param("dtype", str, "auto", "Precision (auto: fp16 on GPU, fp32 on CPU).", choices=DTYPES),
@@ -42,7 +44,21 @@ MODEL_PARAMS: tuple[Param, ...] = (
     ),
     *DEVICE_PARAMS,
     Param("cpu_offload", bool, False, "Keep weights on the CPU until needed (less VRAM, slower)."),
-    Param("attention_slicing", bool, False, "Compute attention in slices (less memory, slower)."),
+    Param(
+        "channels_last", str, "auto",
+        "Keep the U-Net's tensors channels-last (faster convolutions on NVIDIA GPUs). auto: on with CUDA, off "
+        "elsewhere (on the CPU it would change the last bits: off there, results equal diffusers' bit for bit).",
+        choices=CHANNELS_LAST_MODES,
+    ),  # fmt: skip
+    Param(
+        "compile", bool, False,
+        "torch.compile the U-Net (CUDA only; needs Triton): the first image at each size compiles for minutes, "
+        "later ones run faster; compiled kernels are cached in the worker's cache folder.",
+    ),  # fmt: skip
+    Param(
+        "attention_slicing", bool, False,
+        "Compute attention in slices (less memory, slower); off: PyTorch's fused attention (SDPA).",
+    ),
     Param("allow_pickle", bool, False, "Allow pickle checkpoints (.ckpt/.pt/.bin): they can run code."),
     Param(
         "loras",
@@ -90,11 +106,24 @@ SAMPLING_PARAMS: tuple[Param, ...] = (
         "scheduler",
         str,
         "euler_a",
-        "The sampling method: Euler Ancestral suits most models; LCM only LCM models.",
+        "The sampling method: Euler Ancestral suits most models; LCM and TCD only their models or LoRAs; "
+        "Trailing ones few-step models (Turbo, Hyper-SD).",
         choices=SCHEDULERS,
     ),
+    Param(
+        "speed", str, "off",
+        "Cached U-Net steps: most steps reuse the previous full step's deep features (fast: 3 in 4 steps, "
+        "faster: 5 in 6). Quicker, but details can differ from off and fine detail may soften a little.",
+        choices=SPEEDS,
+    ),  # fmt: skip
     Param("seamless", str, "none", "Make the texture repeat without seams across X, Y or both.", choices=SEAMLESS_AXES),
     Param("preview_every", int, 0, "Send a preview every N steps (0 = never).", Range(0, 150)),
+    Param(
+        "preview_decoder", str, "",
+        "Tiny autoencoder that decodes the previews (hub id or diffusers folder of an AutoencoderTiny: "
+        "madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL); empty, or not on disk: the approximation.",
+        max_length=PATH_MAX, path=READS_OR_HUB,
+    ),  # fmt: skip
     Param("vae_tiling", bool, False, "Decode in tiles (large images on small GPUs; off while seamless)."),
 )
 NORMAL_FORMAT = Param(

@@ -24,6 +24,8 @@ class Txt2ImgParams(TaskParams):
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    channels_last: str = "auto"
+    compile: bool = False
     attention_slicing: bool = False
     allow_pickle: bool = False
     loras: list[dict] = field(default_factory=list)
@@ -36,8 +38,10 @@ class Txt2ImgParams(TaskParams):
     height: int = 512
     batch_size: int = 1
     scheduler: str = "euler_a"
+    speed: str = "off"
     seamless: str = "none"
     preview_every: int = 0
+    preview_decoder: str = ""
     vae_tiling: bool = False
     pbr: bool = False
     normal_method: str = "classical"
@@ -120,6 +124,8 @@ class InpaintParams(TaskParams):
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    channels_last: str = "auto"
+    compile: bool = False
     attention_slicing: bool = False
     allow_pickle: bool = False
     loras: list[dict] = field(default_factory=list)
@@ -132,8 +138,10 @@ class InpaintParams(TaskParams):
     height: int = 512
     batch_size: int = 1
     scheduler: str = "euler_a"
+    speed: str = "off"
     seamless: str = "none"
     preview_every: int = 0
+    preview_decoder: str = ""
     vae_tiling: bool = False
     image: dict | None = None
     resize: str = "keep"
@@ -181,6 +189,8 @@ class MakeSeamlessParams(TaskParams):
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    channels_last: str = "auto"
+    compile: bool = False
     attention_slicing: bool = False
     allow_pickle: bool = False
     loras: list[dict] = field(default_factory=list)
@@ -193,8 +203,10 @@ class MakeSeamlessParams(TaskParams):
     height: int = 512
     batch_size: int = 1
     scheduler: str = "euler_a"
+    speed: str = "off"
     seamless: str = "xy"
     preview_every: int = 0
+    preview_decoder: str = ""
     vae_tiling: bool = False
     image: dict | None = None
     resize: str = "keep"
@@ -232,6 +244,8 @@ class Img2ImgParams(TaskParams):
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    channels_last: str = "auto"
+    compile: bool = False
     attention_slicing: bool = False
     allow_pickle: bool = False
     loras: list[dict] = field(default_factory=list)
@@ -244,8 +258,10 @@ class Img2ImgParams(TaskParams):
     height: int = 512
     batch_size: int = 1
     scheduler: str = "euler_a"
+    speed: str = "off"
     seamless: str = "none"
     preview_every: int = 0
+    preview_decoder: str = ""
     vae_tiling: bool = False
     image: dict | None = None
     resize: str = "fit"
@@ -281,6 +297,8 @@ class UpscaleParams(TaskParams):
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    channels_last: str = "auto"
+    compile: bool = False
     attention_slicing: bool = False
     allow_pickle: bool = False
     loras: list[dict] = field(default_factory=list)
@@ -297,8 +315,10 @@ class UpscaleParams(TaskParams):
     steps: int = 25
     guidance_scale: float = 7.5
     scheduler: str = "euler_a"
+    speed: str = "off"
     seamless: str = "none"
     preview_every: int = 0
+    preview_decoder: str = ""
     pbr: bool = False
     normal_method: str = "classical"
     height_method: str = "classical"
@@ -385,6 +405,8 @@ class TravelParams(TaskParams):
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    channels_last: str = "auto"
+    compile: bool = False
     attention_slicing: bool = False
     allow_pickle: bool = False
     loras: list[dict] = field(default_factory=list)
@@ -393,8 +415,10 @@ class TravelParams(TaskParams):
     width: int = 512
     height: int = 512
     scheduler: str = "euler_a"
+    speed: str = "off"
     seamless: str = "none"
     preview_every: int = 0
+    preview_decoder: str = ""
     vae_tiling: bool = False
     keyframes: list[dict] = field(default_factory=list)
     frames: int = 12
@@ -434,6 +458,8 @@ class ProjectParams(TaskParams):
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
+    channels_last: str = "auto"
+    compile: bool = False
     attention_slicing: bool = False
     allow_pickle: bool = False
     loras: list[dict] = field(default_factory=list)
@@ -445,7 +471,9 @@ class ProjectParams(TaskParams):
     width: int = 512
     height: int = 512
     scheduler: str = "euler_a"
+    speed: str = "off"
     preview_every: int = 0
+    preview_decoder: str = ""
     controlnet: str = ""
     controlnet_scale: float = 1.0
     control_start: float = 0.0

@@ -133,8 +133,13 @@ def product_files():
         yield from modules(package).values()
 
 
+# Written by a generator (typed_gen.py: one field per parameter per task) for editors, not read by people.
+GENERATED = {"sdtex_contract/typed.py"}
+
+
 def test_no_file_is_too_long():
-    lines = {str(p.relative_to(REPO)): len(p.read_text(encoding="utf-8").splitlines()) for p in product_files()}
+    files = [p for p in product_files() if str(p.relative_to(REPO)) not in GENERATED]
+    lines = {str(p.relative_to(REPO)): len(p.read_text(encoding="utf-8").splitlines()) for p in files}
     assert not {name: n for name, n in lines.items() if n > FILE_LINES_MAX}
 
 

@@ -145,6 +145,7 @@ def run_img2img(
             image=init_latents,
             strength=params.strength,
             **sampling(params),
+            speed=params.speed,
             generator=generators,
         )
     return PipelineOutput(images=list(images), seeds=seeds, timings=stages.timings)

@@ -304,6 +304,7 @@ def run_inpaint(
             mask_image=mask_image,
             strength=params.strength,
             **sampling(params),
+            speed=params.speed,
             height=canvas.image.height,
             width=canvas.image.width,
             generator=generators,

@@ -39,6 +39,7 @@ from backend.inputs import InputStore, open_array
 from backend.jobshell import JobProgress
 from backend.models import LoadedModel
 from backend.outputs import output_folder, run_stamp, sanitise_prefix, save_image_set, write_png
+from backend.preview_decoder import job_previewer
 from backend.registry import runs
 from backend.schedulers import make_scheduler
 from backend.steps import (
@@ -219,7 +220,9 @@ def generate_view(
         call["image"] = control
     else:
         call.update(image=source, mask_image=mask, control_image=control, strength=1.0)
-    latents = denoise(pipe, scheduler, on_step=on_step, should_cancel=should_cancel, **embeds, **call)
+    latents = denoise(
+        pipe, scheduler, on_step=on_step, should_cancel=should_cancel, speed=params.speed, **embeds, **call
+    )
     return decode_latents(pipe, latents)[0]
 
 
@@ -284,6 +287,7 @@ class _Painter:
         self.ctx, self.params, self.mesh, self.writer = ctx, params, scene.mesh, writer
         self.model, (self.text_pipe, self.inpaint_pipe), self.embeds = model, pipes, embeds
         self.bakes = [geometry.Bake.empty(texels) for texels in scene.texels]
+        self.previews = job_previewer(ctx, params, model.pipe, model.family.preview_factors, model.device)
 
     def _render(self, camera: geometry.Camera) -> tuple[geometry.Raster, torch.Tensor, PIL.Image.Image | None]:
         """(the view's raster, the pixels to paint, the render of what is painted so far: None for the first)."""
@@ -312,7 +316,7 @@ class _Painter:
             return record
 
         start = time.perf_counter()
-        progress = JobProgress(self.ctx, params.preview_every, self.model.family.preview_factors)
+        progress = JobProgress(self.ctx, params.preview_every, self.previews)
         mask = to_image(repaint.float())
         generated = generate_view(
             self.text_pipe if first else self.inpaint_pipe, params, depth.convert("RGB"), view_seed, self.embeds,

@@ -33,7 +33,7 @@ from backend.context import JobContext
 from backend.estimated_maps import check_estimators, map_names, map_sources
 from backend.jobshell import JobProgress
 from backend.outputs import PNG_ROLES, TEMP_PREFIX, _output_failed, job_maps, output_folder, sanitise_prefix, write_png
-from backend.previews import preview_event
+from backend.preview_decoder import job_previewer
 from backend.registry import runs
 from backend.schedulers import make_scheduler
 from backend.seamless import seamless
@@ -49,7 +49,6 @@ from backend.steps import (
 )
 from backend.travel import Frame, blend_embeddings, blend_noise, blended_step_noise, frame_plan
 from sdtex_contract.protocol import (
-    EVENT_PREVIEW,
     EVENT_PROGRESS,
     GENERATE_PARAMS,
     INVALID_PARAMS,
@@ -66,7 +65,7 @@ from sdtex_contract.protocol import (
 )
 
 # Settings that never change a frame's pixels: left out of the folder's digest, so changing them re-uses frames.
-NOT_IN_DIGEST = ("output_dir", "filename_prefix", "preview_every", "export", "fps", "allow_pickle")
+NOT_IN_DIGEST = ("output_dir", "filename_prefix", "preview_every", "preview_decoder", "export", "fps", "allow_pickle")
 DIGEST_LENGTH = 10
 # Per pixel, as backend.pbr writes them; metallic and the delit albedo come only from a model.
 MAP_BYTES = {"height": 2, "normal": 3, "roughness": 1, "ao": 1, "metallic": 1, "albedo": 3}
@@ -215,6 +214,7 @@ def render_latents(
             **embeds,
             latents=blend_noise(start.noise, end.noise, frame.t),
             **sampling(params),
+            speed=params.speed,
             height=params.height,
             width=params.width,
             generator=generators,
@@ -232,8 +232,7 @@ class FrameProgress(JobProgress):
         elapsed = time.perf_counter() - self.denoise_start
         event = ProgressEvent(step=step, total=total, elapsed=elapsed, image_index=self.frame, frames=self.frames)
         self.ctx.emit(EVENT_PROGRESS, asdict(event))
-        if self.preview_every and step % self.preview_every == 0:
-            self.ctx.emit(EVENT_PREVIEW, asdict(preview_event(step, latents, self.factors)))
+        self.preview(step, latents)
 
 
 # --- 3. files --------------------------------------------------------------------------------------------
@@ -367,7 +366,8 @@ def render_frames(ctx: JobContext, travel: TravelPlan, timings: dict[str, float]
     check_model_takes_plain_latents(pipe, "txt2img")
     check_size(pipe, travel.key_params[0])
     ctx.check_cancelled()
-    progress = FrameProgress(ctx, params.preview_every, model.family.preview_factors, frames=len(travel.frames))
+    previews = job_previewer(ctx, params, pipe, model.family.preview_factors, model.device)
+    progress = FrameProgress(ctx, params.preview_every, previews, frames=len(travel.frames))
     stages = Stages(progress.stage, timings)
 
     # Every keyframe's prompt encoded once, its noise drawn

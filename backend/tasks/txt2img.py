@@ -79,6 +79,7 @@ def run_txt2img(
             stages,
             **embeds,
             **sampling(params),
+            speed=params.speed,
             height=params.height,
             width=params.width,
             generator=generators,

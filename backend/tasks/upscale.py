@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from backend import tiles
 from backend.context import Cancelled, JobContext
+from backend.deepcache import deep_cache
 from backend.families import family_of, size_multiple
 from backend.images import tiling_axes, to_rgb
 from backend.inputs import open_image
@@ -228,7 +229,9 @@ def run_x4(
     # 4. Denoise: the pipeline's own loop to latents (it noises the small picture to noise_level itself)
     check_not_cancelled(should_cancel)
     with seamless([pipe.unet, pipe.vae], params.seamless):
-        with stages.timed("denoise", "denoising"), swapped_scheduler(pipe, scheduler):
+        with stages.timed("denoise", "denoising"), swapped_scheduler(pipe, scheduler), deep_cache(
+            pipe.unet, params.speed
+        ):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
@@ -335,6 +338,7 @@ class TileRepainter:
                     image=init_latents,
                     strength=params.strength,
                     **sampling(params),
+                    speed=params.speed,
                     generator=[self.generator],
                 )
             with stages.timed("decode"):

@@ -128,6 +128,21 @@ class SDTEX_OT_download_estimator(SDTexOperator, bpy.types.Operator):
         return download(hub[0])
 
 
+class SDTEX_OT_download_preview_decoder(SDTexOperator, bpy.types.Operator):
+    """Download the preview decoder (TAESD) set in Preferences, so step previews look like the result"""
+
+    bl_idname = "sdtex.download_preview_decoder"
+    bl_label = "Download Preview Decoder"
+    say_errors = True
+
+    @classmethod
+    def poll(cls, context):
+        return STATE.download_job() is None
+
+    def run(self, context, props: dict) -> str:
+        return download(session.preferences().preview_decoder.strip())
+
+
 class SDTEX_OT_show_message(bpy.types.Operator):
     """Show the whole message, as the backend wrote it"""
 
@@ -231,6 +246,7 @@ classes = (
     SDTEX_OT_pick_model,
     SDTEX_OT_download_model,
     SDTEX_OT_download_estimator,
+    SDTEX_OT_download_preview_decoder,
     SDTEX_OT_show_message,
     SDTEX_OT_open_preferences,
     SDTEX_OT_open_folder,

@@ -1,4 +1,5 @@
-"""The task operators of the main panel and the Image Editor: Generate, PBR Maps from Image, Run Image Task, Cancel.
+"""The task operators of the main panel and the Image Editor: Generate, Draft, PBR Maps from Image, Run Image Task,
+Cancel.
 
 Each reads the scene's settings into a JobRequest (plain values, checked before anything is sent); JobOperator
 queues it on the UI's job board, or in background mode (`blender -b`) runs it until the material is applied.
@@ -13,7 +14,7 @@ from bpy.props import BoolProperty, StringProperty
 
 from ..client import SDTexError
 from ..contract import protocol
-from . import status, tasks, ui_jobs
+from . import draft_jobs, status, tasks, ui_jobs
 from .operator_base import JobOperator, SDTexOperator
 from .own_message import OwnMessage
 from .properties import INT32_MAX
@@ -52,16 +53,12 @@ def scene_request(context, task: str, values: dict, apply: bool, inputs: dict | 
     return JobRequest(task, params, meshes, options, apply, given)
 
 
-class SDTEX_OT_generate(JobOperator, bpy.types.Operator):
-    """Generate a texture from the prompt and put it on the selected meshes"""
+class Generating(JobOperator):
+    """Generate and Draft: on while the backend and the model are ready; the scene's txt2img request."""
 
-    bl_idname = "sdtex.generate"
-    bl_label = "Generate"
     # No undo step and no redo panel of its own: the result arrives later and its apply is the one undo
     # step ("Apply SD texture"); a redo panel would re-run a whole generation.
     bl_options = set()
-
-    apply: BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
 
     @classmethod
     def poll(cls, context):
@@ -79,6 +76,34 @@ class SDTEX_OT_generate(JobOperator, bpy.types.Operator):
             "loras": generation_loras(context.scene),
         }
         return scene_request(context, "txt2img", values, props["apply"])
+
+
+class SDTEX_OT_generate(Generating, bpy.types.Operator):
+    """Generate a texture from the prompt and put it on the selected meshes"""
+
+    bl_idname = "sdtex.generate"
+    bl_label = "Generate"
+
+    apply: BoolProperty(name="Apply", description="Put the result on the selected meshes", default=True)
+
+
+class SDTEX_OT_draft(Generating, bpy.types.Operator):
+    """A few-step draft first (shown in the Image Editor, never applied), then the full generation with the same
+    seed and settings, put on the selected meshes. The preset: Advanced > Draft; its LoRA: Preferences"""
+
+    bl_idname = "sdtex.draft"
+    bl_label = "Draft"
+
+    apply: BoolProperty(name="Apply", description="Put the final result on the selected meshes", default=True)
+
+    def run(self, context, props: dict) -> str | None:
+        final = self.request(context, props)  # the seed is picked here, once, for both
+        preset = context.scene.sdtex.draft_preset
+        draft = draft_jobs.draft_request(final, preset, draft_jobs.preferences_lora(preset))
+        if bpy.app.background:
+            return ui_jobs.saved_message(draft_jobs.run_now(draft, final)[1])
+        draft_jobs.start(draft, final)
+        return None
 
 
 class SDTEX_OT_derive_pbr_maps(JobOperator, bpy.types.Operator):
@@ -137,4 +162,4 @@ class SDTEX_OT_cancel(SDTexOperator, bpy.types.Operator):
         ui_jobs.cancel_ui_jobs(props["request_id"])
 
 
-classes = (SDTEX_OT_generate, SDTEX_OT_derive_pbr_maps, SDTEX_OT_image_task, SDTEX_OT_cancel)
+classes = (SDTEX_OT_generate, SDTEX_OT_draft, SDTEX_OT_derive_pbr_maps, SDTEX_OT_image_task, SDTEX_OT_cancel)

@@ -88,6 +88,7 @@ class MainPanel(SidebarPanel):
         row = layout.row()
         row.scale_y = 1.5
         row.operator("sdtex.generate", icon="TEXTURE").apply = settings.apply
+        row.operator("sdtex.draft", icon="RENDER_RESULT").apply = settings.apply  # a few steps first, then Generate
         # Everything that comes and goes is below the button, so Generate never moves under the mouse.
         draw_jobs(layout)
         if STATE.message:
@@ -182,9 +183,11 @@ class AdvancedPanel(SidebarPanel):
         settings = context.scene.sdtex
         layout.label(text="Sampler")
         layout.prop(settings, "scheduler", text="")
+        layout.prop(settings, "speed")
         col = layout.column(align=True)
         col.prop(settings, "guidance_scale", text="Guidance")
         col.prop(settings, "batch_size", text="Images")
+        layout.prop(settings, "draft_preset")
         layout.operator("sdtex.open_preferences", text="Device and Memory…", icon="PREFERENCES")
 
 

@@ -6,6 +6,7 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from .. import installer, readiness
+from ..contract import drafts
 from ..history import ESTIMATOR_MODELS
 from .panels import draw_progress, message_lines
 from .properties import param_property
@@ -47,8 +48,11 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
     device: param_property("device")
     dtype: param_property("dtype", name="Precision")
     cpu_offload: param_property("cpu_offload", name="CPU Offload")
+    channels_last: param_property("channels_last", name="Channels Last")
+    compile: param_property("compile", name="Compile U-Net")
     attention_slicing: param_property("attention_slicing")
     vae_tiling: param_property("vae_tiling", name="VAE Tiling")
+    preview_decoder: param_property("preview_decoder", name="Preview Decoder", subtype="DIR_PATH")
     allow_pickle: param_property("allow_pickle", name="Allow Pickle Checkpoints")
     # The Marigold estimators of the "Model" map methods: hub ids (Download) or local diffusers folders.
     depth_model: param_property("depth_model", name="Depth (Height)", subtype="DIR_PATH")
@@ -61,6 +65,16 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
         description="Where images are written; // means beside the saved .blend",
         default="//textures/",
         subtype="DIR_PATH",
+    )
+    # The LoRAs of the Draft presets that need one (sdtex.draft): a .safetensors file, a folder or a hub id.
+    lcm_lora: StringProperty(
+        name="LCM-LoRA", subtype="FILE_PATH", description="; ".join(drafts.DRAFT_PRESETS["lcm"].lora_examples)
+    )
+    tcd_lora: StringProperty(
+        name="TCD LoRA", subtype="FILE_PATH", description="; ".join(drafts.DRAFT_PRESETS["tcd"].lora_examples)
+    )
+    hyper_lora: StringProperty(
+        name="Hyper-SD LoRA", subtype="FILE_PATH", description="; ".join(drafts.DRAFT_PRESETS["hyper"].lora_examples)
     )
     start_early: BoolProperty(
         name="Start Backend Early",
@@ -88,12 +102,21 @@ class SDTEX_AP_preferences(RemotePreferences, bpy.types.AddonPreferences):
         row.prop(self, "cpu_offload")
         row.prop(self, "attention_slicing")
         row.prop(self, "vae_tiling")
+        row = box.row()
+        row.prop(self, "channels_last")
+        row.prop(self, "compile")
+        box.prop(self, "preview_decoder")
         box.prop(self, "allow_pickle")
         if self.allow_pickle:
             box.label(
                 text="Pickle checkpoints (.ckpt/.pt/.bin) can run any code: load only files you trust", icon="ERROR"
             )
         draw_estimators(self, layout.box())
+        box = layout.box()
+        box.label(text="Draft LoRAs", icon="RENDER_RESULT")
+        column = box.column(align=True)
+        for name in ("lcm_lora", "tcd_lora", "hyper_lora"):
+            column.prop(self, name)
         layout.prop(self, "output_folder")
 
 

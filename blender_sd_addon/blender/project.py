@@ -67,7 +67,7 @@ class SDTEX_PG_project(bpy.types.PropertyGroup):
         """projecting.prepare_projection's arguments for these settings and the main panel's."""
         seed = None if scene_settings.random_seed else scene_settings.seed
         elevations = (self.elevation, -self.elevation) if self.both_sides else (self.elevation,)
-        main = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "scheduler", "pbr")
+        main = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "scheduler", "speed", "pbr")
         return dict(
             objects=objects,
             views=VIEW_SOURCES[self.views][2],

@@ -20,7 +20,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from ..contract import protocol
+from ..contract import drafts, protocol
 from ..history import ESTIMATOR_MODELS, IMAGE_TASKS, PBR_METHOD_SETTINGS, PBR_SETTINGS, HistoryRecord
 from ..history import SETTINGS as HISTORY_SETTINGS
 from . import materials
@@ -38,6 +38,9 @@ LABELS = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "unipc": "UniPC",
     "lcm": "LCM",
+    "tcd": "TCD",
+    "ddim_trailing": "DDIM Trailing",
+    "euler_a_trailing": "Euler Ancestral Trailing",
     "ddim": "DDIM",
     "ddpm": "DDPM",
     "pndm": "PNDM",
@@ -96,9 +99,10 @@ def param_property(param_name: str, task: str = "txt2img", **extra):
 # --- image tasks: one PropertyGroup per task, from its table -------------------------------------------
 
 # Parameters no image task control shows: the task, the preferences' model, device and memory options,
-# the image the Image Editor shows, where files go, the live preview and the preferences' estimator models.
+# the image the Image Editor shows, where files go, the live preview (and its decoder) and the preferences' estimator
+# models.
 UI_FILLED = (
-    frozenset(("task", "image", "vae_tiling", "preview_every", "output_dir", "filename_prefix"))
+    frozenset(("task", "image", "vae_tiling", "preview_every", "preview_decoder", "output_dir", "filename_prefix"))
     | {p.name for p in protocol.MODEL_PARAMS}
     | set(ESTIMATOR_MODELS)
 )
@@ -220,6 +224,7 @@ class SDTEX_PG_history_entry(bpy.types.PropertyGroup):
     width: IntProperty(name="Width")
     height: IntProperty(name="Height")
     scheduler: StringProperty(name="Scheduler")
+    speed: StringProperty(name="Speed", default="off")
     seamless: StringProperty(name="Seamless")
     pbr: BoolProperty(name="PBR Maps")
     normal_format: StringProperty(name="Normal Format", default="opengl")
@@ -247,7 +252,14 @@ class SDTEX_PG_scene(bpy.types.PropertyGroup):
     width: param_property("width")
     height: param_property("height")
     scheduler: param_property("scheduler")
+    speed: param_property("speed")
     batch_size: param_property("batch_size", name="Batch")
+    draft_preset: EnumProperty(
+        name="Draft",
+        description="What Draft runs before the final: a few-step preset (the LoRA ones take theirs from Preferences)",
+        items=[(name, preset.label, preset.help) for name, preset in drafts.DRAFT_PRESETS.items()],
+        default="steps",
+    )
     seamless: param_property("seamless")
     pbr: param_property("pbr", name="PBR Maps")
     normal_format: param_property("normal_format")

@@ -14,8 +14,9 @@ from ..remote import RemoteSettings
 
 ADDON_ID = __package__.rpartition(".")[0]  # the add-on's package: blender_sd_addon, or bl_ext.<repo>.blender_sd_addon
 # Preferences passed with every request (names match protocol parameters and the preference properties).
-BACKEND_SETTINGS = ("device", "dtype", "cpu_offload", "attention_slicing", "vae_tiling", "allow_pickle")
-LOAD_MODEL_SETTINGS = ("model", "device", "dtype", "cpu_offload", "attention_slicing", "allow_pickle")
+GPU_SETTINGS = ("cpu_offload", "channels_last", "compile", "attention_slicing")
+BACKEND_SETTINGS = ("device", "dtype", *GPU_SETTINGS, "vae_tiling", "allow_pickle")
+LOAD_MODEL_SETTINGS = ("model", "device", "dtype", *GPU_SETTINGS, "allow_pickle")
 
 _client: BackendClient | None = None
 _remote: RemoteSettings | None = None  # configure_remote()

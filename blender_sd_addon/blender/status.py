@@ -49,6 +49,7 @@ def check_readiness(context) -> readiness.Readiness:
         download_text=download.status_text if download else "",
         download_model=download.params.get("model", "") if download else "",
         estimators=tasks.estimator_facts(context.scene.sdtex, remote is not None) if context.scene.sdtex.pbr else (),
+        **tasks.preview_decoder_facts(remote is not None),
     )
     STATE.readiness = (now, readiness.check(facts))
     return STATE.readiness[1]

@@ -24,6 +24,7 @@ from .materials import ApplyOptions
 APPLY_KEYWORDS = tuple(f.name for f in dataclasses.fields(ApplyOptions) if f.name != "normal_directx")
 INPUT_KINDS = (protocol.ImageInput, protocol.ArrayInput)  # sent separately, once the rest is known to be good
 STAND_INS = {protocol.ImageInput: {"path": "/"}, protocol.ArrayInput: {"path": "/", "dtype": "float32", "shape": [1]}}
+PATH_SETTINGS = (*ESTIMATOR_MODELS, "preview_decoder")  # preferences naming a model by hub id or folder
 
 
 def mesh_objects(objects) -> list:
@@ -66,9 +67,10 @@ def task_params(task: str, settings: dict, model: str | None = None, output_dir:
     if unknown:
         raise SDTexError(f"{task} has no parameter {unknown[0]!r}; it takes {', '.join(sorted(known))}")
     prefs = session.preferences()
-    # The estimator models live in the preferences, like the generator's: sent with every task that makes maps.
-    names = (*session.BACKEND_SETTINGS, *ESTIMATOR_MODELS)
-    params = {name: estimator_path(getattr(prefs, name)) if name in ESTIMATOR_MODELS else getattr(prefs, name)
+    # The estimator models and the preview decoder live in the preferences, like the generator's: sent with every
+    # task that makes maps or previews.
+    names = (*session.BACKEND_SETTINGS, *PATH_SETTINGS)
+    params = {name: estimator_path(getattr(prefs, name)) if name in PATH_SETTINGS else getattr(prefs, name)
               for name in names if name in known} | settings  # fmt: skip
     if "model" in known:
         params["model"] = bpy.path.abspath(model or settings.get("model") or prefs.model)
@@ -84,9 +86,17 @@ def task_params(task: str, settings: dict, model: str | None = None, output_dir:
 
 
 def estimator_path(model: str) -> str:
-    """An estimator model setting as sent: a hub id as it is, a folder made absolute (// = beside the .blend)."""
+    """An estimator model (or preview decoder) setting as sent: a hub id as it is, a folder made absolute (// =
+    beside the .blend)."""
     model = model.strip()
     return model if protocol.HUB_ID.match(model) else bpy.path.abspath(model)
+
+
+def preview_decoder_facts(remote: bool) -> dict:
+    """readiness.Facts' preview decoder fields: the setting as sent and its local_status ("remote": the server's)."""
+    model = estimator_path(session.preferences().preview_decoder)
+    state = "remote" if remote else model_catalog.local_status(model) if model else ""
+    return {"preview_decoder": model, "preview_decoder_state": state}
 
 
 def estimator_facts(settings, remote: bool) -> tuple[tuple[str, str, str], ...]:

@@ -245,6 +245,26 @@ def test_remote_mode_hides_the_local_backends_section(scene):
     assert "remote_address" in drawn_props("REMOTE") and "model" in drawn_props("REMOTE")
 
 
+def test_the_gpu_options_are_preferences_sent_with_every_request(scene):
+    from blender_sd_addon.blender import preferences
+
+    prefs = session.preferences()
+    for name in ("channels_last", "compile"):
+        assert getattr(prefs, name) == protocol.param(name, "txt2img").default
+    layout = Recorder()
+    values = {name: getattr(prefs, name) for name in prefs.bl_rna.properties.keys()}
+    proxy = SimpleNamespace(**values | {"layout": layout, "backend_mode": "LOCAL"})
+    preferences.SDTEX_AP_preferences.draw(proxy, SimpleNamespace(scene=scene, region=SimpleNamespace(width=600)))
+    assert {"channels_last", "compile"} <= {name for kind, name, _ in layout.drawn if kind == "prop"}
+    prefs.channels_last, prefs.compile = "on", True
+    try:
+        sent = session.load_model_params()
+        assert (sent["channels_last"], sent["compile"]) == ("on", True)
+        assert {"channels_last", "compile"} <= set(session.BACKEND_SETTINGS)
+    finally:
+        prefs.channels_last, prefs.compile = "auto", False
+
+
 def test_an_empty_controlnet_field_says_which_one_it_uses(scene):
     from blender_sd_addon.blender import project
 
