@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from backend import loras, single_file
+from backend import loras, single_file, vae_tiles
 from backend.families import FAMILIES, Family, family_of, family_of_class_name
 from backend.memory_plan import plan_memory
 from sdtex_contract.protocol import (
@@ -355,12 +355,12 @@ def configure(model: LoadedModel, params: GenerateParams) -> None:
         else:
             pipe.disable_attention_slicing()
         model.attention_slicing = params.attention_slicing
-    # Tiles would each wrap on their own and break seamless textures, so tiling waits for seamless "none".
+    # Decoding tiles exactly (backend/vae_tiles.py) keeps seamless; diffusers' tiles, each wrapping on its own,
+    # would not, so they serve only the encoder (large img2img inputs) and only while seamless is "none".
+    vae_tiles.set_tiled(pipe.vae, params.vae_tiling)
     if params.vae_tiling and params.seamless == "none":
         pipe.vae.enable_tiling()
     else:
-        if params.vae_tiling:
-            log.info("vae_tiling is ignored while seamless=%s", params.seamless)
         pipe.vae.disable_tiling()
 
 

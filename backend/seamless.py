@@ -53,6 +53,7 @@ def _padded_conv_forward(conv: nn.Conv2d, wrap_x: bool, wrap_y: bool):
         return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
 
     conv_forward.sdtex_seamless = True  # marks a patched conv, to refuse nesting
+    conv_forward.sdtex_wrap = (wrap_x, wrap_y)  # read by the exact tiled decode (backend/vae_tiles.py)
     return conv_forward
 
 
@@ -86,6 +87,11 @@ def _padded_downsample_forward(layer: Downsample2D, wrap_x: bool, wrap_y: bool):
     return forward
 
 
+def wrap_of(conv: nn.Conv2d) -> tuple[bool, bool]:
+    """(wrap_x, wrap_y) of a conv inside seamless(): the axes it pads circularly now; (False, False) outside."""
+    return getattr(conv.__dict__.get("_conv_forward"), "sdtex_wrap", (False, False))
+
+
 @contextlib.contextmanager
 def seamless(modules: Iterable[nn.Module], axes: str) -> Iterator[None]:
     """Inside the block every nn.Conv2d in `modules` pads circularly on `axes` ("none","x","y","xy")
@@ -94,7 +100,8 @@ def seamless(modules: Iterable[nn.Module], axes: str) -> Iterator[None]:
     serves tiled and untiled requests in any order, also after an exception).
 
     Nesting is refused (RuntimeError) rather than stacking patches. Calling with axes="none" is a no-op.
-    Turn VAE tiling off while this is on: each tile would wrap on its own.
+    Turn diffusers' VAE tiling off while this is on (each of its tiles would wrap on its own); backend.vae_tiles
+    decodes in tiles exactly, seamless included.
     """
     wrap_x, wrap_y = wrap_axes(axes)
     if not (wrap_x or wrap_y):

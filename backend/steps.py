@@ -19,6 +19,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from backend import vae_tiles
 from backend.context import Cancelled
 from backend.deepcache import deep_cache
 from backend.families import family_of, size_multiple
@@ -248,7 +249,7 @@ def decode_latents(
     else:
         latents = latents / vae.config.scaling_factor
     try:
-        image = vae.decode(latents, return_dict=False)[0]
+        image = vae_tiles.decode(vae, latents)  # in tiles, exactly, when vae_tiling is on
     finally:
         if upcast:  # also after an out-of-memory error: the warm model must stay as loaded
             vae.to(dtype=torch.float16)

@@ -69,7 +69,7 @@ FINISHED_KEPT = 200  # finished jobs remembered for `jobs`/`job`; older ones are
 EXIT_GRACE = 3.0  # seconds a cancelled job gets to stop after the client went away, then the worker exits
 OOM_ADVICE = (
     "out of memory: try a smaller width/height, batch_size 1, cpu_offload (CUDA), attention_slicing "
-    "or vae_tiling (not while seamless)"
+    "or vae_tiling"
 )
 
 

@@ -33,6 +33,7 @@ from benchmarks import (
     speed,
     train,
     travel,
+    vae_tiles,
 )
 from benchmarks.common import CACHE, REPO, RESULTS, RUNS_FACTOR, Scenarios
 
@@ -59,6 +60,7 @@ MEASUREMENTS = {
     "estimate_sd2": (estimate, "sd2"),
     "preview_sd15": (previews, "sd15"),
     "deepcache_sd15": (deepcache, "sd15"),
+    "vae_tiles_sd15": (vae_tiles, "sd15"),
 }
 QUICK = ("warm_tiny", "cold_tiny", "footprint", "img2img_tiny")
 COLUMNS = ("bare", "backend", "addon", "ratio")

@@ -124,7 +124,7 @@ SAMPLING_PARAMS: tuple[Param, ...] = (
         "madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL); empty, or not on disk: the approximation.",
         max_length=PATH_MAX, path=READS_OR_HUB,
     ),  # fmt: skip
-    Param("vae_tiling", bool, False, "Decode in tiles (large images on small GPUs; off while seamless)."),
+    Param("vae_tiling", bool, False, "Decode in tiles, exactly and seamless too (2K/4K textures on small GPUs)."),
 )
 NORMAL_FORMAT = Param(
     "normal_format", str, "opengl", "Normal map convention (opengl = green up).", choices=NORMAL_FORMATS

@@ -119,9 +119,10 @@ def test_manager_keeps_one_model_warm(tiny_model_dir, tmp_path):
 def test_per_request_options(tiny_model_dir):
     manager = ModelManager()
     model, _ = manager.get(params_for(tiny_model_dir, vae_tiling=True))
-    assert model.pipe.vae.use_tiling
+    assert model.pipe.vae.use_tiling and model.pipe.vae.sdtex_tiled_decode
     manager.get(params_for(tiny_model_dir, vae_tiling=True, seamless="xy"))
-    assert not model.pipe.vae.use_tiling  # tiles would wrap one by one
+    # The exact tiled decode stays on; diffusers' encoder tiles would wrap one by one
+    assert not model.pipe.vae.use_tiling and model.pipe.vae.sdtex_tiled_decode
 
     def sliced() -> bool:
         return any("Sliced" in type(p).__name__ for p in model.pipe.unet.attn_processors.values())
@@ -133,6 +134,7 @@ def test_per_request_options(tiny_model_dir):
     assert sliced()
     manager.get(params_for(tiny_model_dir))
     assert not sliced() and not model.attention_slicing
+    assert not model.pipe.vae.sdtex_tiled_decode
     if not torch.cuda.is_available():
         assert code_of(lambda: manager.get(params_for(tiny_model_dir, cpu_offload=True))) == protocol.INVALID_PARAMS
 

@@ -149,8 +149,12 @@ def test_each_image_of_a_batch_can_be_redone_alone(pipes, tiny_model_dir):
     batch = run_txt2img(ours, params(tiny_model_dir, seed=500, batch_size=3))
     assert batch.seeds == [500, 501, 502]
     alone = run_txt2img(ours, params(tiny_model_dir, seed=502))
-    assert np.array_equal(np.asarray(batch.images[2]), np.asarray(alone.images[0]))
-    assert not np.array_equal(np.asarray(batch.images[0]), np.asarray(batch.images[1]))
+    redone, first, second = (np.asarray(image).astype(int) for image in (alone.images[0], *batch.images[:2]))
+    # Same noise, same maths; only the CPU's matmul kernels may differ by batch size (seen: one channel of
+    # one pixel in 12 288 off by one level on a Xeon), so exact up to a rounding step of the 8-bit picture.
+    difference = np.abs(redone - np.asarray(batch.images[2]).astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    assert np.abs(first - second).mean() > 10  # other seeds: other pictures
 
 
 def test_cancel_stops_before_decoding(pipes, tiny_model_dir):
