@@ -39,7 +39,7 @@ class Variant:
     dtype: str = "fp16"
     channels_last: bool = False
     speed: str = "off"
-    vae_tiling: bool = False  # at the native size diffusers does not tile (its tile is sample_size): the switch's cost
+    vae_tiling: bool = False  # our exact tiled decode (backend/vae_tiles.py), 256 px tiles: its cost at this size
     compile: bool = False
 
 
@@ -148,6 +148,7 @@ def run_variant(pipe, variant: Variant, model: str, steps: int, size: int, devic
     import numpy as np
     import torch
 
+    from backend import vae_tiles
     from backend.models import LoadedModel, ModelKey, ModelSource, configure, place
 
     # 1. Options on: ours through the worker's own placement and per-request configuration
@@ -174,6 +175,7 @@ def run_variant(pipe, variant: Variant, model: str, steps: int, size: int, devic
         pipe.unet.to(memory_format=torch.contiguous_format)
     if variant.vae_tiling:
         pipe.vae.disable_tiling()
+        vae_tiles.set_tiled(pipe.vae, False)
     return {
         **asdict(variant),
         "it_per_s": round(float(np.median(rates)), 3),
