@@ -1,6 +1,6 @@
 """Step previews of the first image of a batch: the latent approximation (a linear 4 -> 3 projection, no VAE:
 microseconds; the factors are per family, backend.families: Family.preview_factors), or a tiny autoencoder's
-decode (TAESD, backend.preview_decoder) when one is set and on disk.
+decode (TAESD, backend.preview_decoder) when one is set and on disk, at half the picture's side (POOL).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 
 from backend.families import Factors
@@ -34,9 +35,18 @@ def decode_to_rgb(decoder: AutoencoderTiny, latents: torch.Tensor) -> torch.Tens
     return (image.permute(1, 2, 0).float() * 255).round().to(torch.uint8).cpu()
 
 
-# Decoded previews may take at most this share of the job's time since its previews were set up: one TAESD decode
-# is 7-18 % of an SD-1.5 CFG step on a CPU (benchmarks/previews.py), so there some previews are skipped.
+# A decoded preview is made from the latents averaged over POOL x POOL: half the picture's side and a quarter of the
+# decode's arithmetic. At full size one TAESD decode is 9-10 % of an SD-1.5 CFG step's FLOPs, at half size under 3 %
+# (benchmarks/previews.py). The viewport scales it up; it still has 4x the approximation's resolution.
+POOL = 2
+# Decoded previews may take at most this share of the job's time since its previews were set up: where a decode is
+# slow for its step anyway (a CPU under load) some previews are skipped.
 DECODE_BUDGET = 0.05
+
+
+def pooled(latents: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) latents averaged over POOL x POOL cells (the last row or column alone where h or w is odd)."""
+    return F.avg_pool2d(latents[None], POOL, ceil_mode=True)[0]
 
 
 @dataclass
@@ -63,7 +73,7 @@ class Previewer:
         """A preview of the first image of a batch of latents (B, C, h, w)."""
         if self.decoder is not None:
             begun = time.perf_counter()
-            rgb = decode_to_rgb(self.decoder, latents[0])
+            rgb = decode_to_rgb(self.decoder, pooled(latents[0]))
             self.decoding += time.perf_counter() - begun
         else:
             rgb = latents_to_rgb(latents[0], self.factors)

@@ -4,10 +4,9 @@ One process loads the SD-1.5 U-Net (benchmarks/common.py model_dir("sd15")) and 
 size (backend/configs/taesd/config.json, seeded random weights: the time does not depend on the values), and at
 256 and 512 px takes turns, after one warm-up each: one U-Net step on a CFG batch (2 latents, 77 prompt tokens),
 one TAESD preview and one latent-approximation preview, each through backend.previews.Previewer.event as a job
-sends it (decode of the first image, uint8, base64). The result is the median per side and the preview's share of
-the step (target <= 5 %). For comparison, the same TAESD in channels_last memory format (faster convolutions on
-the CPU, but not bit-identical to diffusers' decode, so the backend does not use it): its time and whether its
-pixels equal the plain decode's.
+sends it (the first image, TAESD at half the side, backend.previews.POOL; uint8, base64). The result is the median
+per side and the preview's share of the step (target <= 5 %). For comparison, a full-size TAESD decode of the same
+latents (what a preview cost before previews were pooled; not sent).
 
 `python -m benchmarks.previews [--sizes 256 512] [--repeats 5] [--out FILE]`.
 """
@@ -15,7 +14,6 @@ pixels equal the plain decode's.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import subprocess
@@ -46,8 +44,8 @@ def measure(scenarios, architecture: str) -> dict:
             {"metric": f"{size} px CFG U-Net step, median ms", "backend": row["step_ms"]},
             {"metric": "  TAESD preview ms; share of step", "backend": row["taesd_ms"], "ratio": row["taesd_share"]},
             {"metric": "  approximation ms; share", "backend": row["approx_ms"], "ratio": row["approx_share"]},
-            {"metric": f"  TAESD channels_last ms; share (equal: {row['channels_last_equal']})",
-             "backend": row["channels_last_ms"], "ratio": row["channels_last_share"]},
+            {"metric": "  full-size TAESD decode ms; share (not sent)", "backend": row["full_ms"],
+             "ratio": row["full_share"]},
         ]  # fmt: skip
     return result
 
@@ -78,18 +76,17 @@ def time_size(unet, decoder, size: int, repeats: int) -> dict:
     import torch
 
     from backend.families import SD
-    from backend.previews import Previewer
+    from backend.previews import Previewer, decode_to_rgb
 
     generator = torch.Generator().manual_seed(size)
     latents = torch.randn((2, 4, size // 8, size // 8), generator=generator)
     prompt = torch.randn((2, 77, unet.config.cross_attention_dim), generator=generator)
     taesd, approx = Previewer(SD.preview_factors, decoder, "taesd"), Previewer(SD.preview_factors)
-    channels_last = Previewer(SD.preview_factors, copy.deepcopy(decoder).to(memory_format=torch.channels_last), "cl")
     sides = {
         "step": lambda: unet(latents, 500, encoder_hidden_states=prompt, return_dict=False),
         "taesd": lambda: taesd.event(1, latents),
         "approx": lambda: approx.event(1, latents),
-        "taesd_channels_last": lambda: channels_last.event(1, latents),
+        "full": lambda: decode_to_rgb(decoder, latents[0]),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     with torch.no_grad():
@@ -101,16 +98,16 @@ def time_size(unet, decoder, size: int, repeats: int) -> dict:
                     times[name].append(time.perf_counter() - start)
             print(f"{size} px round {round_}/{repeats}", file=sys.stderr, flush=True)
     ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
+    sent = taesd.event(1, latents)
     return {
         "step_ms": round(ms["step"], 2),
         "taesd_ms": round(ms["taesd"], 2),
         "approx_ms": round(ms["approx"], 3),
         "taesd_share": round(ms["taesd"] / ms["step"], 4),
         "approx_share": round(ms["approx"] / ms["step"], 6),
-        "channels_last_ms": round(ms["taesd_channels_last"], 2),
-        "channels_last_share": round(ms["taesd_channels_last"] / ms["step"], 4),
-        "channels_last_equal": taesd.event(1, latents).rgb == channels_last.event(1, latents).rgb,
-        "preview_size": [size, size],
+        "full_ms": round(ms["full"], 2),
+        "full_share": round(ms["full"] / ms["step"], 4),
+        "preview_size": [sent.width, sent.height],
         "samples_ms": {name: [round(1000 * t, 2) for t in values] for name, values in times.items()},
     }
 
@@ -132,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     for size, row in by_size.items():
         print(f"{size} px: CFG U-Net step {row['step_ms']:.0f} ms, TAESD preview {row['taesd_ms']:.1f} ms "
-              f"({100 * row['taesd_share']:.2f} %), approximation {row['approx_ms']:.2f} ms")  # fmt: skip
+              f"({100 * row['taesd_share']:.2f} %; full size {100 * row['full_share']:.2f} %), "
+              f"approximation {row['approx_ms']:.2f} ms")  # fmt: skip
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2))
 

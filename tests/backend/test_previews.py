@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backend.families import FAMILIES, SD
-from backend.previews import latents_to_rgb, preview_event
+from backend.previews import latents_to_rgb, pooled, preview_event
 
 
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
@@ -30,3 +30,12 @@ def test_preview_event_keeps_orientation_and_size():
     assert (event.step, event.width, event.height) == (7, 5, 3)
     rgb = np.frombuffer(base64.b64decode(event.rgb), dtype=np.uint8).reshape(event.height, event.width, 3)
     assert (rgb[0] > rgb[1]).all() and (rgb[1] == 127).all()
+
+
+def test_decoded_previews_average_two_by_two_cells_and_odd_edges_alone():
+    latents = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5)
+    half = pooled(latents)
+    assert half.shape == (2, 2, 3)
+    assert half[1, 0, 0] == latents[1, :2, :2].mean()  # a whole cell
+    assert half[0, 0, 2] == latents[0, :2, 4].mean()  # the odd last column: its own 2 values
+    assert half[0, 1, 2] == latents[0, 2, 4]  # the odd corner: one value
