@@ -266,8 +266,10 @@ def project_texture(
     object showing it.
 
     views: "ORBIT" (views_per_ring views on a ring at each of `elevations`, degrees, round the objects'
-    bounding sphere, `fov` degrees wide), "CAMERA" (the scene camera), camera objects, or a list of these,
-    run in that order. controlnet: a depth ControlNet for the model (hub id, folder or .safetensors).
+    bounding sphere, `fov` degrees wide), "COVERAGE" (up to 16 views of the same framing chosen from 128 spread
+    over a sphere, each the one that newly sees the most surface, squarely, until 99 % of what any of them sees is
+    seen; ProjectedTexture.views_note says how many and how much), "CAMERA" (the scene camera), camera objects, or
+    a list of these, run in that order. controlnet: a depth ControlNet for the model (hub id, folder or .safetensors).
     occlude: the other visible meshes hide what they cover. uv_map: "ACTIVE" bakes into each object's active
     UV map (an object without one gets a Smart UV Project map), "NEW" always makes a fresh one. material: its
     slot and pack are used (or the keywords slot, pack); each object gets its own material. Problems raise

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import bmesh
 import bpy
 
-from .. import projection
+from .. import coverage, projection
+from . import coverage_views
 
 UV_MAP_NAME = "SD Projection"  # the UV map made for objects without one (or when asked for a fresh one)
 UV_MAPS = ("ACTIVE", "NEW")  # use the active UV map (unwrap when there is none), or always a fresh unwrap
@@ -37,6 +38,7 @@ class Geometry:
     uvs: array = field(default_factory=lambda: array("f"))  # 6 floats per triangle
     object_index: array = field(default_factory=lambda: array("i"))  # per triangle; -1 for occluders
     warnings: list[str] = field(default_factory=list)
+    views_note: str = ""  # how views chosen by coverage did (coverage.describe)
 
     @property
     def count(self) -> int:
@@ -231,7 +233,8 @@ def views_for(
     items, scene, geometry: Geometry, width: int, height: int, *, per_ring: int, elevations, fov: float, context=None
 ) -> list[tuple[list, list]]:
     """The (view, projection) pairs of `items`, in order: "ORBIT" (rings round the objects' bounding
-    sphere), "CAMERA" (the scene camera), "VIEWPORT" (the 3D view of `context`) or a camera object."""
+    sphere), "COVERAGE" (views chosen to cover the objects, geometry.views_note says how well), "CAMERA" (the
+    scene camera), "VIEWPORT" (the 3D view of `context`) or a camera object."""
     views = []
     for item in items:
         if item == "ORBIT":
@@ -239,6 +242,15 @@ def views_for(
             views += projection.orbit_views(
                 centre, radius, per_ring=per_ring, elevations=elevations, fov=math.radians(fov), aspect=width / height
             )
+        elif item == "COVERAGE":
+            centre, radius = bounding_sphere(geometry)
+            chosen, choice = coverage_views.coverage_views(
+                geometry.triangles, geometry.object_index, centre, radius, width / height, fov=fov
+            )
+            if not chosen:
+                raise GeometryError("Cover Selection: no view round the objects sees them (are they inside another?)")
+            views += chosen
+            geometry.views_note = coverage.describe(choice)
         elif item == "CAMERA":
             views.append(scene_camera(scene, width, height))
         elif item == "VIEWPORT":
@@ -249,7 +261,9 @@ def views_for(
         elif getattr(item, "type", None) == "CAMERA":
             views.append(scene_camera(scene, width, height, camera=item))
         else:
-            raise GeometryError(f"views must hold 'ORBIT', 'CAMERA', 'VIEWPORT' or camera objects; got {item!r}")
+            raise GeometryError(
+                f"views must hold 'ORBIT', 'COVERAGE', 'CAMERA', 'VIEWPORT' or camera objects; got {item!r}"
+            )
     if not views:
         raise GeometryError("No views: give at least one camera, or orbit views")
     return views

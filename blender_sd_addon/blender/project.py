@@ -24,6 +24,7 @@ from .ui_state import STATE, Target
 TASK = "project"
 VIEW_SOURCES = {
     "ORBIT": ("Orbit", "Views on rings round the selection", ("ORBIT",)),
+    "COVERAGE": ("Cover Selection", "Views chosen to see as much of the selection as few views can", ("COVERAGE",)),
     "CAMERA": ("Camera", "The scene camera", ("CAMERA",)),
     "CAMERA_ORBIT": ("Camera + Orbit", "The scene camera first, then orbit views", ("CAMERA", "ORBIT")),
     "VIEWPORT": ("Viewport", "This 3D view", ("VIEWPORT",)),
@@ -118,8 +119,9 @@ def _finish(job: Job, request: ProjectionRequest, slot: str) -> str:
 def summary(done: ProjectedTexture) -> str:
     covered = ", ".join(f"{name} {share:.0%}" for name, share in done.coverage.items())
     count = len(done.images)
+    notes = [done.views_note] * bool(done.views_note) + done.warnings
     return f"Baked {count} texture{'' if count == 1 else 's'}; views saw {covered}" + (
-        f" ({'; '.join(done.warnings)})" if done.warnings else ""
+        f" ({'; '.join(notes)})" if notes else ""
     )
 
 
@@ -214,6 +216,8 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
             col.prop(settings, "elevation")
             col.prop(settings, "both_sides")
             col.prop(settings, "fov")
+        elif settings.views == "COVERAGE":
+            layout.prop(settings, "fov")
         col = layout.column(align=True)
         col.prop(settings, "texture_size")
         col.prop(settings, "margin")

@@ -43,6 +43,7 @@ class ProjectedTexture:
     warnings: list[str]  # e.g. overlapping UV islands (allow_uv_overlap), objects no view saw (not applied)
     files: list[str]  # every file written: textures, maps, and each view's image, mask, depth and normals
     result: protocol.ProjectResult
+    views_note: str = ""  # how views chosen by coverage did ("COVERAGE")
 
 
 @dataclass
@@ -142,6 +143,7 @@ def finish_projection(
         warnings=[request.named(w) for w in result.warnings],
         files=written_files(result) + views_files,
         result=result,
+        views_note=found.views_note,
     )
 
 

@@ -239,3 +239,15 @@ def test_the_progress_bar_counts_the_views_done():
     assert project.progress(job("view 1/8", 25, 25)) == (1 / 8, "View 1/8 · step 25/25")  # not "100 % · View 1/8"
     assert project.progress(job("view 4/8", 5, 10)) == (3.5 / 8, "View 4/8 · step 5/10")
     assert project.progress(job("saving", 10, 10)) == (1.0, "Saving…")
+
+
+def test_cover_selection_paints_from_the_chosen_views_and_says_how_many(scene, controlnet):
+    from blender_sd_addon.blender import project
+
+    add("torus", "Ring")
+    settings = scene.sdtex_project
+    settings.controlnet, settings.texture_size, settings.views = controlnet, 64, "COVERAGE"
+    assert bpy.ops.sdtex.project() == {"FINISHED"}
+    (count,) = re.findall(r"Cover Selection: (\d+) views saw 100% of the surface", project.Running.message)
+    assert 2 <= int(count) < 6  # orbit rings need 6 for a torus (test_coverage_bpy.py)
+    assert bpy.data.objects["Ring"].active_material is not None
