@@ -349,15 +349,19 @@ class Bake:
         zeros = torch.zeros(k, dtype=texels.positions.dtype)
         return cls(texels, torch.zeros(k, channels, dtype=zeros.dtype), zeros, zeros.clone())
 
-    def add(self, image: torch.Tensor, camera: Camera, raster: Raster, mask: torch.Tensor | None = None) -> None:
-        """Blend in a view's image [H, W, C] by facing weight, times `mask` [H, W] (0..1: how much of each
-        pixel is new; None: all of it)."""
-        seen, x, y, weight = project(self.texels, camera, raster)
+    def add(
+        self, image: torch.Tensor, camera: Camera, raster: Raster, mask: torch.Tensor | None = None,
+        exponent: float = 1.0,
+    ) -> None:  # fmt: skip
+        """Blend in a view's image [H, W, C] by facing weight (the cosine to the power `exponent`), times `mask`
+        [H, W] (0..1: how much of each pixel is new; None: all of it)."""
+        seen, x, y, facing = project(self.texels, camera, raster)
         if mask is not None:
-            weight = weight * sample(mask[..., None], x, y)[:, 0]
+            facing = facing * sample(mask[..., None], x, y)[:, 0]
+        weight = facing if exponent == 1 else facing**exponent
         self.color.index_add_(0, seen, weight[:, None] * sample(image, x, y))
         self.weight.index_add_(0, seen, weight)
-        self.facing[seen] = torch.maximum(self.facing[seen], weight)
+        self.facing[seen] = torch.maximum(self.facing[seen], facing)
 
     @property
     def seen(self) -> torch.Tensor:

@@ -261,9 +261,11 @@ def project_texture(
     material: ApplyOptions | None = None, model: str | None = None, output_dir: str | None = None,
     timeout: float | None = None, **settings,
 ) -> ProjectedTexture:  # fmt: skip
-    """Texture the mesh `objects` themselves: views generated one after another with depth guidance (a depth
-    ControlNet), projected back and baked into each object's UV texture, then (apply=True) one material per
-    object showing it.
+    """Texture the mesh `objects` themselves: views generated with depth guidance (a depth ControlNet),
+    projected back and baked into each object's UV texture, then (apply=True) one material per object showing
+    it. mode="sequential" (the default) paints the views one after another, each inpainting what is left;
+    mode="synchronized" denoises all views together through one shared latent texture for the first
+    `sync_until` (0.8) of the steps, so the views agree where they overlap (no seams from view to view).
 
     views: "ORBIT" (views_per_ring views on a ring at each of `elevations`, degrees, round the objects'
     bounding sphere, `fov` degrees wide), "COVERAGE" (up to 16 views of the same framing chosen from 128 spread

@@ -29,6 +29,7 @@ SCHEDULERS = (
 )
 SEAMLESS_AXES = ("none", "x", "y", "xy")
 SPEEDS = ("off", "fast", "faster")  # cached U-Net steps (backend/deepcache.py)
+PROJECT_MODES = ("sequential", "synchronized")  # views in turn, or denoised together (backend/view_sync.py)
 SEAMLESS_INPUT_AXES = (*SEAMLESS_AXES, "auto")  # tasks with an input image: "auto" = the axes it already tiles on
 RESIZE_MODES = ("fit", "fill", "stretch", "keep")
 DEVICES = ("auto", "cuda", "mps", "cpu")

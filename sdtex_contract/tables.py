@@ -8,6 +8,7 @@ from .params import (
     LORAS_MAX,
     NORMAL_FORMATS,
     PATH_MAX,
+    PROJECT_MODES,
     READS,
     READS_OR_HUB,
     RESIZE_MODES,
@@ -458,6 +459,19 @@ PROJECT_PARAMS: tuple[Param, ...] = (
         "float32 [views, 2, 4, 4]: per view, world to camera (Blender's camera, looking down -Z) and the OpenGL "
         "projection.",
         required=True,
+    ),
+    Param(
+        "mode", str, "sequential",
+        "sequential: each view in turn inpaints what the earlier ones left. synchronized: all views denoised "
+        "together through one shared texture, so they agree (no seams between views; samplers that add noise "
+        "per step run as their deterministic twin).",
+        choices=PROJECT_MODES,
+    ),
+    Param(
+        "sync_until", float, 0.8,
+        "Synchronized mode: fraction of the steps the views share one texture; the rest refine each view "
+        "alone (0: views independent).",
+        Range(0.0, 1.0),
     ),
     Param("texture_size", int, 1024, "Size of each object's baked texture in pixels (square).", Range(64, 4096, 8)),
     Param("margin", int, 8, "Texels painted around each UV island, so filtering shows no seams.", Range(0, 64)),

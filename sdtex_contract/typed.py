@@ -482,6 +482,8 @@ class ProjectParams(TaskParams):
     uvs: dict | None = None
     object_index: dict | None = None
     cameras: dict | None = None
+    mode: str = "sequential"
+    sync_until: float = 0.8
     texture_size: int = 1024
     margin: int = 8
     refine_below: float = 0.3

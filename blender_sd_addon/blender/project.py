@@ -30,12 +30,14 @@ VIEW_SOURCES = {
     "VIEWPORT": ("Viewport", "This 3D view", ("VIEWPORT",)),
 }
 SETTINGS = (
-    "controlnet", "controlnet_scale", "texture_size", "margin", "refine_below", "mask_blur", "allow_uv_overlap",
-    "apply_unseen",
+    "mode", "sync_until", "controlnet", "controlnet_scale", "texture_size", "margin", "refine_below", "mask_blur",
+    "allow_uv_overlap", "apply_unseen",
 )  # fmt: skip
 
 
 class SDTEX_PG_project(bpy.types.PropertyGroup):
+    mode: param_property("mode", TASK)
+    sync_until: param_property("sync_until", TASK, name="Sync Until")
     controlnet: param_property("controlnet", TASK, name="ControlNet")
     controlnet_scale: param_property("controlnet_scale", TASK, name="Depth Strength")
     texture_size: param_property("texture_size", TASK)
@@ -218,10 +220,11 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
             col.prop(settings, "fov")
         elif settings.views == "COVERAGE":
             layout.prop(settings, "fov")
+        layout.prop(settings, "mode", expand=True)
         col = layout.column(align=True)
         col.prop(settings, "texture_size")
         col.prop(settings, "margin")
-        col.prop(settings, "refine_below")
+        col.prop(settings, "sync_until" if settings.mode == "synchronized" else "refine_below")
         col.prop(settings, "controlnet_scale")
         layout.prop(settings, "uv_map")
         row = layout.row()

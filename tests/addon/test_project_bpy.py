@@ -251,3 +251,16 @@ def test_cover_selection_paints_from_the_chosen_views_and_says_how_many(scene, c
     (count,) = re.findall(r"Cover Selection: (\d+) views saw 100% of the surface", project.Running.message)
     assert 2 <= int(count) < 6  # orbit rings need 6 for a torus (test_coverage_bpy.py)
     assert bpy.data.objects["Ring"].active_material is not None
+
+
+def test_the_panels_synchronized_mode_paints_all_views_together(scene, controlnet):
+    from blender_sd_addon.blender import project
+
+    cube = add("cube", "Crate", size=1.0)
+    settings = scene.sdtex_project
+    settings.controlnet, settings.texture_size, settings.views_per_ring, settings.both_sides = controlnet, 64, 3, False
+    settings.mode, settings.sync_until = "synchronized", 0.5
+    sent = settings.request(scene.sdtex, [cube])
+    assert (sent["mode"], sent["sync_until"]) == ("synchronized", 0.5)
+    assert bpy.ops.sdtex.project() == {"FINISHED"}
+    assert cube.active_material is not None and project.Running.message.startswith("Baked 1 texture")

@@ -303,3 +303,62 @@ def test_objects_the_views_saw_little_of_get_a_warning_with_their_share():
             "face it)",
         ],
     )
+
+
+# --- synchronized mode as a job (its maths: tests/backend/test_view_sync.py) ------------------------------
+
+
+def test_a_synchronized_job_paints_every_view_at_once_and_bakes_each_object(
+    tiny_model_dir, controlnet_dir, manager, tmp_path
+):
+    store = InputStore()
+    sphere = uv_sphere(radius=0.6, segments=24, rings=12)
+    sphere.triangles[..., 0] += 0.8
+    box = cube(size=0.9)
+    box.triangles[..., 0] -= 0.8
+    params = request(store, scene(sphere, box) | {"cameras": cameras()}, tiny_model_dir, controlnet_dir, tmp_path,
+                     mode="synchronized", scheduler="euler_a")  # fmt: skip
+    events = Events()
+
+    result = project.run(JobContext("s1", manager, store, emit=events), params)
+
+    stages = [e["stage"] for e in events.of(EVENT_STATUS)]
+    assert "views 1-3 together" in stages and not any(s.startswith("view ") for s in stages)
+    assert [(e["step"], e["total"]) for e in events.of(EVENT_PROGRESS)] == [(1, 2), (2, 2)]  # one loop for all
+    assert any("euler_a" in w and "euler" in w for w in result.warnings), result.warnings
+    assert len(result.images) == 2 and all(0.2 < c <= 1.0 for c in result.coverage), result.coverage
+    for record in result.images:
+        with PIL.Image.open(record.path) as texture:
+            assert len(np.unique(np.asarray(texture).reshape(-1, 3), axis=0)) > 10
+    for view in result.views:
+        assert all(Path(view[role]).is_file() for role in ("image", "mask", "depth", "normal"))
+        assert view["seed"] == result.seed  # one noise texture for all views
+
+
+def test_one_view_without_synchronization_is_todays_projection(tiny_model_dir, controlnet_dir, manager, tmp_path):
+    store = InputStore()
+    arrays = scene(uv_sphere(radius=0.7)) | {"cameras": cameras(per_ring=1)}
+    textures = []
+    for mode in ("sequential", "synchronized"):
+        params = request(store, arrays, tiny_model_dir, controlnet_dir, tmp_path / mode, mode=mode, sync_until=0.0,
+                         scheduler="ddim")  # fmt: skip
+        result = project.run(JobContext(mode, manager, store), params)
+        textures.append(np.asarray(PIL.Image.open(result.images[0].path)))
+    assert np.array_equal(*textures)
+
+
+def test_a_sampler_that_cannot_synchronize_is_refused_before_any_model_loads(tiny_model_dir, controlnet_dir, tmp_path):
+    store = InputStore()
+    params = request(store, scene(cube()) | {"cameras": cameras()}, tiny_model_dir, controlnet_dir, tmp_path,
+                     mode="synchronized", scheduler="lcm")  # fmt: skip
+    fresh = ModelManager()
+    with pytest.raises(ProtocolError) as caught:
+        project.run(JobContext("s3", fresh, store), params)
+    assert caught.value.data["param"] == "scheduler" and "sequential" in str(caught.value)
+    assert fresh.loaded is None
+    # Sequential mode runs any sampler, and a mode outside the list is named.
+    arrays = scene(cube()) | {"cameras": cameras()}
+    assert request(store, arrays, tiny_model_dir, controlnet_dir, tmp_path, scheduler="lcm").mode == "sequential"
+    with pytest.raises(ProtocolError) as caught:
+        request(store, arrays, tiny_model_dir, controlnet_dir, tmp_path, mode="together")
+    assert caught.value.data["param"] == "mode"
