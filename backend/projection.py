@@ -22,6 +22,7 @@ CANDIDATES_PER_CHUNK = 2**22  # (pixel, triangle) pairs tested at once: bounds m
 INSIDE_EPS = 1e-5  # barycentric slack: pixel centres on a shared edge belong to both triangles (no cracks)
 MIN_FACING = 0.05  # texels seen more edge-on than this (cosine) take nothing from a view
 DEPTH_SLACK = 2.0  # depth test tolerance in pixel footprints (grows as the surface turns away)
+NEARBY = 2.0  # a pixel tap counts when its surface point lies within this many pixel footprints of the texel
 
 
 @dataclass
@@ -259,6 +260,7 @@ class Texels:
     positions: torch.Tensor  # float [k, 3] world positions
     normals: torch.Tensor  # float [k, 3] unit face normals
     overlap: float  # fraction of these texels inside more than one UV triangle (overlapping islands)
+    obj: int = 0  # the object they belong to (Mesh.objects)
 
     @property
     def island(self) -> torch.Tensor:
@@ -286,7 +288,7 @@ def texels(mesh: Mesh, obj: int, size: int) -> Texels:
     tri = flat[index]
     positions = (mesh.triangles[tri] * bary[..., None]).sum(1)
     overlap = _overlap_fraction(xy[keep], size, len(index))
-    return Texels(size, index, positions, mesh.normals[tri], overlap)
+    return Texels(size, index, positions, mesh.normals[tri], overlap, obj)
 
 
 def _overlap_fraction(xy: torch.Tensor, size: int, covered: int) -> float:
@@ -334,6 +336,38 @@ def project(
     return index[visible], x[visible], y[visible], facing[visible]
 
 
+def surface_taps(mesh: Mesh, camera: Camera, raster: Raster, texels: Texels):
+    """(seen texels [k], flat pixels [k, 4] round each (row * W + column), bilinear weights [k, 4], facing [k])
+    of one object's texels in one view. A pixel counts only where it shows this object's surface within NEARBY
+    footprints of the texel: at silhouettes and grazing angles the pixels round a texel can show the
+    background, another object or a surface behind (the depth test's slack allows it), and their colour is
+    not this texel's. Weights are renormalised over the pixels that count; texels left with none are dropped."""
+    seen, x, y, facing = project(texels, camera, raster)
+    h, w = raster.depth.shape
+    px, py = (x + 1) * 0.5 * w - 0.5, (y + 1) * 0.5 * h - 0.5  # in pixel-centre units
+    left, top = px.floor(), py.floor()
+    fx, fy = px - left, py - top
+    columns = torch.stack([left, left + 1, left, left + 1], 1).long()
+    rows = torch.stack([top, top, top + 1, top + 1], 1).long()
+    tap = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+    inside = (columns >= 0) & (columns < w) & (rows >= 0) & (rows < h)
+    columns, rows = columns.clamp(0, w - 1), rows.clamp(0, h - 1)
+    owner = torch.where(raster.covered, mesh.objects[raster.triangle.clamp(min=0)], -1)[rows, columns]
+    points = raster.interpolate(mesh.triangles)[rows, columns]
+    position = texels.positions[seen]
+    clip_w = camera.clip(position)[:, 3] if not camera.orthographic else torch.ones(len(seen))
+    near = (points - position[:, None]).norm(dim=-1) <= NEARBY * camera.footprint(clip_w)[:, None]
+    tap = tap * (inside & (owner == texels.obj) & near)
+    total = tap.sum(1)
+    keep = total > 1e-6
+    return seen[keep], (rows * w + columns)[keep], (tap / total.clamp(min=1e-6)[:, None])[keep], facing[keep]
+
+
+def read_taps(image: torch.Tensor, pixels: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Values [k, C] of an image [H, W, C] read through surface_taps' pixels and weights."""
+    return (image.reshape(-1, image.shape[-1])[pixels] * taps[..., None].to(image)).sum(1)
+
+
 @dataclass
 class Bake:
     """One object's texture as the running facing-weighted blend of the views projected so far."""
@@ -350,16 +384,17 @@ class Bake:
         return cls(texels, torch.zeros(k, channels, dtype=zeros.dtype), zeros, zeros.clone())
 
     def add(
-        self, image: torch.Tensor, camera: Camera, raster: Raster, mask: torch.Tensor | None = None,
+        self, image: torch.Tensor, camera: Camera, raster: Raster, mesh: Mesh, mask: torch.Tensor | None = None,
         exponent: float = 1.0,
     ) -> None:  # fmt: skip
         """Blend in a view's image [H, W, C] by facing weight (the cosine to the power `exponent`), times `mask`
-        [H, W] (0..1: how much of each pixel is new; None: all of it)."""
-        seen, x, y, facing = project(self.texels, camera, raster)
+        [H, W] (0..1: how much of each pixel is new; None: all of it). Each texel reads only pixels that show
+        its own surface (surface_taps): no other object's paint and no background."""
+        seen, pixels, taps, facing = surface_taps(mesh, camera, raster, self.texels)
         if mask is not None:
-            facing = facing * sample(mask[..., None], x, y)[:, 0]
+            facing = facing * read_taps(mask[..., None], pixels, taps)[:, 0]
         weight = facing if exponent == 1 else facing**exponent
-        self.color.index_add_(0, seen, weight[:, None] * sample(image, x, y))
+        self.color.index_add_(0, seen, weight[:, None] * read_taps(image, pixels, taps))
         self.weight.index_add_(0, seen, weight)
         self.facing[seen] = torch.maximum(self.facing[seen], facing)
 

@@ -87,7 +87,7 @@ def paint(
     records = []
     for index, (camera, raster, picture) in enumerate(zip(scene.cameras, rasters, pictures, strict=True)):
         for bake in bakes:
-            bake.add(to_tensor(picture), camera, raster, exponent=view_sync.EXPONENT)
+            bake.add(to_tensor(picture), camera, raster, scene.mesh, exponent=view_sync.EXPONENT)
         textured = raster.covered & (scene.mesh.objects[raster.triangle.clamp(min=0)] >= 0)
         normals = to_image(geometry.normal_image(raster, scene.mesh, camera))
         own = seed if params.sync_until > 0 else view_seed(seed, index)

@@ -30,7 +30,6 @@ from backend import projection as geometry
 from sdtex_contract.protocol import INVALID_PARAMS, ProtocolError
 
 EXPONENT = 6.0  # facing-weight exponent at the end of the synchronized steps (and for the final RGB bake)
-NEARBY = 2.0  # a pixel tap counts when its surface point lies within this many pixel footprints of the texel
 # Samplers that add fresh noise per view at every step would pull the views apart: their deterministic twins.
 DETERMINISTIC = {"euler_a": "euler", "euler_a_trailing": "ddim_trailing", "ddpm": "ddim"}
 REFUSED = ("lcm", "tcd")  # few-step samplers that draw new noise every step and have no deterministic twin
@@ -78,7 +77,7 @@ class LatentViews:
         for view, camera in enumerate(small):
             raster = geometry.render(mesh, camera)
             for obj, texels in enumerate(found):
-                seen, pixel, tap, facing = _taps(mesh, camera, raster, texels, obj)
+                seen, pixel, tap, facing = geometry.surface_taps(mesh, camera, raster, texels)
                 bake.append((seen + offsets[obj], pixel + view * h * w, tap, facing))
             shown.append(_shown(mesh, raster, lookup, texture, view * h * w))
         texel, pixel, tap, facing = (torch.cat(parts) for parts in zip(*bake, strict=True))
@@ -126,32 +125,6 @@ class LatentViews:
         """The views' predicted clean latents replaced by the render of their common bake."""
         texture, _ = self.bake(predicted, exponent)
         return self.show(texture, predicted)
-
-
-def _taps(mesh: geometry.Mesh, camera: geometry.Camera, raster: geometry.Raster, texels: geometry.Texels, obj: int):
-    """(seen texels [k], flat pixels [k, 4] around each, bilinear weights [k, 4], facing [k]) of one object's
-    texels in one view. A pixel counts only where it shows this object's surface within NEARBY footprints of
-    the texel: at silhouettes and grazing angles the pixel under a texel can show the background or a surface
-    behind it (the depth test's slack allows it), and its latents are not this texel's."""
-    seen, x, y, facing = geometry.project(texels, camera, raster)
-    h, w = raster.depth.shape
-    px, py = (x + 1) * 0.5 * w - 0.5, (y + 1) * 0.5 * h - 0.5  # in pixel-centre units
-    left, top = px.floor(), py.floor()
-    fx, fy = px - left, py - top
-    columns = torch.stack([left, left + 1, left, left + 1], 1).long()
-    rows = torch.stack([top, top, top + 1, top + 1], 1).long()
-    tap = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
-    inside = (columns >= 0) & (columns < w) & (rows >= 0) & (rows < h)
-    columns, rows = columns.clamp(0, w - 1), rows.clamp(0, h - 1)
-    owner = torch.where(raster.covered, mesh.objects[raster.triangle.clamp(min=0)], -1)[rows, columns]
-    points = raster.interpolate(mesh.triangles)[rows, columns]
-    position = texels.positions[seen]
-    clip_w = camera.clip(position)[:, 3] if not camera.orthographic else torch.ones(len(seen))
-    near = (points - position[:, None]).norm(dim=-1) <= NEARBY * camera.footprint(clip_w)[:, None]
-    tap = tap * (inside & (owner == obj) & near)
-    total = tap.sum(1)
-    keep = total > 1e-6
-    return seen[keep], (rows * w + columns)[keep], (tap / total.clamp(min=1e-6)[:, None])[keep], facing[keep]
 
 
 def _shown(mesh: geometry.Mesh, raster: geometry.Raster, lookup: torch.Tensor, size: int, first: int):

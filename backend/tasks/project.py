@@ -160,7 +160,7 @@ class _Painter:
             weight = torch.from_numpy(feathered.astype(np.float32) / 255.0)
         image = to_tensor(generated)
         for bake in self.bakes:
-            bake.add(image, camera, raster, weight)
+            bake.add(image, camera, raster, self.mesh, weight)
         record.timings["bake"] = time.perf_counter() - start
 
         for role, picture in (("image", generated), ("mask", mask), ("depth", depth), ("normal", normals)):

@@ -174,19 +174,22 @@ class SDTEX_OT_project_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
-VIEW_STAGE = re.compile(r"view (\d+)/(\d+)")  # the worker's stage while it paints view n of N
+VIEW_STAGE = re.compile(r"view (\d+)/(\d+)")  # the worker's stage while it paints view n of N (sequential)
+TOGETHER_STAGE = re.compile(r"views 1-(\d+) together")  # ... while it paints all N at once (synchronized)
 
 
 def progress(job: Job) -> tuple[float, str]:
     """The whole job's fraction and "View 3/8 · step 12/25" (the bar and the view count agree: the steps are the
-    view's own); the stage (loading, saving) before and after the views."""
+    view's own), or "Views 1-8 together · step 12/25"; the stage (loading, saving) before and after the views."""
+    steps = f" · step {job.step}/{job.total}" if job.total else ""
+    within = job.step / job.total if job.total else 0.0
+    if together := TOGETHER_STAGE.fullmatch(job.stage):
+        return within, f"Views 1-{together[1]} together{steps}"
     view = VIEW_STAGE.fullmatch(job.stage)
     if view is None:
         stage = job.stage.replace("_", " ").capitalize() or "Starting"
         return (1.0 if job.stage == "saving" else 0.0), f"{stage}…"
     number, views = int(view[1]), int(view[2])
-    within = job.step / job.total if job.total else 0.0
-    steps = f" · step {job.step}/{job.total}" if job.total else ""
     return (number - 1 + within) / views, f"View {number}/{views}{steps}"
 
 
@@ -237,9 +240,8 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
             layout.operator("sdtex.project_cancel", icon="CANCEL")
         else:
             layout.operator("sdtex.project", icon="MOD_UVPROJECT")
-        if Running.message:
-            for line in Running.message.split("; "):
-                layout.label(text=line)
+        if Running.message:  # one clause a line, each wrapped to the sidebar's width
+            panels.draw_message(layout, Running.message.replace("; ", "\n"), False, context.region.width)
 
 
 classes = (SDTEX_PG_project, SDTEX_OT_project, SDTEX_OT_project_cancel, SDTEX_PT_project)

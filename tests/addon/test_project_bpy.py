@@ -239,6 +239,9 @@ def test_the_progress_bar_counts_the_views_done():
     assert project.progress(job("view 1/8", 25, 25)) == (1 / 8, "View 1/8 · step 25/25")  # not "100 % · View 1/8"
     assert project.progress(job("view 4/8", 5, 10)) == (3.5 / 8, "View 4/8 · step 5/10")
     assert project.progress(job("saving", 10, 10)) == (1.0, "Saving…")
+    # Synchronized: every view steps at once, so the bar is the steps' own fraction
+    assert project.progress(job("views 1-5 together", 3, 12)) == (0.25, "Views 1-5 together · step 3/12")
+    assert project.progress(job("views 1-5 together")) == (0.0, "Views 1-5 together")
 
 
 def test_cover_selection_paints_from_the_chosen_views_and_says_how_many(scene, controlnet):

@@ -20,7 +20,6 @@ Generate runs from `bpy.app.timers` callbacks, so the report also shows that Ble
 event loop while the backend worked. Any exception ends the run with the traceback in the report.
 """
 
-import array
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ import addon_utils
 import bpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Blender runs this file as a script
+from blender_window import mean_saturation, override, view3d  # noqa: E402
 from gui_stalls import START, Stalls  # noqa: E402
 
 ARGS = json.loads(sys.argv[sys.argv.index("--") + 1])
@@ -67,42 +67,11 @@ class TabProbe(bpy.types.Panel):
         TabProbe.draws += 1
 
 
-def view3d():
-    window = bpy.context.window_manager.windows[0]
-    area = next(a for a in window.screen.areas if a.type == "VIEW_3D")
-    region = next(r for r in area.regions if r.type == "UI")
-    return window, area, region
-
-
-def override():
-    window, area, _ = view3d()
-    return bpy.context.temp_override(window=window, area=area, screen=window.screen)
-
-
 def screenshot(name: str) -> None:
     path = os.path.join(ARGS["out"], name)
     with override(), STALLS.paused():  # the driver's own work, not the add-on's
         bpy.ops.screen.screenshot(filepath=path)
     REPORT["screenshots"][name] = path
-
-
-def mean_saturation(path: str, box: list[int]) -> float:
-    """The mean HSV saturation (0-255, as PIL's HSV has it) of `box` (left, top, right, bottom; rows from the top)
-    in a screenshot. Blender's Python has no PIL: the pixels come through bpy (rows from the bottom)."""
-    image = bpy.data.images.load(path, check_existing=False)
-    try:
-        width, height = image.size
-        pixels = array.array("f", bytes(16 * width * height))
-        image.pixels.foreach_get(pixels)
-    finally:
-        bpy.data.images.remove(image)
-    left, top, right, bottom = box
-    total = 0.0
-    for y in range(height - bottom, height - top):
-        for i in range(4 * (y * width + left), 4 * (y * width + right), 4):
-            high = max(pixels[i : i + 3])
-            total += (high - min(pixels[i : i + 3])) / high if high else 0.0
-    return 255 * total / ((right - left) * (bottom - top))
 
 
 def object_state(name: str) -> dict:
