@@ -481,6 +481,11 @@ PROJECT_PARAMS: tuple[Param, ...] = (
         Range(0.0, 1.0),
     ),
     MASK_BLUR,
+    Param(
+        "match_colors", bool, False,
+        "Sequential mode: each later view's colours matched (mean and spread in Lab) to the earlier views' paint "
+        "where it repaints it, before it is baked, so views that drift in colour or light meet without a step.",
+    ),
     Param("allow_uv_overlap", bool, False, "Bake even where UV islands overlap (they then share paint)."),
     Param(
         "apply_unseen", bool, False,

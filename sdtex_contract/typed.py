@@ -488,6 +488,7 @@ class ProjectParams(TaskParams):
     margin: int = 8
     refine_below: float = 0.3
     mask_blur: int = 4
+    match_colors: bool = False
     allow_uv_overlap: bool = False
     apply_unseen: bool = False
     pbr: bool = False

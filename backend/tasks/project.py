@@ -31,6 +31,7 @@ from diffusers import DiffusionPipeline
 
 from backend import controlnets, masks, synchronized, view_sync
 from backend import projection as geometry
+from backend.color_match import match_colors
 from backend.context import Cancelled, JobContext
 from backend.estimated_maps import check_estimators
 from backend.families import size_multiple
@@ -117,23 +118,28 @@ class _Painter:
         self.bakes = [geometry.Bake.empty(texels) for texels in scene.texels]
         self.previews = job_previewer(ctx, params, model.pipe, model.family.preview_factors, model.device)
 
-    def _render(self, camera: geometry.Camera) -> tuple[geometry.Raster, torch.Tensor, PIL.Image.Image | None]:
-        """(the view's raster, the pixels to paint, the render of what is painted so far: None for the first)."""
+    def _render(
+        self, camera: geometry.Camera
+    ) -> tuple[geometry.Raster, torch.Tensor, torch.Tensor, PIL.Image.Image | None]:
+        """(the view's raster, the pixels to paint, those of them earlier views painted already (seen only
+        obliquely: the overlap where two views' paint of one surface meet), the render of what is painted so
+        far: None for the first)."""
         mesh = self.mesh
         raster = geometry.render(mesh, camera)
         textured = raster.covered & (mesh.objects[raster.triangle.clamp(min=0)] >= 0)
         if not any(bool(b.seen.any()) for b in self.bakes):
-            return raster, textured, None
+            return raster, textured, torch.zeros_like(textured), None
         # What is painted so far, seen from here, and where it is missing or poorly seen.
         seen = geometry.render_textures(raster, mesh, [b.painted() for b in self.bakes])
         coverage = seen[..., 3:4]
         colour = torch.where(coverage > 0, seen[..., :3] / coverage.clamp(min=1e-6), BACKGROUND)
-        return raster, textured & (seen[..., 4] <= self.params.refine_below), to_image(colour)
+        repaint = textured & (seen[..., 4] <= self.params.refine_below)
+        return raster, repaint, repaint & (coverage[..., 0] > 0), to_image(colour)
 
     def paint(self, index: int, camera: geometry.Camera, view_seed: int) -> ViewRecord:
         params, record = self.params, ViewRecord(index, view_seed, "", "", "", "", 0)
         start = time.perf_counter()
-        raster, repaint, source = self._render(camera)
+        raster, repaint, overlap, source = self._render(camera)
         first = source is None
         depth = to_image(geometry.depth_image(raster))
         normals = to_image(geometry.normal_image(raster, self.mesh, camera))
@@ -155,6 +161,8 @@ class _Painter:
         start = time.perf_counter()
         weight = None
         if not first:
+            if params.match_colors:  # fitted where this view repaints earlier paint: both show the same surface
+                generated = match_colors(generated, source, overlap.numpy())
             feathered = masks.feather(repaint.numpy(), params.mask_blur)
             generated = masks.paste_back(source, generated, feathered)
             weight = torch.from_numpy(feathered.astype(np.float32) / 255.0)

@@ -31,7 +31,7 @@ VIEW_SOURCES = {
 }
 SETTINGS = (
     "mode", "sync_until", "controlnet", "controlnet_scale", "texture_size", "margin", "refine_below", "mask_blur",
-    "allow_uv_overlap", "apply_unseen",
+    "match_colors", "allow_uv_overlap", "apply_unseen",
 )  # fmt: skip
 
 
@@ -44,6 +44,7 @@ class SDTEX_PG_project(bpy.types.PropertyGroup):
     margin: param_property("margin", TASK)
     refine_below: param_property("refine_below", TASK)
     mask_blur: param_property("mask_blur", TASK)
+    match_colors: param_property("match_colors", TASK, name="Match Colors")
     allow_uv_overlap: param_property("allow_uv_overlap", TASK, name="Allow UV Overlap")
     apply_unseen: param_property("apply_unseen", TASK, name="Apply Unseen")
     targets: EnumProperty(
@@ -229,6 +230,8 @@ class SDTEX_PT_project(panels.SidebarPanel, bpy.types.Panel):
         col.prop(settings, "margin")
         col.prop(settings, "sync_until" if settings.mode == "synchronized" else "refine_below")
         col.prop(settings, "controlnet_scale")
+        if settings.mode == "sequential":  # synchronized views agree already
+            layout.prop(settings, "match_colors")
         layout.prop(settings, "uv_map")
         row = layout.row()
         row.prop(settings, "occlude")

@@ -267,3 +267,10 @@ def test_the_panels_synchronized_mode_paints_all_views_together(scene, controlne
     assert (sent["mode"], sent["sync_until"]) == ("synchronized", 0.5)
     assert bpy.ops.sdtex.project() == {"FINISHED"}
     assert cube.active_material is not None and project.Running.message.startswith("Baked 1 texture")
+
+
+def test_match_colors_goes_from_the_panel_to_the_request(scene):
+    settings = scene.sdtex_project
+    assert settings.match_colors is False  # the contract's default
+    settings.match_colors = True
+    assert settings.request(scene.sdtex, [])["match_colors"] is True

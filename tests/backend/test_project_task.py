@@ -362,3 +362,19 @@ def test_a_sampler_that_cannot_synchronize_is_refused_before_any_model_loads(tin
     with pytest.raises(ProtocolError) as caught:
         request(store, arrays, tiny_model_dir, controlnet_dir, tmp_path, mode="together")
     assert caught.value.data["param"] == "mode"
+
+
+def test_match_colors_changes_only_the_views_that_repaint_earlier_paint(
+    tiny_model_dir, controlnet_dir, manager, tmp_path
+):
+    store = InputStore()
+    arrays = scene(uv_sphere(radius=0.7)) | {"cameras": cameras(per_ring=3)}
+    views = {}
+    for match in (False, True):
+        params = request(store, arrays, tiny_model_dir, controlnet_dir, tmp_path / str(match), match_colors=match,
+                         refine_below=0.6)  # fmt: skip  # a wide overlap: later views repaint oblique paint
+        result = project.run(JobContext(str(match), manager, store), params)
+        views[match] = [np.asarray(PIL.Image.open(v["image"]), dtype=float) for v in result.views if not v["skipped"]]
+    assert len(views[False]) == len(views[True]) >= 2
+    assert np.array_equal(views[False][0], views[True][0])  # the first view has nothing to match
+    assert max(np.abs(off - on).mean() for off, on in zip(views[False][1:], views[True][1:], strict=True)) > 0.5

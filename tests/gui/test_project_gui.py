@@ -84,6 +84,7 @@ def test_the_project_panel_offers_the_mode_and_the_coverage_views(project_run):
     before = drawn(project_run["panel_before"])
     assert before["mode"].get("expand") is True  # Synchronized / Sequential side by side
     assert "sync_until" in before and "refine_below" not in before  # synchronized mode's own setting
+    assert "match_colors" not in before  # sequential mode's: synchronized views agree already
     assert "views" in before and "views_per_ring" not in before  # Cover Selection has no rings
     assert {"operator": "sdtex.project"} in project_run["panel_before"]
 
