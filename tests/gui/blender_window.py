@@ -1,9 +1,14 @@
 """What the GUI drivers share inside Blender (3.4+, with a window): the 3D view, a context override for
-operators, and the mean saturation of part of a screenshot. Runs in Blender's Python: bpy, no PIL."""
+operators, the mean saturation of part of a screenshot, and the timer that runs a scenario. Runs in Blender's
+Python: bpy, no PIL."""
 
 from __future__ import annotations
 
 import array
+import json
+import os
+import time
+import traceback
 
 import bpy
 
@@ -39,3 +44,36 @@ def mean_saturation(path: str, box: list[int]) -> float:
             high = max(pixels[i : i + 3])
             total += (high - min(pixels[i : i + 3])) / high if high else 0.0
     return 255 * total / ((right - left) * (bottom - top))
+
+
+def run_scenario(setup, scenario, report: dict, out: str, timeout: float) -> None:
+    """Run setup() now and the scenario generator from a timer (each `yield` gives Blender back its event loop
+    for that many seconds), then write `report` to out/report.json and quit; any exception (or running past
+    `timeout` seconds) ends the run with the traceback in report["errors"]."""
+    deadline = time.monotonic() + timeout
+    steps = None
+
+    def finish() -> None:
+        with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as file:
+            json.dump(report, file, indent=2)
+        bpy.ops.wm.quit_blender()
+
+    def drive():
+        try:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the GUI scenario took more than {timeout} s")
+            return next(steps)
+        except StopIteration:
+            pass
+        except Exception:
+            report["errors"].append(traceback.format_exc())
+        finish()
+        return None
+
+    try:
+        setup()
+        steps = scenario()
+        bpy.app.timers.register(drive, first_interval=1.0, persistent=True)  # persistent: scenarios open files
+    except Exception:
+        report["errors"].append(traceback.format_exc())
+        finish()

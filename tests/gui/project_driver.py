@@ -19,13 +19,12 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import addon_utils
 import bpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Blender runs this file as a script
-from blender_window import mean_saturation, override, view3d  # noqa: E402
+from blender_window import mean_saturation, override, run_scenario, view3d  # noqa: E402
 
 ARGS = json.loads(sys.argv[sys.argv.index("--") + 1])
 ADDON = "blender_sd_addon"
@@ -193,32 +192,4 @@ def scenario():
     yield from material_preview()
 
 
-STEPS = scenario()
-DEADLINE = time.monotonic() + ARGS["timeout"]
-
-
-def finish() -> None:
-    with open(os.path.join(ARGS["out"], "report.json"), "w", encoding="utf-8") as report:
-        json.dump(REPORT, report, indent=2)
-    bpy.ops.wm.quit_blender()
-
-
-def drive():
-    try:
-        if time.monotonic() > DEADLINE:
-            raise TimeoutError(f"the Project scenario took more than {ARGS['timeout']} s")
-        return next(STEPS)
-    except StopIteration:
-        pass
-    except Exception:
-        REPORT["errors"].append(traceback.format_exc())
-    finish()
-    return None
-
-
-try:
-    setup()
-    bpy.app.timers.register(drive, first_interval=1.0, persistent=True)
-except Exception:
-    REPORT["errors"].append(traceback.format_exc())
-    finish()
+run_scenario(setup, scenario, REPORT, ARGS["out"], ARGS["timeout"])

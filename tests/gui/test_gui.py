@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from gui_report import read_report
 from PIL import Image, ImageStat
 
 pytestmark = pytest.mark.gui
@@ -105,16 +105,7 @@ def gui_run(require, display, tiny_model_dir, tmp_path_factory) -> dict:
     finally:
         load.kill()
         load.wait()
-    report_path = out / "report.json"
-    assert report_path.is_file(), f"the driver wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    report = json.loads(report_path.read_text())
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for name, path in report["screenshots"].items():
-        shutil.copy(path, ARTIFACTS / name)
-    (ARTIFACTS / "report.json").write_text(json.dumps(report, indent=2))
-    (ARTIFACTS / "blender.log").write_text(done.stdout + done.stderr)
-    assert not report["errors"], "\n".join(report["errors"])
+    report = read_report(done, out, ARTIFACTS)
     report["work"] = str(work)
     return report
 

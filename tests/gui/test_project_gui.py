@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from gui_report import read_report
 from PIL import Image
 
 pytestmark = pytest.mark.gui
@@ -63,15 +63,7 @@ def project_run(require, tiny_model_dir, tmp_path_factory) -> dict:
         [*command, "--python", str(DRIVER), "--", json.dumps(args)],
         env=env, capture_output=True, text=True, timeout=BLENDER_TIMEOUT,
     )  # fmt: skip
-    report_path = out / "report.json"
-    assert report_path.is_file(), f"the driver wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    report = json.loads(report_path.read_text())
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for name, path in report["screenshots"].items():
-        shutil.copy(path, ARTIFACTS / name)
-    (ARTIFACTS / "report.json").write_text(json.dumps(report, indent=2))
-    (ARTIFACTS / "blender.log").write_text(done.stdout + done.stderr)
-    assert not report["errors"], "\n".join(report["errors"])
+    report = read_report(done, out, ARTIFACTS)
     report["work"] = str(work)
     return report
 
